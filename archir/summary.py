@@ -1,0 +1,96 @@
+"""What ``archir inspect`` prints: a summary of a graph and its IR as a table (and as JSON)."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from .ir import meta_str
+from .printer import human
+
+if TYPE_CHECKING:
+    from .ir import Graph
+
+
+def identity_candidates(g: "Graph") -> list[str]:
+    """Edges that identity could replace: non-empty, same shape and dtype in and out."""
+    return [e.id for e in g.edges.values() if e.ops and e.shape_preserving]
+
+
+def none_candidates(g: "Graph") -> list[str]:
+    """Edges that could be removed: they end at a sum join that keeps another operand."""
+    return [e.id for e in g.edges.values()
+            if g.junctions[e.dst].combine is not None and g.junctions[e.dst].combine.kind == "sum"
+            and len(g.in_edges(e.dst)) >= 2]
+
+
+def summarize(g: "Graph") -> dict[str, Any]:
+    roles = Counter(r for jid in g.junctions for r in g.roles(jid))
+    joins = Counter(j.combine.kind for j in g.junctions.values() if j.combine is not None)
+    return {
+        "model": g.name, "frontend": g.frontend, "granularity": g.granularity,
+        "junctions": len(g.junctions), "inputs": roles["input"], "outputs": roles["output"],
+        "forks": roles["fork"], "joins": dict(sorted(joins.items())),
+        "edges": len(g.edges), "direct_edges": sum(1 for e in g.edges.values() if not e.ops),
+        "parameters": g.total_params(), "flops_per_example": g.total_flops(),
+        "identity_candidates": len(identity_candidates(g)), "none_candidates": len(none_candidates(g)),
+        "cell_groups": len({e.group for e in g.edges.values()}),
+        "opaque_leaves": dict(g.leaves),
+    }
+
+
+def format_summary(g: "Graph", source: str = "") -> str:
+    s = summarize(g)
+    joins = ", ".join(f"{n} {k}" for k, n in s["joins"].items()) or "none"
+    lines = [
+        f"{s['model']}{' (' + source + ')' if source else ''}: traced with "
+        f"{'torch.fx' if s['frontend'] == 'fx' else 'torch.export'}, granularity={s['granularity']}",
+        f"  junctions   {s['junctions']} ({s['inputs']} input, {s['outputs']} output, {s['forks']} forks; joins: {joins})",
+        f"  edges       {s['edges']} ({s['direct_edges']} direct connections, {s['cell_groups']} cell-sharing groups)",
+        f"  parameters  {s['parameters']:,}",
+        f"  FLOPs       {human(s['flops_per_example'])} multiply-adds per example",
+        f"  candidates  {s['identity_candidates']} edges could become identity, "
+        f"{s['none_candidates']} could become none",
+    ]
+    if s["opaque_leaves"]:
+        lines.append(f"  opaque      {', '.join(f'{k} ({v})' for k, v in s['opaque_leaves'].items())}")
+    return "\n".join(lines)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_table(g: "Graph", ops_width: int = 56) -> str:
+    """One row per edge, in topological order, with the junction each one ends at."""
+    rows = [("edge", "from", "to", "operations", "shape in -> out", "params", "FLOPs")]
+    for e in g.edges_in_order():
+        dst = g.junctions[e.dst]
+        to = f"{e.dst}" + (f" {dst.combine.kind}#{e.dst_index}" if dst.combine is not None else "")
+        rows.append((e.id, e.src, to, _clip(e.render_ops(), ops_width),
+                     f"{meta_str(e.in_meta)} -> {meta_str(e.out_meta)}", human(g.edge_params(e)), human(e.flops)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    right = {5, 6}
+    out = []
+    for k, r in enumerate(rows):
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        out.append("  ".join(cells).rstrip())
+        if k == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def graph_json(g: "Graph") -> dict[str, Any]:
+    return {
+        "summary": summarize(g),
+        "junctions": [{"id": j.id, "roles": g.roles(j.id), "meta": meta_str(j.meta), "name": j.name,
+                       "combine": str(j.combine) if j.combine else None,
+                       "operands": [e.id for e in g.in_edges(j.id)] if j.combine else None}
+                      for j in (g.junctions[i] for i in g.topo_order())],
+        "edges": [{"id": e.id, "src": e.src, "dst": e.dst, "dst_index": e.dst_index,
+                   "ops": [op.render() for op in e.ops], "modules": e.modules,
+                   "in": meta_str(e.in_meta), "out": meta_str(e.out_meta), "params": g.edge_params(e),
+                   "flops": e.flops, "group": e.group, "scope": e.scope,
+                   "labels": {k: v for k, v in e.labels.items() if isinstance(v, (str, int, float, bool))}}
+                  for e in g.edges_in_order()],
+        "output": str(g.output) if not isinstance(g.output, (str, int)) else g.output,
+    }

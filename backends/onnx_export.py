@@ -1,0 +1,631 @@
+"""ONNX backend: export a PyTorch module, clean the graph, check it, and verify it under ONNX Runtime.
+
+Pipeline (one straight function, :func:`export_onnx`, of named stages):
+
+1. **export** the module (put in eval mode; each submodule's previous mode is restored afterwards)
+   into a private temporary folder next to the destination;
+2. **check** the exporter's model with ``onnx.checker.check_model(full_check=True)``;
+3. **clean**: remove ``Identity`` nodes and dead nodes (:func:`clean_graph`), keeping graph input
+   and output names, then **re-check**;
+4. **save** to a temporary file in the destination folder and ``os.replace`` it into place
+   (atomic on POSIX: a reader never sees a half-written model);
+5. **verify** (``verify=True``): run ONNX Runtime on seeded random inputs at the example's batch
+   size ``B`` and, with ``dynamic_batch``, at ``B + 3``; compare every output with the eval-mode
+   PyTorch module. An output passes when, elementwise (``numpy.allclose`` semantics),
+
+       |onnx - torch| <= atol + rtol * |torch|
+
+   On failure the file is renamed to ``<stem>.unverified.onnx`` (kept for inspection) and
+   :class:`OnnxVerificationError` names the worst output, its max abs/rel error and the tolerances.
+
+Exporter choice
+---------------
+Both torch exporters were measured with torch 2.14.1 / onnxscript 0.7 on plain ``nn.Module``\\ s and
+``torch.fx.symbolic_trace``'d ``GraphModule``\\ s (conv/bn/relu, residual, tuple and dict outputs):
+
+* the **dynamo exporter** (``torch.onnx.export(..., dynamo=True)``, torch.export + onnxscript,
+  the default since torch 2.9) handled both kinds of module, and its built-in onnxscript optimizer
+  gives clean graphs: ``x.view(x.shape)`` and ``nn.Identity`` vanish, no ``Shape/Gather/Concat``
+  chains for ``view(x.size(0), -1)``, no ``Constant`` nodes (weights are initializers). A named
+  ``torch.export.Dim("batch")`` gives a symbolic ``batch`` axis on every input and output, and it
+  works even from a batch-1 example (no 0/1 specialisation in torch 2.14). Cost: ~1.5 s per small
+  model (~5 s for the first export in a process).
+* the **TorchScript exporter** (``dynamo=False``) is faster (~0.05 s) but emits a
+  ``DeprecationWarning`` in 2.14 (it is slated for removal), leaves ``Identity`` and
+  ``Shape/Gather/Unsqueeze/Concat`` chains for shape arithmetic, and names values ``/Constant_output_0``.
+
+So ``exporter="auto"`` (the default) uses the dynamo exporter and falls back to the TorchScript
+exporter only when torch.export cannot capture the module (data-dependent control flow, say); the
+reason is recorded in :attr:`OnnxReport.notes`. ``exporter="dynamo"`` / ``"torchscript"`` force one.
+
+Identity nodes that remain
+--------------------------
+An ``Identity`` is removed when that can be done without renaming a graph input or output: its
+consumers are rewired to its input, or, when it feeds a graph output, its producer's output is
+renamed to the graph-output name. It is *kept* (and counted in ``kept_identity``) only when the
+model returns a graph input or an initializer unchanged, or returns the same tensor under two
+names: ONNX has no other way to give one value two names.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import io
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "OnnxReport",
+    "OutputError",
+    "OnnxVerificationError",
+    "CleanupStats",
+    "export_onnx",
+    "clean_graph",
+    "count_nodes",
+    "ort_session",
+    "ort_providers",
+    "flatten_outputs",
+]
+
+# Models whose weights exceed this are saved with external data (protobuf's hard limit is 2 GiB).
+_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+_BATCH_EXTRA = 3  # the second verification batch size is B + 3
+
+
+class OnnxVerificationError(AssertionError):
+    """ONNX Runtime's outputs do not match PyTorch's within tolerance.
+
+    ``report`` holds the full :class:`OnnxReport` (``passed=False``, ``path`` pointing at the kept
+    ``*.unverified.onnx``).
+    """
+
+    def __init__(self, message: str, report: "OnnxReport | None" = None):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclasses.dataclass
+class OutputError:
+    """Error of one output at one batch size. ``max_rel_err`` is over elements whose reference is
+    non-zero; ``worst_excess`` is ``max(|d| - (atol + rtol |ref|))`` (> 0 exactly when it fails)."""
+
+    name: str
+    batch: int
+    shape: list[int]
+    max_abs_err: float
+    max_rel_err: float
+    worst_excess: float
+    passed: bool
+    detail: str = ""
+
+
+@dataclasses.dataclass
+class CleanupStats:
+    removed_identity: int = 0
+    removed_dead: int = 0
+    removed_initializers: int = 0
+    kept_identity: int = 0
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.removed_identity or self.removed_dead or self.removed_initializers)
+
+
+@dataclasses.dataclass
+class OnnxReport:
+    path: str
+    opset: int
+    exporter: str
+    num_nodes: int
+    op_counts: dict[str, int]
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_batch: bool
+    removed_identity: int = 0
+    removed_dead: int = 0
+    removed_initializers: int = 0
+    kept_identity: int = 0
+    errors: list[OutputError] = dataclasses.field(default_factory=list)
+    providers: list[str] = dataclasses.field(default_factory=list)
+    rtol: float = 1e-4
+    atol: float = 1e-5
+    verified: bool = False
+    passed: bool = False
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def worst(self) -> OutputError | None:
+        """The output (at some batch size) that is furthest outside tolerance, or closest to it."""
+        return max(self.errors, key=lambda e: (e.worst_excess, e.max_abs_err), default=None)
+
+
+# --------------------------------------------------------------------------------------------------
+# ONNX Runtime
+
+
+def ort_providers() -> list[str]:
+    """CUDA only when torch sees a GPU *and* this onnxruntime build has the CUDA provider; otherwise
+    the CPU provider alone (asking onnxruntime-gpu for CUDA on a machine without one prints a
+    warning and falls back anyway)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if torch.cuda.is_available() and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def ort_session(path: str | os.PathLike, providers: Sequence[str] | None = None, *,
+                intra_op_num_threads: int | None = None):
+    """An ``onnxruntime.InferenceSession`` for ``path`` with :func:`ort_providers` (or ``providers``)
+    and ORT's own log output limited to errors (``log_severity_level=3``).
+
+    ``session.get_providers()`` says which providers were really used (CUDA may fail to load)."""
+    import onnxruntime as ort
+
+    providers = list(providers) if providers is not None else ort_providers()
+    if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
+        # onnxruntime-gpu finds CUDA/cuDNN from the nvidia-* wheels torch installed only if preloaded.
+        with contextlib.suppress(Exception):
+            ort.preload_dlls()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if intra_op_num_threads is not None:
+        options.intra_op_num_threads = intra_op_num_threads
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
+# --------------------------------------------------------------------------------------------------
+# Graph inspection and cleanup
+
+
+def count_nodes(path_or_model: str | os.PathLike | onnx.ModelProto) -> dict[str, int]:
+    """``op_type -> count`` over the main graph's nodes (ops of a non-default domain are keyed
+    ``domain::op_type``), sorted by op type."""
+    model = path_or_model
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(path_or_model), load_external_data=False)
+    counts = collections.Counter(
+        f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+        for n in model.graph.node
+    )
+    return dict(sorted(counts.items()))
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterable[onnx.GraphProto]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _outer_names_used(graph: onnx.GraphProto) -> set[str]:
+    """Every name a (nested) subgraph reads; an over-approximation of its outer-scope references,
+    which is the safe direction for liveness."""
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(i for i in node.input if i)
+        for sub in _subgraphs(node):
+            used |= _outer_names_used(sub)
+    used.update(o.name for o in graph.output)
+    return used
+
+
+def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Make every node input (in nested subgraphs too) that reads ``old`` read ``new``."""
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name == old:
+                node.input[k] = new
+        for sub in _subgraphs(node):
+            _rename_uses(sub, old, new)
+            for out in sub.output:  # a subgraph may return an outer value directly
+                if out.name == old:
+                    out.name = new
+
+
+def _remove_identities(graph: onnx.GraphProto, stats: CleanupStats) -> bool:
+    graph_inputs = {i.name for i in graph.input}
+    initializers = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+    changed = False
+    kept = 0
+    k = 0
+    while k < len(graph.node):
+        node = graph.node[k]
+        if node.op_type != "Identity" or node.domain not in ("", "ai.onnx") or len(node.input) != 1:
+            k += 1
+            continue
+        src, dst = node.input[0], node.output[0]
+        graph_outputs = [o.name for o in graph.output]
+        if dst not in graph_outputs:
+            # dst is internal: its readers read src instead.
+            _rename_uses(graph, dst, src)
+        elif src in graph_inputs or src in initializers or src in graph_outputs:
+            # Renaming src would rename a graph input/initializer/another output: ONNX needs this node.
+            kept += 1
+            k += 1
+            continue
+        else:
+            # src is an internal value produced by a node: that node now writes dst directly.
+            producer = next((n for n in graph.node if src in n.output), None)
+            if producer is None:  # src comes from an enclosing scope: cannot rename it here
+                kept += 1
+                k += 1
+                continue
+            producer.output[list(producer.output).index(src)] = dst
+            _rename_uses(graph, src, dst)
+            # the value_info of src describes dst now, unless dst already has one
+            vi_names = {v.name for v in graph.value_info}
+            for vi in list(graph.value_info):
+                if vi.name == src:
+                    if dst in vi_names:
+                        graph.value_info.remove(vi)
+                    else:
+                        vi.name = dst
+        del graph.node[k]
+        for vi in list(graph.value_info):
+            if vi.name == dst and dst not in graph_outputs:
+                graph.value_info.remove(vi)
+        stats.removed_identity += 1
+        changed = True
+    stats.kept_identity = kept
+    return changed
+
+
+def _remove_dead(graph: onnx.GraphProto, stats: CleanupStats) -> bool:
+    """Drop nodes none of whose outputs reaches a graph output, then initializers nobody reads.
+    Nodes are in topological order (an ONNX requirement the checker enforces), so one backward
+    sweep suffices."""
+    needed = {o.name for o in graph.output}
+    dead = []
+    for k in reversed(range(len(graph.node))):
+        node = graph.node[k]
+        if any(o in needed for o in node.output if o):
+            needed.update(i for i in node.input if i)
+            for sub in _subgraphs(node):
+                needed |= _outer_names_used(sub)
+        else:
+            dead.append(k)
+    for k in dead:  # descending indices
+        del graph.node[k]
+    removed = len(dead)
+    stats.removed_dead += removed
+    graph_inputs = {i.name for i in graph.input}
+    dead_inits = [t for t in graph.initializer if t.name not in needed and t.name not in graph_inputs]
+    for t in dead_inits:
+        graph.initializer.remove(t)
+    stats.removed_initializers += len(dead_inits)
+    if removed or dead_inits:
+        produced = {o for n in graph.node for o in n.output} | graph_inputs
+        produced |= {t.name for t in graph.initializer}
+        for vi in [v for v in graph.value_info if v.name not in produced]:
+            graph.value_info.remove(vi)
+    return bool(removed or dead_inits)
+
+
+def clean_graph(model: onnx.ModelProto) -> CleanupStats:
+    """Remove ``Identity`` nodes and dead nodes from the main graph, in place, until stable.
+
+    Graph input and output names never change. An ``Identity`` is kept only when removing it would
+    rename a graph input, initializer or another graph output (see the module docstring).
+    Nested subgraphs (``If``/``Loop`` bodies) are rewired but not cleaned themselves.
+    """
+    stats = CleanupStats()
+    graph = model.graph
+    while True:
+        changed = _remove_identities(graph, stats)
+        changed |= _remove_dead(graph, stats)
+        if not changed:
+            return stats
+
+
+def _structural_problems(model: onnx.ModelProto, stats: CleanupStats) -> list[str]:
+    """What :func:`clean_graph` promises, checked independently of how it got there."""
+    problems = []
+    n_identity = sum(1 for n in model.graph.node if n.op_type == "Identity")
+    if n_identity != stats.kept_identity:
+        problems.append(f"{n_identity} Identity nodes remain, {stats.kept_identity} of them needed")
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    dead = CleanupStats()
+    _remove_dead(probe.graph, dead)
+    if dead.removed_dead:
+        problems.append(f"{dead.removed_dead} dead nodes remain")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs and outputs
+
+
+def flatten_outputs(out: Any) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs in the order both exporters flatten outputs (torch pytree order:
+    sequences by index, dicts by insertion order). A single tensor is ``output``; a tuple/list gives
+    ``output_0..n``; a dict gives its keys. Nested containers join the parts with ``.``."""
+    pairs: list[tuple[str, torch.Tensor]] = []
+
+    def visit(obj, name):
+        if isinstance(obj, torch.Tensor):
+            pairs.append((name, obj))
+        elif isinstance(obj, (tuple, list)):
+            for i, item in enumerate(obj):
+                visit(item, f"{name}_{i}" if name == "output" else f"{name}.{i}")
+        elif isinstance(obj, Mapping):
+            for key, item in obj.items():
+                visit(item, str(key) if name == "output" else f"{name}.{key}")
+        else:
+            raise TypeError(f"output {name!r} is a {type(obj).__name__}; only tensors (in tuples, "
+                            f"lists and dicts) can be exported")
+
+    visit(out, "output")
+    return pairs
+
+
+def _random_like(example: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
+    shape = (batch, *example.shape[1:])
+    if example.dtype == torch.bool:
+        t = torch.randint(0, 2, shape, generator=generator).bool()
+    elif example.dtype.is_floating_point or example.dtype.is_complex:
+        t = torch.randn(shape, generator=generator, dtype=torch.float32).to(example.dtype)
+    else:  # integer ids, indices: stay inside the example's range
+        lo = int(example.min()) if example.numel() else 0
+        hi = int(example.max()) if example.numel() else 1
+        t = torch.randint(lo, hi + 1, shape, generator=generator, dtype=torch.int64).to(example.dtype)
+    return t.to(example.device)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """Raise the given loggers to ERROR for the duration (the dynamo exporter logs 'torchvision is
+    not installed' four times per export)."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line`` of the innermost cause (TorchExportError's own text is boilerplate)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+
+
+def _export_dynamo(module, args, f, input_names, output_names, opset, dynamic_batch):
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch")
+        dynamic_shapes = tuple({0: batch} for _ in args)
+    with _quiet_loggers("torch.onnx._internal.exporter._registration"), warnings.catch_warnings():
+        # several inputs share the one batch Dim, which is what we want; torch warns about it anyway
+        warnings.filterwarnings("ignore", message=".*shares the same shape constraints", category=UserWarning)
+        torch.onnx.export(module, args, str(f), dynamo=True, input_names=input_names,
+                          output_names=output_names, opset_version=opset,
+                          dynamic_shapes=dynamic_shapes, verbose=False, optimize=True,
+                          external_data=True)
+
+
+def _export_torchscript(module, args, f, input_names, output_names, opset, dynamic_batch, outputs):
+    dynamic_axes = None
+    if dynamic_batch:
+        dynamic_axes = {name: {0: "batch"} for name in input_names}
+        dynamic_axes.update({name: {0: "batch"} for name, t in zip(output_names, outputs) if t.dim()})
+    with warnings.catch_warnings():
+        # chosen deliberately as the fallback: its deprecation notice is not news to the caller
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        torch.onnx.export(module, args, str(f), dynamo=False, input_names=input_names,
+                          output_names=output_names, opset_version=opset,
+                          dynamic_axes=dynamic_axes, do_constant_folding=True)
+
+
+def _save_model(model: onnx.ModelProto, tmp: Path, final_name: str) -> None:
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    if size > _EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{final_name}.data")
+    else:
+        onnx.save_model(model, str(tmp))
+
+
+def _compare(name: str, batch: int, got: np.ndarray, ref: np.ndarray, rtol: float, atol: float) -> OutputError:
+    if got.shape != ref.shape:
+        return OutputError(name, batch, list(ref.shape), float("inf"), float("inf"), float("inf"), False,
+                           f"shape {list(got.shape)} from ONNX Runtime, {list(ref.shape)} from torch")
+    got64 = got.astype(np.float64)
+    ref64 = ref.astype(np.float64)
+    if got64.size == 0:
+        return OutputError(name, batch, list(ref.shape), 0.0, 0.0, -atol, True)
+    diff = np.abs(got64 - ref64)
+    both_nan = np.isnan(got64) & np.isnan(ref64)
+    diff = np.where(both_nan, 0.0, np.where(np.isnan(diff), np.inf, diff))
+    bound = atol + rtol * np.abs(np.nan_to_num(ref64, nan=0.0))
+    excess = diff - bound
+    nz = (ref64 != 0) & ~np.isnan(ref64)
+    rel = float(np.max(diff[nz] / np.abs(ref64[nz]))) if nz.any() else 0.0
+    worst = float(np.max(excess))
+    return OutputError(name, batch, list(ref.shape), float(np.max(diff)), rel, worst, bool(worst <= 0))
+
+
+def export_onnx(
+    module: nn.Module,
+    example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    path: str | os.PathLike,
+    *,
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+    verify: bool = True,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    output_names: list[str] | None = None,
+    input_names: list[str] | None = None,
+    exporter: str = "auto",
+    seed: int = 0,
+    providers: Sequence[str] | None = None,
+) -> OnnxReport:
+    """Export ``module`` to ONNX at ``path``, clean and check the graph, and (``verify``) compare it
+    with PyTorch under ONNX Runtime. See the module docstring for the stages and the maths.
+
+    Input names default to ``input`` (one input) or ``input_0..``; output names to the dict keys,
+    ``output`` (one tensor) or ``output_0..``. With ``dynamic_batch`` axis 0 of every input and
+    output is the symbolic ``batch``. ``exporter``: ``"auto"`` (dynamo, TorchScript fallback),
+    ``"dynamo"`` or ``"torchscript"``. Raises :class:`OnnxVerificationError` on a mismatch, leaving
+    the model at ``<stem>.unverified.onnx``.
+    """
+    if exporter not in ("auto", "dynamo", "torchscript"):
+        raise ValueError(f"exporter must be 'auto', 'dynamo' or 'torchscript', not {exporter!r}")
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+        raise TypeError("example_inputs must be a tensor or a non-empty tuple of tensors")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    unverified = path.with_name(f"{path.stem}.unverified.onnx")
+
+    if input_names is None:
+        input_names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+    input_names = list(input_names)
+    if len(input_names) != len(args):
+        raise ValueError(f"{len(input_names)} input names for {len(args)} inputs")
+
+    notes: list[str] = []
+    with _eval_mode(module), torch.no_grad():
+        flat = flatten_outputs(module(*args))
+        names = list(output_names) if output_names is not None else [n for n, _ in flat]
+        if len(names) != len(flat):
+            raise ValueError(f"{len(names)} output names for {len(flat)} outputs")
+        if len(set(names)) != len(names):
+            raise ValueError(f"output names are not unique: {names}")
+
+        workdir = Path(tempfile.mkdtemp(prefix=f".{path.stem}.export-", dir=path.parent))
+        try:
+            raw = workdir / "model.onnx"
+            used = None
+            if exporter == "dynamo":
+                _export_dynamo(module, args, raw, input_names, names, opset, dynamic_batch)
+                used = "dynamo"
+            elif exporter == "auto":
+                # torch.export prints partial graphs to stderr when it fails; that is noise when
+                # the fallback succeeds, so hold stderr back and replay it only on success.
+                held = io.StringIO()
+                try:
+                    with contextlib.redirect_stderr(held), \
+                            _quiet_loggers("torch.fx.experimental.symbolic_shapes"):
+                        _export_dynamo(module, args, raw, input_names, names, opset, dynamic_batch)
+                    used = "dynamo"
+                    sys.stderr.write(held.getvalue())
+                except Exception as exc:  # torch.export could not capture the module
+                    notes.append(f"dynamo exporter failed ({_first_line(exc)}); "
+                                 f"used the TorchScript exporter")
+                    shutil.rmtree(workdir)
+                    workdir.mkdir()
+            if used is None:
+                _export_torchscript(module, args, raw, input_names, names, opset, dynamic_batch,
+                                    [t for _, t in flat])
+                used = "torchscript"
+
+            onnx.checker.check_model(str(raw), full_check=True)
+            model = onnx.load(str(raw))
+            stats = clean_graph(model)
+            problems = _structural_problems(model, stats)
+            if problems:
+                raise RuntimeError(f"ONNX graph cleanup left problems: {'; '.join(problems)}")
+            graph_outputs = [o.name for o in model.graph.output]
+            if graph_outputs != names:
+                raise RuntimeError(f"exporter named the outputs {graph_outputs}, expected {names}")
+
+            tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp.onnx")
+            try:
+                _save_model(model, tmp, path.name)
+                onnx.checker.check_model(str(tmp), full_check=True)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+        opset_used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        report = OnnxReport(
+            path=str(path), opset=opset_used, exporter=used, num_nodes=len(model.graph.node),
+            op_counts=count_nodes(model), input_names=input_names, output_names=names,
+            dynamic_batch=dynamic_batch, removed_identity=stats.removed_identity,
+            removed_dead=stats.removed_dead, removed_initializers=stats.removed_initializers,
+            kept_identity=stats.kept_identity, rtol=rtol, atol=atol, notes=notes,
+        )
+        del model
+        if not verify:
+            return report
+
+        try:
+            _verify(module, args, path, report, seed, providers)
+        except BaseException:
+            os.replace(path, unverified)
+            report.path = str(unverified)
+            raise
+    if not report.passed:
+        os.replace(path, unverified)
+        report.path = str(unverified)
+        worst = report.worst()
+        raise OnnxVerificationError(
+            f"ONNX Runtime output {worst.name!r} (batch {worst.batch}) differs from PyTorch: "
+            f"max abs error {worst.max_abs_err:.3g}, max rel error {worst.max_rel_err:.3g}, "
+            f"tolerance atol={atol:g} + rtol={rtol:g}*|ref|"
+            + (f" ({worst.detail})" if worst.detail else "")
+            + f"; model kept at {unverified}", report)
+    unverified.unlink(missing_ok=True)  # a stale failure from an earlier run would mislead
+    return report
+
+
+def _verify(module, args, path, report: OnnxReport, seed: int, providers) -> None:
+    session = ort_session(path, providers)
+    report.providers = list(session.get_providers())
+    feed_names = {i.name for i in session.get_inputs()}
+    batch = int(args[0].shape[0]) if args[0].dim() else 1
+    batches = [batch, batch + _BATCH_EXTRA] if report.dynamic_batch else [batch]
+    generator = torch.Generator().manual_seed(seed)
+    for b in batches:
+        inputs = tuple(_random_like(a, b, generator) if a.dim() else a for a in args)
+        ref = [t.detach().cpu().numpy() for _, t in flatten_outputs(module(*inputs))]
+        feed = {n: x.detach().cpu().numpy() for n, x in zip(report.input_names, inputs) if n in feed_names}
+        got = session.run(report.output_names, feed)
+        for name, g, r in zip(report.output_names, got, ref):
+            report.errors.append(_compare(name, b, np.asarray(g), r, report.rtol, report.atol))
+    report.verified = True
+    report.passed = all(e.passed for e in report.errors)

@@ -1,0 +1,132 @@
+"""Rewrites on the traced fx graph before it becomes IR. Each keeps the function bit for bit.
+
+* :func:`functionalize`: in-place operations (``x += y``, ``relu(inplace=True)``, ``x.relu_()``,
+  ``x[i] = v``) become their out-of-place twins, and later uses of the mutated value read the new
+  one. The IR may then give a value to several consumers (a fork gains an identity path, say)
+  without one of them overwriting it for the others.
+* :func:`dropout_to_modules`: ``F.dropout(x, p, training=self.training)`` is baked to a constant
+  at trace time; it becomes an ``nn.Dropout`` call so that it follows ``.train()``/``.eval()``.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+_INPLACE_OPERATORS = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
+    operator.imatmul: operator.matmul, operator.ior: operator.or_, operator.iand: operator.and_,
+}
+
+
+def functional_setitem(x: torch.Tensor, index, value) -> torch.Tensor:
+    """Out-of-place ``x[index] = value``: a copy of ``x`` with the slice replaced."""
+    out = x.clone()
+    out[index] = value
+    return out
+
+
+def _functional_aten(target):
+    """aten.relu_.default -> aten.relu.default (None when there is no such twin)."""
+    packet = getattr(target, "overloadpacket", None)
+    name = getattr(packet, "__name__", "")
+    if not name.endswith("_") or name.startswith("_"):
+        return None
+    twin = getattr(torch.ops.aten, name[:-1], None)
+    return getattr(twin, target._overloadname, None) if twin is not None else None
+
+
+class UnsafeMutation(Exception):
+    """An in-place update of a view (or of a tensor a view was taken of): rewiring later uses is
+    not enough to keep the function; the export frontend functionalizes such code properly."""
+
+
+_VIEW_NAMES = {"getitem", "view", "view_as", "reshape", "flatten", "unflatten", "transpose", "permute",
+               "select", "narrow", "expand", "expand_as", "squeeze", "unsqueeze", "t", "T", "split",
+               "chunk", "unbind", "as_strided", "diagonal", "detach", "alias", "contiguous", "slice",
+               "movedim", "swapaxes", "mT"}
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return name in _VIEW_NAMES
+
+
+def functionalize(graph: fx.Graph, root: nn.Module) -> int:
+    """Make in-place operations out of place; return how many were rewritten.
+
+    Raises :class:`UnsafeMutation` when a mutated value aliases another one through a view.
+    """
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    count = 0
+    for node in list(graph.nodes):
+        mutated = None
+        if node.op == "call_function":
+            if node.target in _INPLACE_OPERATORS:
+                node.target = _INPLACE_OPERATORS[node.target]
+                mutated = node.args[0]
+            elif node.target is operator.setitem:
+                node.target = functional_setitem
+                mutated = node.args[0]
+            elif node.kwargs.get("inplace") is True:
+                node.kwargs = {**node.kwargs, "inplace": False}
+                mutated = node.args[0]
+            elif (twin := _functional_aten(node.target)) is not None:
+                node.target = twin
+                mutated = node.args[0]
+        elif node.op == "call_method":
+            name = node.target
+            if name.endswith("_") and not name.startswith("_") and hasattr(torch.Tensor, name[:-1]):
+                node.target = name[:-1]
+                mutated = node.args[0]
+        elif node.op == "call_module":
+            mod = root.get_submodule(node.target)
+            if getattr(mod, "inplace", False) is True:
+                mod.inplace = False
+                mutated = node.args[0]
+        if not isinstance(mutated, fx.Node):
+            continue
+        count += 1
+        if mutated.op == "get_attr":
+            continue  # a buffer update: the functional graph keeps no state changes
+        if _is_view(mutated) or any(_is_view(u) and position[u] < position[node] for u in mutated.users):
+            raise UnsafeMutation(f"in-place '{node.name}' updates a view")
+        for user in list(mutated.users):
+            if user is not node and position.get(user, -1) > position[node]:
+                user.replace_input_with(mutated, node)
+    return count
+
+
+_DROPOUTS = {F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d,
+             F.dropout3d: nn.Dropout3d, F.alpha_dropout: nn.AlphaDropout}
+
+
+def dropout_to_modules(graph: fx.Graph, root: nn.Module) -> int:
+    """Turn functional dropout whose ``training`` flag equals the model's mode into a module."""
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _DROPOUTS:
+            continue
+        names = ("input", "p", "training", "inplace")
+        bound = dict(zip(names, node.args)) | dict(node.kwargs)
+        p, training = bound.get("p", 0.5), bound.get("training", True)
+        if not isinstance(p, float) or training is not root.training:
+            continue
+        name = f"_archir_dropout{count}"
+        while hasattr(root, name):
+            count += 1
+            name = f"_archir_dropout{count}"
+        root.add_module(name, _DROPOUTS[node.target](p).train(root.training))
+        with graph.inserting_before(node):
+            call = graph.call_module(name, (bound["input"],))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+        count += 1
+    return count

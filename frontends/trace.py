@@ -1,0 +1,145 @@
+"""``archir.trace``: model + example inputs -> :class:`archir.Graph`."""
+from __future__ import annotations
+
+import copy
+from typing import Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from archir.errors import TraceError, UserInputError
+from archir.ir import Graph
+
+from .build import build_graph
+from .normalize import dropout_to_modules, functionalize
+from .tracing import export_trace, first_line, fx_trace, trace_failure
+
+GRANULARITIES = ("layer", "block")
+
+
+def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and all(isinstance(x, torch.Tensor) for x in example_inputs):
+        return tuple(example_inputs)
+    raise UserInputError("example_inputs must be a tensor or a tuple of tensors, "
+                         f"not {type(example_inputs).__name__}")
+
+
+def _register_constants(root: nn.Module, graph: fx.Graph) -> None:
+    """Tensor attributes that are neither parameters nor buffers become non-persistent buffers,
+    so that they follow ``.to(device)`` and the verifier can find them."""
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        owner_path, _, name = node.target.rpartition(".")
+        owner = root.get_submodule(owner_path) if owner_path else root
+        value = getattr(owner, name)
+        if isinstance(value, torch.Tensor) and name not in owner._parameters and name not in owner._buffers:
+            delattr(owner, name)
+            owner.register_buffer(name, value, persistent=False)
+
+
+def clone_module(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` with its own parameters and buffers.
+
+    Same result as ``copy.deepcopy`` for what tracing needs (new module objects; new tensors;
+    shared modules and tied parameters stay shared) at a fraction of its cost: deepcopy rebuilds
+    every attribute of every module generically, which dominated tracing time on deep models.
+    """
+    memo: dict[int, object] = {}
+
+    def tensor(t):
+        if t is None:
+            return None
+        if id(t) not in memo:
+            data = t.detach().clone()
+            memo[id(t)] = nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) else data
+        return memo[id(t)]
+
+    def module(m: nn.Module) -> nn.Module:
+        if id(m) in memo:
+            return memo[id(m)]
+        new = copy.copy(m)
+        memo[id(m)] = new
+        new.__dict__["_parameters"] = {k: tensor(v) for k, v in m._parameters.items()}
+        new.__dict__["_buffers"] = {k: tensor(v) for k, v in m._buffers.items()}
+        new.__dict__["_modules"] = {k: (module(v) if v is not None else None) for k, v in m._modules.items()}
+        for k, v in m.__dict__.items():  # plain tensor attributes (fx turns them into constants)
+            if isinstance(v, torch.Tensor) and k not in ("_parameters", "_buffers"):
+                new.__dict__[k] = tensor(v)
+            elif isinstance(v, dict) and "hook" in k:  # hooks added to the copy stay on the copy
+                new.__dict__[k] = type(v)(v)
+        return new
+
+    return module(model)
+
+
+def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...], name: str) -> None:
+    """Run the model once (eval, no grad) so that a bad example input fails with a clear message."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as exc:  # noqa: BLE001
+        shapes = ", ".join(str(list(x.shape)) for x in inputs)
+        raise UserInputError(f"{name} fails on the example input of shape {shapes}: {first_line(exc)}. "
+                             "Give the shape the model expects (--input-shape or example_input()).") from exc
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
+          leaf_modules: Iterable[str] = (), frontend: str = "auto") -> Graph:
+    """Trace ``model`` into archir's IR.
+
+    ``frontend``: ``"auto"`` (torch.fx, then torch.export where fx fails), ``"fx"`` or ``"export"``.
+    ``leaf_modules``: qualified names of submodules to keep as single opaque operations.
+    The graph owns a deep copy of ``model``; the user's model is never changed.
+    """
+    if granularity not in GRANULARITIES:
+        raise UserInputError(f"granularity must be one of {GRANULARITIES}, not {granularity!r}")
+    if frontend not in ("auto", "fx", "export"):
+        raise UserInputError(f"frontend must be 'auto', 'fx' or 'export', not {frontend!r}")
+    if not isinstance(model, nn.Module):
+        raise UserInputError(f"expected an nn.Module, got {type(model).__name__}")
+    inputs = _as_tuple(example_inputs)
+    name = type(model).__name__
+    root = clone_module(model)
+    leaves = list(leaf_modules)
+    fx_exc = None
+    graph, out_spec, used = None, None, frontend
+    if frontend in ("auto", "fx"):
+        try:
+            graph = fx_trace(root, leaves)
+            functionalize(graph, root)
+            used = "fx"
+        except Exception as exc:  # noqa: BLE001 - any tracer failure sends us to the fallback
+            if frontend == "fx":
+                raise trace_failure(name, exc, exc) from exc
+            fx_exc = exc
+            root = clone_module(model)  # a failed trace may have left constants on the copy
+    if graph is None:
+        try:
+            graph, out_spec = export_trace(root, inputs, leaves)
+            used = "export"
+        except Exception as exc:  # noqa: BLE001
+            _check_runs(model, inputs, name)  # a bad example input explains the failure best
+            raise trace_failure(name, fx_exc or exc, exc) from exc
+    _register_constants(root, graph)
+    if used == "export":
+        functionalize(graph, root)  # in-place leaf modules (ReLU(inplace=True)) still need it
+    dropout_to_modules(graph, root)
+    try:
+        g = build_graph(root, graph, inputs, granularity=granularity, name=name, frontend=used,
+                        out_spec=out_spec)
+    except TraceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - shape recording runs the model: explain a bad input
+        _check_runs(model, inputs, name)
+        raise
+    g.leaves.update({p: "requested" for p in leaves})
+    return g

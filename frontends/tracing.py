@@ -1,0 +1,249 @@
+"""From an ``nn.Module`` to a flat ``torch.fx.Graph`` over the module's own attributes.
+
+Two tracers, tried in order:
+
+1. ``torch.fx`` symbolic tracing, with torch.nn's modules (Conv, Linear, BatchNorm, ...) kept as
+   leaf calls. Fast, and the graph names the user's modules directly.
+2. ``torch.export`` (non-strict) on the example inputs, for code symbolic tracing cannot follow
+   (branches on shapes, for instance). Its ATen-level graph is brought back to the level of (1):
+   every call of a torch.nn leaf module becomes one ``call_module`` node again. This keeps the link
+   to the user's module and parameter names, and makes BatchNorm and Dropout follow ``.train()`` /
+   ``.eval()`` (an exported graph otherwise fixes their mode at export time).
+
+When both fail, :class:`~archir.errors.TraceError` names the file and line of the user's code
+where tracing stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import traceback
+import warnings
+from typing import Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from archir.errors import TraceError
+
+
+def is_torch_leaf(module: nn.Module) -> bool:
+    """torch.fx's default leaf rule: a torch.nn module that is not a container."""
+    mod = type(module).__module__
+    return (mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")) and not isinstance(
+        module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, extra_leaves: Iterable[str] = ()):
+        super().__init__()
+        self.extra_leaves = set(extra_leaves)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.extra_leaves or super().is_leaf_module(m, qualname)
+
+
+def fx_trace(root: nn.Module, leaves: Iterable[str] = ()) -> fx.Graph:
+    """Symbolically trace ``root`` (its tensor constants are registered on ``root`` itself)."""
+    return _LeafTracer(leaves).trace(root)
+
+
+def export_trace(root: nn.Module, example_inputs: Sequence[torch.Tensor],
+                 leaves: Iterable[str] = ()) -> tuple[fx.Graph, object]:
+    """Trace with non-strict ``torch.export`` and collapse leaf-module calls.
+
+    Returns the graph (targets are qualified names in ``root``) and the output pytree spec.
+    A dynamic batch dimension is asked for first; if the model pins it, a static export follows.
+    """
+    with _quiet_torch():
+        ep = _export(root, tuple(example_inputs))
+    gm = ep.module()
+    out_spec = gm.graph._codegen.pytree_info.out_spec if hasattr(gm.graph._codegen, "pytree_info") else None
+    graph = fx.Graph()  # detached from the exported module: targets are resolved on ``root``
+    out, _ = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    graph.output(out)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target.startswith("_guards"):
+            graph.erase_node(node)
+    extra = set(leaves)
+    _adopt_constants(graph, gm, root)
+    _drop_buffer_writebacks(graph)
+    _collapse_leaf_calls(graph, root, lambda path, m: path in extra or is_torch_leaf(m))
+    _remove_unused(graph)
+    return graph, out_spec
+
+
+def _export(root: nn.Module, args: tuple):
+    from torch.export import Dim
+
+    try:
+        dyn = tuple({0: Dim.AUTO} if x.dim() > 0 else None for x in args)
+        ep = torch.export.export(root, args, strict=False, dynamic_shapes=dyn)
+    except Exception:  # noqa: BLE001 - fall back to a static export, re-raising its own error
+        ep = torch.export.export(root, args, strict=False)
+    # functionalization turns in-place updates of views (x[:, 0] = v) into scatter ops
+    return ep.run_decompositions({})
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """torch.export logs warnings about user code on failure; archir reports errors itself."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _remove_unused(graph: fx.Graph) -> None:
+    for node in reversed(list(graph.nodes)):
+        if node.op not in ("placeholder", "output") and not node.users:
+            graph.erase_node(node)
+
+
+def _drop_buffer_writebacks(graph: fx.Graph) -> None:
+    """``copy_(running_mean, new)``: the leaf module updates its own buffers when called."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and getattr(node.target, "__name__", "").startswith("copy_") \
+                and node.args and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr" \
+                and not node.users:
+            graph.erase_node(node)
+
+
+def _adopt_constants(graph: fx.Graph, gm: nn.Module, root: nn.Module) -> None:
+    """Constants that export lifted (``lifted_tensor_0``) live on its module, not on ``root``:
+    move them onto ``root`` as non-persistent buffers."""
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        try:
+            root.get_submodule(node.target.rpartition(".")[0]) if "." in node.target else root
+            _fetch(root, node.target)
+            continue
+        except AttributeError:
+            pass
+        value = _fetch(gm, node.target)
+        name = "_archir_const_" + node.target.replace(".", "_")
+        value = value.detach().clone() if isinstance(value, torch.Tensor) else value
+        root.register_buffer(name, value, persistent=False)
+        gm.register_buffer(name, value, persistent=False)
+        node.target = name
+
+
+def _fetch(obj, target: str):
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def _leaf_of(node: fx.Node, root: nn.Module, is_leaf) -> tuple[str, str] | None:
+    """(stack key, module path) of the outermost leaf module on the node's module stack."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for key, (path, _cls) in stack.items():
+        if not path:
+            continue
+        try:
+            mod = root.get_submodule(path)
+        except AttributeError:
+            continue
+        if is_leaf(path, mod):
+            return key, path
+    return None
+
+
+def _is_tensor_node(n: fx.Node) -> bool:
+    return isinstance(n.meta.get("val"), torch.Tensor)
+
+
+def _collapse_leaf_calls(graph: fx.Graph, root: nn.Module, is_leaf) -> None:
+    """Replace the ATen nodes of each single-input, single-output leaf call by ``call_module``."""
+    runs: list[tuple[str, list[fx.Node]]] = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        leaf = _leaf_of(node, root, is_leaf)
+        if leaf is None:
+            continue
+        key, path = leaf
+        if runs and runs[-1][0] == key and runs[-1][1][-1].next is node:
+            runs[-1][1].append(node)
+        else:
+            runs.append((key, [node]))
+        runs[-1] = (key, runs[-1][1])
+        node.meta["_archir_leaf_path"] = path
+    for key, nodes in runs:
+        members = set(nodes)
+        inputs: list[fx.Node] = []
+        for n in nodes:
+            for a in n.all_input_nodes:
+                if a not in members and a.op != "get_attr" and _is_tensor_node(a) and a not in inputs:
+                    inputs.append(a)
+        used_outside = [n for n in nodes if any(u not in members for u in n.users)]
+        if len(inputs) != 1 or len(used_outside) != 1:
+            continue
+        path = nodes[0].meta["_archir_leaf_path"]
+        result = used_outside[0]
+        with graph.inserting_after(nodes[-1]):
+            call = graph.call_module(path, (inputs[0],))
+        call.meta = dict(result.meta)
+        call.meta["nn_module_stack"] = result.meta.get("nn_module_stack", {})
+        result.replace_all_uses_with(call)
+        for n in reversed(nodes):
+            if not n.users:
+                graph.erase_node(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where did tracing stop?
+
+_LIB_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (torch, fx))
+
+
+def _is_library_frame(filename: str) -> bool:
+    if filename.startswith("<"):
+        return True
+    path = os.path.abspath(filename)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    archir_dirs = (os.path.join(here, d) + os.sep for d in ("archir", "frontends", "passes", "backends"))
+    return path.startswith(_LIB_DIRS) or any(path.startswith(d) for d in archir_dirs) or \
+        f"{os.sep}site-packages{os.sep}" in path and f"{os.sep}torch{os.sep}" in path
+
+
+def user_location(exc: BaseException) -> str | None:
+    """``file:line`` of the innermost frame of user code in ``exc``'s traceback (or its causes)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+            if not _is_library_frame(frame.filename):
+                return f"{frame.filename}:{frame.lineno}"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def trace_failure(model_name: str, fx_exc: BaseException, export_exc: BaseException) -> TraceError:
+    loc = user_location(export_exc) or user_location(fx_exc)
+    where = f" at {loc}" if loc else ""
+    text = f"{fx_exc} {export_exc}".lower()
+    if any(k in text for k in ("control flow", "data-dependent", "data dependent", "guardondatadependent")):
+        hint = ("The code branches on tensor values there: compute both branches and select with "
+                "torch.where, or keep that submodule opaque with leaf_modules=[...].")
+    else:
+        hint = "Keep the submodule that fails opaque with leaf_modules=[...], or run with --debug for details."
+    msg = (f"cannot trace {model_name}{where}: torch.fx symbolic tracing failed ({first_line(fx_exc)}) "
+           f"and torch.export failed ({first_line(export_exc)}). {hint}")
+    return TraceError(msg, loc)

@@ -1,0 +1,382 @@
+"""ONNX backend: export, cleanup, checks, and numerical verification under ONNX Runtime.
+
+Each export test has one shape: build a module, export it, check the graph's structure (names,
+dynamic batch axis, no Identity nodes), then check the numbers (``export_onnx`` verifies at the
+example's batch size and at batch + 3; some tests also run ONNX Runtime by hand at other sizes).
+"""
+
+import os
+import warnings
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from archir.backends import onnx_export
+from archir.backends.onnx_export import (
+    OnnxVerificationError,
+    clean_graph,
+    count_nodes,
+    export_onnx,
+    ort_session,
+)
+
+
+def conv_bn_relu(cin, cout, stride=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(conv_bn_relu(3, 8), conv_bn_relu(8, 16, 2))
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class Block(nn.Module):
+    """BasicBlock with an nn.Identity shortcut and a no-op view: both invite Identity nodes."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn_relu(c, c), nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c))
+        self.shortcut = nn.Identity()
+
+    def forward(self, x):
+        y = self.body(x) + self.shortcut(x)
+        return F.relu(y.view(y.shape))
+
+
+class ResidualNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn_relu(3, 8)
+        self.blocks = nn.Sequential(Block(8), Block(8))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return self.head(x.mean((2, 3)))
+
+
+class TupleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = conv_bn_relu(3, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        f = self.conv(x)
+        return self.fc(f.mean((2, 3))), f
+
+
+class DictNet(TupleNet):
+    def forward(self, x):
+        logits, f = super().forward(x)
+        return {"logits": logits, "features": f, "probs": logits.softmax(-1)}
+
+
+class PassThrough(nn.Module):
+    """Returns its input, and one tensor twice: ONNX can only express these with Identity."""
+
+    def forward(self, x):
+        y = torch.relu(x)
+        return {"relu": y, "relu_again": y, "input_copy": x}
+
+
+class BehavesDifferentlyInOnnx(nn.Module):
+    def forward(self, x):
+        return x + 1e-3 if torch.onnx.is_in_onnx_export() else x * 1.0
+
+
+def ort_run(path, x):
+    session = ort_session(path)
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})
+
+
+def batch_dims(model):
+    return [vi.type.tensor_type.shape.dim[0].dim_param for vi in [*model.graph.input, *model.graph.output]]
+
+
+def files_in(directory):
+    return sorted(os.listdir(directory))
+
+
+def test_conv_bn_relu_net_exports_and_verifies(tmp_path, capfd, recwarn, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU-only path
+    torch.manual_seed(0)
+    model = SmallNet().train()
+    capfd.readouterr()
+    report = export_onnx(model, torch.randn(2, 3, 16, 16), tmp_path / "small.onnx")
+    session = ort_session(tmp_path / "small.onnx")
+    session.run(None, {"input": np.zeros((1, 3, 16, 16), np.float32)})
+
+    # nothing printed or warned by ONNX Runtime (or the exporter's registry) on a CPU-only run
+    out, err = capfd.readouterr()
+    assert report.providers == ["CPUExecutionProvider"] == session.get_providers()
+    assert "onnxruntime" not in out + err and "[W:" not in err and "[E:" not in err
+    assert "torchvision is not installed" not in err
+    assert not [w for w in recwarn if "onnxruntime" in str(w.filename) + str(w.message)]
+    assert not [w for w in recwarn if "training mode" in str(w.message)]
+
+    assert report.passed and report.verified
+    assert report.exporter == "dynamo"
+    assert model.training and all(m.training for m in model.modules())  # mode restored
+    assert {e.batch for e in report.errors} == {2, 5}
+    assert all(e.max_abs_err <= 1e-5 + 1e-4 * 10 for e in report.errors)
+    assert report.op_counts == count_nodes(tmp_path / "small.onnx")
+    assert report.op_counts["Conv"] == 2 and "Identity" not in report.op_counts
+    assert report.num_nodes == sum(report.op_counts.values())
+    assert files_in(tmp_path) == ["small.onnx"]  # no temp files or folders left behind
+    onnx.checker.check_model(str(tmp_path / "small.onnx"), full_check=True)
+    d = report.to_dict()
+    assert d["path"] == str(tmp_path / "small.onnx") and d["errors"][0]["name"] == "output"
+
+
+def test_residual_net_has_no_identity_and_dynamic_batch(tmp_path):
+    torch.manual_seed(0)
+    model = ResidualNet().eval()
+    path = tmp_path / "res.onnx"
+    report = export_onnx(model, torch.randn(1, 3, 8, 8), path)  # batch 1 example still gives dynamic batch
+
+    assert report.passed
+    assert "Identity" not in count_nodes(path)
+    onnx_model = onnx.load(str(path))
+    assert [i.name for i in onnx_model.graph.input] == ["input"]
+    assert batch_dims(onnx_model) == ["batch", "batch"]
+    for batch in (3, 64):
+        x = torch.randn(batch, 3, 8, 8)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        (got,) = ort_run(path, x)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_static_batch_when_not_dynamic(tmp_path):
+    torch.manual_seed(0)
+    report = export_onnx(SmallNet(), torch.randn(2, 3, 8, 8), tmp_path / "s.onnx", dynamic_batch=False)
+    assert report.passed and {e.batch for e in report.errors} == {2}
+    dims = [vi.type.tensor_type.shape.dim[0] for vi in onnx.load(str(tmp_path / "s.onnx")).graph.input]
+    assert [d.dim_value for d in dims] == [2]
+
+
+def test_tuple_outputs_are_named_and_verified(tmp_path):
+    torch.manual_seed(0)
+    report = export_onnx(TupleNet(), torch.randn(2, 3, 8, 8), tmp_path / "t.onnx")
+    assert report.passed and report.output_names == ["output_0", "output_1"]
+    assert [o.name for o in onnx.load(str(tmp_path / "t.onnx")).graph.output] == ["output_0", "output_1"]
+
+    report = export_onnx(TupleNet(), torch.randn(2, 3, 8, 8), tmp_path / "t2.onnx",
+                         output_names=["logits", "feat"], input_names=["image"], exporter="torchscript")
+    model = onnx.load(str(tmp_path / "t2.onnx"))
+    assert [o.name for o in model.graph.output] == ["logits", "feat"]
+    assert [i.name for i in model.graph.input] == ["image"]
+
+
+def test_dict_outputs_keep_their_keys(tmp_path):
+    torch.manual_seed(0)
+    model = DictNet().eval()
+    path = tmp_path / "d.onnx"
+    report = export_onnx(model, torch.randn(2, 3, 8, 8), path)
+    assert report.passed and report.output_names == ["logits", "features", "probs"]
+    assert [o.name for o in onnx.load(str(path)).graph.output] == ["logits", "features", "probs"]
+    assert {e.name for e in report.errors} == {"logits", "features", "probs"}
+
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    session = ort_session(path)
+    got = dict(zip(["logits", "features", "probs"], session.run(["logits", "features", "probs"], {"input": x.numpy()})))
+    for key in ref:
+        np.testing.assert_allclose(got[key], ref[key].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_multiple_inputs(tmp_path):
+    class TwoIn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 2)
+
+        def forward(self, a, b):
+            return self.fc(torch.cat([a, b], 1))
+
+    report = export_onnx(TwoIn(), (torch.randn(2, 4), torch.randn(2, 2)), tmp_path / "two.onnx")
+    assert report.passed and report.input_names == ["input_0", "input_1"]
+    assert batch_dims(onnx.load(str(tmp_path / "two.onnx"))) == ["batch"] * 3
+
+
+@pytest.mark.parametrize("exporter", ["auto", "torchscript"])
+def test_fx_graph_module(tmp_path, exporter):
+    torch.manual_seed(0)
+    gm = torch.fx.symbolic_trace(ResidualNet())
+    assert isinstance(gm, torch.fx.GraphModule)
+    report = export_onnx(gm, torch.randn(2, 3, 8, 8), tmp_path / "gm.onnx", exporter=exporter)
+    assert report.passed
+    assert report.exporter == ("dynamo" if exporter == "auto" else "torchscript")
+    assert "Identity" not in report.op_counts
+    assert batch_dims(onnx.load(str(tmp_path / "gm.onnx"))) == ["batch", "batch"]
+
+
+def test_identities_needed_for_names_are_the_only_ones_kept(tmp_path):
+    path = tmp_path / "p.onnx"
+    report = export_onnx(PassThrough(), torch.randn(2, 5), path)
+    assert report.passed
+    assert report.output_names == ["relu", "relu_again", "input_copy"]
+    model = onnx.load(str(path))
+    assert [o.name for o in model.graph.output] == ["relu", "relu_again", "input_copy"]
+    identities = [n for n in model.graph.node if n.op_type == "Identity"]
+    # relu_again duplicates relu's value, input_copy is the graph input: nothing else can name them
+    assert report.kept_identity == len(identities) == 2
+    assert sorted(n.output[0] for n in identities) == ["input_copy", "relu_again"]
+
+
+def test_torchscript_identities_are_removed(tmp_path):
+    """The TorchScript exporter leaves removable Identity nodes; the cleanup takes them out."""
+
+    class Twice(nn.Module):
+        def forward(self, x):
+            y = torch.relu(x) * 2
+            return y, y + 1
+
+    report = export_onnx(Twice(), torch.randn(2, 3), tmp_path / "ts.onnx", exporter="torchscript",
+                         output_names=["a", "b"])
+    assert report.passed and report.exporter == "torchscript"
+    assert "Identity" not in count_nodes(tmp_path / "ts.onnx")
+    assert [o.name for o in onnx.load(str(tmp_path / "ts.onnx")).graph.output] == ["a", "b"]
+
+
+CLEANUP_TEXT = """
+<ir_version: 8, opset_import: ["" : 18]>
+g (float[N, 4] x, bool c) => (float[N, 4] out, float[N, 4] x_copy, float[N, 4] branch)
+{
+    a = Relu(x)
+    b = Identity(a)
+    t = Identity(b)
+    d = Add(t, b)
+    e = Sigmoid(a)
+    unused = Neg(e)
+    out = Identity(d)
+    x_copy = Identity(x)
+    branch = If(c) <
+        then_branch = g1 () => (float[N, 4] z1) { z1 = Neg(t) },
+        else_branch = g2 () => (float[N, 4] z2) { z2 = Abs(t) }
+    >
+}
+"""
+
+
+def test_clean_graph_rewires_identities_and_drops_dead_nodes(tmp_path):
+    model = onnx.parser.parse_model(CLEANUP_TEXT)
+    onnx.checker.check_model(model, full_check=True)
+    original = tmp_path / "orig.onnx"
+    onnx.save(model, str(original))
+
+    stats = clean_graph(model)
+    onnx.checker.check_model(model, full_check=True)
+    assert (stats.removed_identity, stats.removed_dead, stats.kept_identity) == (3, 2, 1)
+    assert stats.modified
+    assert [(n.op_type, list(n.input), list(n.output)) for n in model.graph.node] == [
+        ("Relu", ["x"], ["a"]),
+        ("Add", ["a", "a"], ["out"]),  # producer of the graph output now writes it directly
+        ("Identity", ["x"], ["x_copy"]),  # input passed through: needed to name the output
+        ("If", ["c"], ["branch"]),
+    ]
+    assert [o.name for o in model.graph.output] == ["out", "x_copy", "branch"]
+    then_branch = next(a.g for a in model.graph.node[3].attribute if a.name == "then_branch")
+    assert list(then_branch.node[0].input) == ["a"]  # outer-scope read rewired inside the subgraph
+
+    cleaned = tmp_path / "clean.onnx"
+    onnx.save(model, str(cleaned))
+    assert clean_graph(model).modified is False  # already clean: honest "no change"
+    for cond in (True, False):
+        feed = {"x": np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32),
+                "c": np.array(cond)}
+        for want, got in zip(ort_session(original).run(None, feed), ort_session(cleaned).run(None, feed)):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_mismatch_raises_and_keeps_unverified_file(tmp_path):
+    path = tmp_path / "liar.onnx"
+    (tmp_path / "liar.onnx").write_bytes(b"stale")  # an older export is replaced, not left to mislead
+    with pytest.raises(OnnxVerificationError) as info:
+        export_onnx(BehavesDifferentlyInOnnx(), torch.randn(2, 3), path)
+    message = str(info.value)
+    assert "'output'" in message and "max abs error 0.001" in message
+    assert "atol=1e-05" in message and "rtol=0.0001" in message
+    assert not path.exists()
+    assert files_in(tmp_path) == ["liar.unverified.onnx"]
+    report = info.value.report
+    assert report.passed is False and report.path == str(tmp_path / "liar.unverified.onnx")
+    onnx.checker.check_model(report.path, full_check=True)
+
+    # tolerances are honoured: 1e-3 off passes with atol=2e-3, and the stale unverified file goes
+    report = export_onnx(BehavesDifferentlyInOnnx(), torch.randn(2, 3), path, atol=2e-3, exporter="torchscript")
+    assert report.passed and files_in(tmp_path) == ["liar.onnx"]
+
+
+def test_tiny_tolerance_with_monkeypatched_reference(tmp_path, monkeypatch):
+    """A reference off by float rounding fails rtol=0, atol=0, and the worst output is named."""
+    real = onnx_export.flatten_outputs
+    calls = {"n": 0}
+
+    def off_reference(out):
+        pairs = real(out)
+        calls["n"] += 1
+        if calls["n"] == 1:  # the first call names the outputs; later ones are the references
+            return pairs
+        return [(n, t if n == "output_0" else t * (1 + 1e-6)) for n, t in pairs]
+
+    monkeypatch.setattr(onnx_export, "flatten_outputs", off_reference)
+    with pytest.raises(OnnxVerificationError, match="'output_1'.*atol=0 \\+ rtol=0"):
+        export_onnx(TupleNet(), torch.randn(2, 3, 8, 8), tmp_path / "tiny.onnx", rtol=0.0, atol=0.0,
+                    dynamic_batch=False, exporter="torchscript")
+    assert (tmp_path / "tiny.unverified.onnx").exists() and not (tmp_path / "tiny.onnx").exists()
+
+
+def test_dynamo_failure_falls_back_to_torchscript(tmp_path):
+    class Branchy(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.export refuses it
+                return x * 2
+            return x + x
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        report = export_onnx(Branchy(), torch.randn(2, 3), tmp_path / "b.onnx")
+    assert report.exporter == "torchscript" and report.passed
+    assert "dynamo exporter failed" in report.notes[0]
+
+
+def test_cuda_provider_only_when_torch_sees_a_gpu(monkeypatch):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert onnx_export.ort_providers() == ["CPUExecutionProvider"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert onnx_export.ort_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert onnx_export.ort_providers() == ["CPUExecutionProvider"]
+
+
+def test_verify_false_skips_onnxruntime(tmp_path):
+    report = export_onnx(BehavesDifferentlyInOnnx(), torch.randn(2, 3), tmp_path / "nv.onnx", verify=False,
+                         exporter="torchscript")
+    assert not report.verified and report.errors == [] and (tmp_path / "nv.onnx").exists()
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="output names"):
+        export_onnx(TupleNet(), torch.randn(2, 3, 8, 8), tmp_path / "x.onnx", output_names=["only_one"])
+    with pytest.raises(ValueError, match="exporter"):
+        export_onnx(TupleNet(), torch.randn(2, 3, 8, 8), tmp_path / "x.onnx", exporter="tvm")
+    assert files_in(tmp_path) == []
