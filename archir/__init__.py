@@ -12,5 +12,21 @@ def trace(model, example_inputs, granularity: str = "layer", **kwargs) -> Graph:
     return _trace(model, example_inputs, granularity, **kwargs)
 
 
+def transform(model, example_inputs, method: str = "dnat", train_data=None, val_data=None, out=None,
+              **options):
+    """Transform ``model`` (see :func:`archir.pipeline.transform`); returns a ``Result`` with
+    ``.module`` (the trained slim network), ``.graph`` and ``.report``."""
+    from archir.pipeline import transform as _transform
+
+    return _transform(model, example_inputs, method, train_data, val_data, out, **options)
+
+
+def export_onnx(module, example_inputs, path, **options):
+    """Export ``module`` to ONNX and check it against ONNX Runtime (see archir.backends.onnx_export)."""
+    from archir.backends.onnx_export import export_onnx as _export
+
+    return _export(module, example_inputs, path, **options)
+
+
 __all__ = ["ArchirError", "IRError", "TraceError", "UserInputError", "Graph", "Edge", "Junction",
-           "Combine", "Op", "TensorMeta", "trace", "__version__"]
+           "Combine", "Op", "TensorMeta", "trace", "transform", "export_onnx", "__version__"]

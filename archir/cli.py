@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .errors import ArchirError
+from .errors import ArchirError, UserInputError
 
 EXIT_USER_ERROR = 2
 
@@ -92,6 +92,66 @@ def inspect(model_file: Path, input_shape, granularity, dot_path, svg_path, json
     if text_path:
         write_text(text_path, str(graph) + "\n")
         click.echo(f"wrote {text_path}")
+
+
+@main.command()
+@click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--method", type=click.Choice(["dnat"]), default="dnat", show_default=True,
+              help="dnat: every edge chooses none / identity / its original operations.")
+@click.option("--share", type=click.Choice(["cell", "full"]), default="cell", show_default=True,
+              help="cell: repeated blocks share architecture weights; full: one per edge.")
+@click.option("--granularity", type=click.Choice(["layer", "block"]), default="layer", show_default=True)
+@click.option("--data", default="digits", show_default=True,
+              help="digits (bundled, offline), cifar10 (from --data-dir), or an image-folder path.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Where cifar10 lives "
+              "(default ~/.cache/archir-data or $ARCHIR_DATA_DIR).")
+@click.option("--subset", type=int, help="Use only this many training images (stratified).")
+@click.option("--epochs", type=int, default=10, show_default=True, help="Total epochs (both stages).")
+@click.option("--arch-epochs", type=int, default=5, show_default=True, help="Epochs of the architecture stage.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=0.1, show_default=True, help="SGD learning rate of the weights (cosine).")
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--arch-lr", type=float, default=0.05, show_default=True, help="Adam learning rate of θ.")
+@click.option("--arch-update", type=click.Choice(["alternate", "split", "joint"]), default="alternate",
+              show_default=True, help="alternate: ω then θ on each batch; split: θ on a held-out part; "
+              "joint: one backward pass for both.")
+@click.option("--no-augment", is_flag=True, help="No random crop/flip of training batches.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--from-weights", type=click.Path(dir_okay=False), help="Start from these trained weights "
+              "(a state_dict of the model).")
+@click.option("--input-shape", help="Example input shape (default: MODEL.py's example_input()).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("archir-out"),
+              show_default=True, help="Output directory (must be empty unless --force).")
+@click.option("--force", is_flag=True, help="Overwrite files in a non-empty output directory.")
+@click.option("--no-onnx", is_flag=True, help="Do not write model.onnx.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def transform(model_file: Path, input_shape, no_augment, no_onnx, quiet, out, **options) -> None:
+    """Transform MODEL_FILE: search, train, derive, and write the slim model to --out."""
+    from .model_file import load_model_file
+    from .printer import human
+    from .pipeline import transform as run_transform
+
+    spec = load_model_file(model_file, input_shape)
+    train_data = val_data = None
+    if spec.data is not None:
+        datasets = spec.data()
+        if not (isinstance(datasets, tuple) and len(datasets) == 2):
+            raise UserInputError(f"{model_file}: data() must return (train_dataset, val_dataset)")
+        train_data, val_data = datasets
+    method = options.pop("method")
+    res = run_transform(spec.model, spec.example_inputs, method, train_data, val_data, out,
+                        augment=not no_augment, onnx=not no_onnx, progress=not quiet, **options)
+    o, t = res.report["original"], res.report["transformed"]
+    changed = [d for d in res.report["decisions"] if d["decision"] != "same"]
+    acc = f"{100 * t['val_accuracy']:.2f}%" if t["val_accuracy"] is not None else "not trained"
+    shown = ", ".join(f"{d['edge']}→{d['decision']}" for d in changed[:8]) + (" …" if len(changed) > 8 else "")
+    click.echo(f"{res.graph.name}: {len(changed)} of {len(res.report['decisions'])} edges changed"
+               + (f" ({shown})" if changed else ""))
+    click.echo(f"  parameters {o['parameters']:,} -> {t['parameters']:,}; FLOPs {human(o['flops_per_example'])} -> "
+               f"{human(t['flops_per_example'])}; validation accuracy {acc}")
+    click.echo(f"  wrote {', '.join(Path(f).name for f in res.files)} to {res.out}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -59,7 +59,8 @@ class _Emitter:
                     for o in cand:
                         v = self.op(o, v)
                 vals.append(v)
-            return self.fx.create_node("call_module", self.safe_target(op.target), tuple(vals), {},
+            kwargs = map_refs(op.kwargs, lambda r: self.op(r, inp, operands))
+            return self.fx.create_node("call_module", self.safe_target(op.target), tuple(vals), kwargs,
                                        name=op.meta.get("name"))
 
         def resolve(r):

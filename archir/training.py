@@ -369,7 +369,7 @@ def train_two_stage(
                 p.data = p.data.to(device)
 
     crit = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    total_steps = arch_epochs * len(train_loader) + (epochs - arch_epochs) * len(net_loader)
+    total_steps = (arch_epochs * len(train_loader) + (epochs - arch_epochs) * len(net_loader)) if epochs else 0
     clock = _Clock()
     state = _RunState(cfg=cfg, device=device, total_steps=total_steps, crit=crit)
     snapshot = (lambda: _snapshot(log_arch())) if log_arch is not None else (lambda: None)

@@ -55,6 +55,7 @@ import dataclasses
 import io
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -421,7 +422,7 @@ def _first_line(exc: BaseException) -> str:
     """``Type: first line`` of the innermost cause (TorchExportError's own text is boilerplate)."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
-    text = str(exc).strip()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch colours its messages
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 

@@ -4,7 +4,9 @@ For each case (name, module, example input) the module is exported with
 ``archir.backends.onnx_export.export_onnx`` (verified against PyTorch first; a model that fails
 verification is reported and not timed), then timed at each batch size: ``warmup`` untimed calls,
 then the **median** (and min) of ``runs`` timed calls. PyTorch runs in eval mode under
-``torch.inference_mode()``; thread counts are left at their defaults (recorded in the JSON).
+``torch.inference_mode()``; thread counts are left at their defaults (recorded in the JSON). Note
+that ONNX Runtime's default thread count is the machine's core count even under ``taskset``: to
+emulate a smaller machine pin the process *and* pass ``--ort-threads``.
 ``speedup = torch_ms / ort_ms`` (> 1: ONNX Runtime is faster).
 
 With ``--device cpu`` (default) both run on the CPU, ONNX Runtime with the CPU provider only. With
@@ -146,7 +148,7 @@ def _ort_runner(session, x: np.ndarray, device: str) -> Callable[[], Any]:
 
 
 def bench_case(case: BenchCase, onnx_dir: Path, batch_sizes: Iterable[int], warmup: int, runs: int,
-               device: str, seed: int) -> dict[str, Any]:
+               device: str, seed: int, ort_threads: int | None = None) -> dict[str, Any]:
     module = case.module.eval().to(device)
     example = case.example_input.to(device)
     entry: dict[str, Any] = {
@@ -166,7 +168,7 @@ def bench_case(case: BenchCase, onnx_dir: Path, batch_sizes: Iterable[int], warm
         "removed_identity": report.removed_identity, "removed_dead": report.removed_dead,
     }
     providers = ["CPUExecutionProvider"] if device == "cpu" else None
-    session = ort_session(path, providers)
+    session = ort_session(path, providers, intra_op_num_threads=ort_threads)
     entry["ort_providers"] = session.get_providers()
     generator = torch.Generator().manual_seed(seed)
     entry["results"] = {}
@@ -201,7 +203,8 @@ def _group_ratios(entries: list[dict[str, Any]]) -> None:
 
 def benchmark(cases: Iterable[BenchCase | tuple], *, batch_sizes: Iterable[int] = (1, 64), warmup: int = 5,
               runs: int = 30, device: str = "cpu", output: str | os.PathLike | None = DEFAULT_OUTPUT,
-              onnx_dir: str | os.PathLike | None = None, seed: int = 0, verbose: bool = True) -> dict[str, Any]:
+              onnx_dir: str | os.PathLike | None = None, seed: int = 0, ort_threads: int | None = None,
+              verbose: bool = True) -> dict[str, Any]:
     """Time every case; write the JSON to ``output`` (atomically) unless it is None; return it."""
     import onnxruntime
 
@@ -211,9 +214,10 @@ def benchmark(cases: Iterable[BenchCase | tuple], *, batch_sizes: Iterable[int] 
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "device": device,
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "torch_threads": torch.get_num_threads(), "ort_threads": "default",
+            "torch_threads": torch.get_num_threads(), "ort_threads": ort_threads or "default",
             "warmup": warmup, "runs": runs, "statistic": "median",
             "speedup": "torch_ms / ort_ms",
         },
@@ -223,7 +227,7 @@ def benchmark(cases: Iterable[BenchCase | tuple], *, batch_sizes: Iterable[int] 
         directory = Path(onnx_dir) if onnx_dir is not None else Path(tmp)
         directory.mkdir(parents=True, exist_ok=True)
         for case in map(as_case, cases):
-            entry = bench_case(case, directory, batch_sizes, warmup, runs, device, seed)
+            entry = bench_case(case, directory, batch_sizes, warmup, runs, device, seed, ort_threads)
             result["models"].append(entry)
             if verbose:
                 print(_format(entry), flush=True)
@@ -255,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT))
     parser.add_argument("--keep-onnx", metavar="DIR", help="keep the exported models here")
+    parser.add_argument("--ort-threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's own "
+                        "choice, which counts the machine's cores and ignores taskset/affinity)")
     args = parser.parse_args(argv)
 
     if args.models:
@@ -263,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cases = example_cases() or fallback_cases()
     benchmark(cases, batch_sizes=args.batch_sizes, warmup=args.warmup, runs=args.runs, device=args.device,
-              output=args.output, onnx_dir=args.keep_onnx)
+              output=args.output, onnx_dir=args.keep_onnx, ort_threads=args.ort_threads)
     print(f"wrote {args.output}")
     return 0
 

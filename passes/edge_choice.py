@@ -1,0 +1,156 @@
+"""EdgeChoice: every edge chooses none, identity or its original operations (DNAT).
+
+Kim & Lee, *Differentiable Neural Architecture Transformation for Reproducible Architecture
+Improvement*, Eq. (1) mixes an edge's candidates linearly,
+
+    o_e(x) = θ_none · 0 + θ_id · x + θ_same · o(x),      θ initialised to (0, 0, 1),
+
+so the network starts exactly as the original. But in that form ∂o_e/∂θ_none = 0: θ_none never
+receives a gradient and *none* can never win the argmax. archir normalises the weights by their sum
+and keeps them non-negative:
+
+    o_e(x) = (θ_id · x + θ_same · o(x)) / (θ_none + θ_id + θ_same),      θ ≥ 0 (projected after each step)
+
+* **Parity at initialisation**: with θ = (0, 0, 1) the weights are exactly (0, 0, 1.0), so
+  o_e(x) = 0·x + 1.0·o(x) = o(x) bit for bit.
+* **Every choice gets gradient**: with S = Σθ,
+  ∂o_e/∂θ_none = −o_e/S,  ∂o_e/∂θ_id = (x − o_e)/S,  ∂o_e/∂θ_same = (o(x) − o_e)/S;
+  at initialisation ∂o_e/∂θ_none = −o(x) ≠ 0 and ∂o_e/∂θ_id = x − o(x).
+* The weights are a point of the simplex, so scaling θ changes nothing but the step size.
+
+Valid choices per edge: *identity* only where the edge's input and output have the same shape and
+dtype (and the edge is not already empty); *none* only where the edge ends at a sum junction that
+has another operand; *same* always. An edge with one valid choice is left as it is.
+
+``share="full"`` gives every edge its own θ; ``share="cell"`` gives one θ to each cell-sharing
+group (edges at the same position of repeated blocks, see ``Edge.group``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from archir.errors import IRError, UserInputError
+from archir.ir import Edge, Graph, Op
+
+from .base import Pass, PassResult
+
+SLOTS = ("none", "identity", "same")
+THETA_ROOT = "archir_theta"
+MIX_ROOT = "archir_mix"
+
+
+def valid_choices(graph: Graph, edge: Edge) -> tuple[str, ...]:
+    dst = graph.junctions[edge.dst]
+    choices = []
+    if dst.combine is not None and dst.combine.kind == "sum" and len(graph.in_edges(dst.id)) >= 2:
+        choices.append("none")
+    if edge.ops and edge.shape_preserving:
+        choices.append("identity")
+    choices.append("same")
+    return tuple(choices)
+
+
+class EdgeMix(nn.Module):
+    """Mixes the values of an edge's candidates with weights θ_k / Σθ over its valid choices.
+
+    ``forward(*values, theta)``: ``values`` are the candidates other than none, in ``choices``
+    order; ``theta`` is the 3-slot (none, identity, same) parameter, possibly shared by a group.
+    """
+
+    def __init__(self, choices: tuple[str, ...]):
+        super().__init__()
+        self.choices = tuple(choices)
+        self.valid = [SLOTS.index(c) for c in self.choices]
+        self.value_slots = [SLOTS.index(c) for c in self.choices if c != "none"]
+
+    def forward(self, *values: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        total = theta[self.valid].sum()
+        out = None
+        for v, k in zip(values, self.value_slots):
+            term = (theta[k] / total) * v
+            out = term if out is None else out + term
+        return out
+
+    def extra_repr(self) -> str:
+        return f"choices={self.choices}"
+
+
+def choice_weights(theta: torch.Tensor, choices: tuple[str, ...]) -> dict[str, float]:
+    """The normalised weight of each valid choice (what the mixer multiplies by)."""
+    idx = [SLOTS.index(c) for c in choices]
+    vals = theta.detach().float().cpu()[idx].clamp_min(0)
+    total = float(vals.sum()) or 1.0
+    return {c: float(v) / total for c, v in zip(choices, vals)}
+
+
+class EdgeChoice(Pass):
+    """Turn every edge with two or more valid choices into a θ-weighted mixture (see module doc)."""
+
+    def __init__(self, share: str = "cell", init: tuple[float, float, float] = (0.0, 0.0, 1.0)):
+        if share not in ("cell", "full"):
+            raise UserInputError(f"share must be 'cell' or 'full', not {share!r}")
+        self.share = share
+        self.init = init
+
+    def run(self, graph: Graph) -> PassResult:
+        if hasattr(graph.root, THETA_ROOT):
+            raise IRError("EdgeChoice already ran on this graph (it has architecture weights)")
+        thetas = nn.ParameterDict()
+        mixers = nn.ModuleDict()
+        names: dict[str, str] = {}
+        modified = False
+        for e in graph.edges_in_order():
+            choices = valid_choices(graph, e)
+            if len(choices) < 2:
+                continue
+            key = (e.id if self.share == "full" else e.group) + "|" + ",".join(choices)
+            if key not in names:
+                names[key] = f"t{len(names)}"
+                thetas[names[key]] = nn.Parameter(torch.tensor(self.init, dtype=torch.float32))
+            name = names[key]
+            mixers[e.id] = EdgeMix(choices)
+            candidates = tuple("none" if c == "none" else "identity" if c == "identity" else tuple(e.ops)
+                               for c in choices)
+            e.ops = [Op("choice", f"{MIX_ROOT}.{e.id}", candidates,
+                        {"theta": Op("get_attr", f"{THETA_ROOT}.{name}")},
+                        meta={"name": f"mix_{e.id}", "flops": e.flops, "out": e.out_meta})]
+            e.labels.update(choices=",".join(choices), theta=name)
+            modified = True
+        graph.root.add_module(THETA_ROOT, thetas)
+        graph.root.add_module(MIX_ROOT, mixers)
+        graph.root.archir_theta_keys = {v: k.split("|")[0] for k, v in names.items()}
+        return PassResult(graph, modified)
+
+
+def arch_parameters(graph: Graph) -> list[nn.Parameter]:
+    thetas = getattr(graph.root, THETA_ROOT, None)
+    return list(thetas.values()) if thetas is not None else []
+
+
+def project_thetas(graph: Graph) -> None:
+    """θ ≥ 0 on every valid slot, 0 on invalid ones, and never all zero (the mixer divides by Σθ)."""
+    with torch.no_grad():
+        for e in graph.edges.values():
+            op = e.ops[0] if len(e.ops) == 1 and e.ops[0].kind == "choice" else None
+            if op is None:
+                continue
+            theta = _theta_of(graph, op)
+            theta.clamp_(min=0.0)
+            valid = [SLOTS.index(c) for c in e.labels["choices"].split(",")]
+            if float(theta[valid].sum()) < 1e-6:
+                theta[SLOTS.index("same")] = 1e-6
+
+
+def _theta_of(graph: Graph, op: Op) -> torch.Tensor:
+    target = op.kwargs["theta"].target
+    return getattr(getattr(graph.root, THETA_ROOT), target.split(".", 1)[1])
+
+
+def edge_weights(graph: Graph) -> dict[str, dict[str, float]]:
+    """Per choice edge: its normalised weights (for logs and reports)."""
+    out = {}
+    for e in graph.edges_in_order():
+        if len(e.ops) == 1 and e.ops[0].kind == "choice":
+            out[e.id] = choice_weights(_theta_of(graph, e.ops[0]), tuple(e.labels["choices"].split(",")))
+    return out
