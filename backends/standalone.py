@@ -20,10 +20,23 @@ How submodules are rebuilt
 A ``torch.nn`` built-in is written as its ``repr()``, which for leaf modules is its class name and
 constructor arguments (``Conv2d(3, 8, kernel_size=(3, 3), ..., bias=False)``); ``nn.Sequential``
 is rebuilt from its children. Every rebuilt module is then constructed in-process and checked
-against the original: same ``repr()``, same public plain attributes, same parameter and buffer
-names, shapes, dtypes and ``requires_grad``. A module that fails this (a user-defined class, an
-archir search-time module, a torch module with hooks or submodules whose repr is not a
-constructor call) raises :class:`StandaloneError` naming its path, its type and why.
+against the original: same ``repr()``, same public plain attributes (``p``, ``eps``, ``inplace``...),
+same parameter and buffer names, shapes and dtypes. A module that fails this (a user-defined
+class, an archir search-time module, a torch module with hooks, or one with submodules other than
+``nn.Sequential``) raises :class:`StandaloneError` naming its path, its type and why.
+
+Other details
+-------------
+* One object, one attribute: a module or tensor reachable under several targets is built once;
+  parameters tied across modules are re-tied in ``__init__`` (``self.b.weight = self.a.weight``);
+  a ``get_attr`` of a called module's parameter reads it through that module (``self.fc.weight``).
+* Tensors read with ``get_attr`` outside called modules become parameters or persistent buffers
+  built with ``torch.zeros``; frozen parameters get ``requires_grad_(False)``. A module
+  whose floating tensors are not float32 gets ``.to(dtype)``. Everything is built on the CPU.
+* ``build_model()`` returns the model in the source module's train/eval mode; ``.train()`` and
+  ``.eval()`` work as usual (Dropout and BatchNorm are modules).
+* Both files are written atomically (``archir.fileio``); the source goes through ``compile()`` and
+  is executed in-process (and its state_dict checked against the source tensors) before writing.
 
 Globals referenced by ``forward`` must come from torch or the standard library; a small pure
 function defined in archir (``archir.frontends.normalize.functional_setitem``) is inlined from
@@ -39,7 +52,6 @@ import builtins
 import importlib.util
 import inspect
 import keyword
-import math
 import re
 import sys
 import textwrap
@@ -167,7 +179,8 @@ def _plain_attrs(mod: nn.Module) -> dict[str, str]:
     for k, v in vars(mod).items():
         if k.startswith("_") or k in _SKIP_ATTRS:
             continue
-        if isinstance(v, _SIMPLE) or (isinstance(v, (tuple, list)) and all(isinstance(x, _SIMPLE) for x in v)):
+        simple_seq = isinstance(v, (tuple, list)) and all(isinstance(x, _SIMPLE) for x in v)
+        if isinstance(v, _SIMPLE) or simple_seq:
             out[k] = repr(v)
     return out
 
@@ -193,7 +206,7 @@ def _module_expr(mod: nn.Module, path: str) -> str:
     if qual is None:
         if cls.__module__.split(".")[0] == "archir":
             why = ("it is one of archir's own search-time modules; derive the architecture "
-                   "(e.g. `archir derive`) before emitting a standalone model")
+                   "(the Derive pass) before emitting a standalone model")
         else:
             why = ("it is a user-defined class; the standalone model rebuilds only torch.nn built-ins "
                    "and never pickles user classes. Trace through it (drop it from leaf_modules) "
@@ -215,8 +228,9 @@ def _module_expr(mod: nn.Module, path: str) -> str:
         call = ast.parse(text, mode="eval").body
     except SyntaxError:
         call = None
-    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == cls.__name__
-            and all(_literal(a) for a in call.args) and all(k.arg and _literal(k.value) for k in call.keywords)):
+    is_call = isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == cls.__name__
+    if not (is_call and all(_literal(a) for a in call.args)
+            and all(k.arg and _literal(k.value) for k in call.keywords)):
         raise _why_not(path, mod, f"its repr {text!r} is not a constructor call with literal arguments")
     return qual + text[len(cls.__name__):]
 
@@ -254,18 +268,24 @@ def _construct(expr: str, path: str, mod: nn.Module) -> str:
     if ta != tb:
         problems.append(f"parameters/buffers differ ({ta} vs {tb})")
     if problems:
-        raise _why_not(path, mod, "rebuilding it from its repr does not round-trip: " + "; ".join(problems))
+        raise _why_not(path, mod, "rebuilding it from its repr does not round-trip: "
+                       + "; ".join(problems))
     return expr
 
 
 # ---- plan: what the emitted class holds ------------------------------------------------------
 @dataclass
 class _Plan:
-    targets: dict[str, str] = field(default_factory=dict)  # GraphModule target -> emitted path
-    modules: list[tuple[str, str, nn.Module, str]] = field(default_factory=list)  # flat, expr, original, display path
-    tensors: list[tuple[str, torch.Tensor, bool]] = field(default_factory=list)  # flat, original, is_param
-    constants: list[tuple[str, str]] = field(default_factory=list)  # flat, literal repr
-    originals: dict[str, Any] = field(default_factory=dict)  # emitted state_dict key -> original tensor
+    # GraphModule target -> attribute path in the emitted class
+    targets: dict[str, str] = field(default_factory=dict)
+    # (flat name, constructor expression, original module, user's path)
+    modules: list[tuple[str, str, nn.Module, str]] = field(default_factory=list)
+    # (flat name, original tensor, is a Parameter): tensors read with get_attr outside called modules
+    tensors: list[tuple[str, torch.Tensor, bool]] = field(default_factory=list)
+    # (flat name, literal repr): non-tensor constants read with get_attr
+    constants: list[tuple[str, str]] = field(default_factory=list)
+    # emitted state_dict key -> original tensor (the values weights.pt will hold)
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _plan(gm: fx.GraphModule) -> _Plan:
@@ -282,7 +302,8 @@ def _plan(gm: fx.GraphModule) -> _Plan:
             by_id.setdefault(id(m), f"{flat}.{sub}" if sub else flat)
         for key, t in mod.state_dict(keep_vars=True).items():
             plan.originals[f"{flat}.{key}"] = t
-        for key, t in [*mod.named_parameters(remove_duplicate=False), *mod.named_buffers(remove_duplicate=False)]:
+        for key, t in [*mod.named_parameters(remove_duplicate=False),
+                       *mod.named_buffers(remove_duplicate=False)]:
             by_id.setdefault(id(t), f"{flat}.{key}")
         return flat
 
@@ -303,7 +324,8 @@ def _plan(gm: fx.GraphModule) -> _Plan:
             plan.targets[target] = add_module(target, obj)
         elif isinstance(obj, torch.Tensor):
             if obj.layout != torch.strided or obj.is_quantized or obj.is_meta:
-                raise StandaloneError(f"get_attr '{target}': a {obj.layout} tensor cannot be saved as a plain buffer")
+                raise StandaloneError(f"get_attr '{target}': a {obj.layout} (quantized or meta) tensor "
+                                      "cannot be saved as a plain buffer")
             flat = names.flat(_display_path(gm, target))
             plan.tensors.append((flat, obj, isinstance(obj, nn.Parameter)))
             plan.originals[flat] = obj
@@ -324,19 +346,39 @@ def _plan(gm: fx.GraphModule) -> _Plan:
 
 
 # ---- forward ---------------------------------------------------------------------------------
+# fx's registered builtins: the expression each stands for ("" = an import that binds the name).
 _CUSTOM_BUILTINS = {
-    "inf": (["import math"], "inf = math.inf"),
-    "nan": (["import math"], "nan = math.nan"),
-    "NoneType": ([], "NoneType = type(None)"),
-    "device": ([], "device = torch.device"),
-    "fx_pytree": (["import torch.fx._pytree as fx_pytree"], None),
-    "pytree": (["import torch.utils._pytree as pytree"], None),
+    "inf": (["import math"], "math.inf"),
+    "nan": (["import math"], "math.nan"),
+    "NoneType": ([], "type(None)"),
+    "device": ([], "torch.device"),
+    "fx_pytree": (["import torch.fx._pytree as fx_pytree"], ""),
+    "pytree": (["import torch.utils._pytree as pytree"], ""),
 }
+
+
+@dataclass
+class _Global:
+    """How model.py provides one global of the generated forward."""
+
+    imports: list[str]
+    expr: str = ""  # a qualified reference (``math.sqrt``) substituted at each use
+    function: ast.FunctionDef | None = None  # an inlined function definition
+    where: str = ""
 
 
 def _stdlib(module_name: str) -> bool:
     top = module_name.split(".")[0]
     return top in sys.stdlib_module_names and top not in ("builtins",)
+
+
+def _allowed_module(module_name: str) -> bool:
+    """What model.py may import: torch and the standard library."""
+    return module_name.split(".")[0] == "torch" or _stdlib(module_name)
+
+
+def _import_line(module_name: str, bound_as: str) -> str:
+    return f"import {module_name}" if bound_as == module_name else f"import {module_name} as {bound_as}"
 
 
 def _public_module(obj: Any, module_name: str) -> str:
@@ -379,8 +421,8 @@ def _code_names(code: types.CodeType) -> set[str]:
     return out
 
 
-def _inline(name: str, fn: Any) -> tuple[list[str], str]:
-    """Import lines and source of a small pure archir function, renamed to ``name``."""
+def _inline(fn: Any) -> _Global:
+    """The import lines and definition of a small pure archir function, to be inlined."""
     where = f"{fn.__module__}.{fn.__qualname__}"
     if fn.__closure__ or fn.__qualname__ != fn.__name__:
         raise StandaloneError(f"the graph calls {where}, which is not a plain module-level function; "
@@ -401,8 +443,8 @@ def _inline(name: str, fn: Any) -> tuple[list[str], str]:
     imports = []
     for ref in sorted(_code_names(fn.__code__) & fn.__globals__.keys()):
         val = fn.__globals__[ref]
-        if isinstance(val, types.ModuleType) and (val.__name__.split(".")[0] == "torch" or _stdlib(val.__name__)):
-            imports.append(f"import {val.__name__}" if ref == val.__name__ else f"import {val.__name__} as {ref}")
+        if isinstance(val, types.ModuleType) and _allowed_module(val.__name__):
+            imports.append(_import_line(val.__name__, ref))
         else:
             raise StandaloneError(f"the graph calls {where}, which uses '{ref}' ({type(val).__name__}) from "
                                   "outside torch and the standard library; it cannot be inlined")
@@ -411,42 +453,57 @@ def _inline(name: str, fn: Any) -> tuple[list[str], str]:
         if arg is not None:
             arg.annotation = None
     fdef.returns = None
-    fdef.name = name
-    return imports, f"# inlined from {where}\n" + ast.unparse(fdef)
+    return _Global(imports, function=fdef, where=where)
 
 
-def _resolve_global(name: str, obj: Any) -> tuple[list[str], str | None]:
-    """Import lines and a definition line giving the generated code's global ``name``."""
+def _resolve_global(name: str, obj: Any) -> _Global:
+    """How model.py provides the generated code's global ``name`` (bound to ``obj`` by fx)."""
     if name == "torch" and obj is torch:
-        return [], None
+        return _Global([], "torch")
     if name in _CUSTOM_BUILTINS:
-        return _CUSTOM_BUILTINS[name]
+        imports, expr = _CUSTOM_BUILTINS[name]
+        return _Global(list(imports), expr or name)
     if isinstance(obj, types.ModuleType):
-        if obj.__name__.split(".")[0] == "torch" or _stdlib(obj.__name__):
-            return [f"import {obj.__name__}" if name == obj.__name__ else f"import {obj.__name__} as {name}"], None
-        raise StandaloneError(f"the graph uses module '{obj.__name__}', which is neither torch nor the standard library")
+        if _allowed_module(obj.__name__):
+            return _Global([_import_line(obj.__name__, obj.__name__)], obj.__name__)
+        raise StandaloneError(f"the graph uses module '{obj.__name__}', which is neither torch nor "
+                              "the standard library")
     module_name = getattr(obj, "__module__", None) or ""
     if module_name.split(".")[0] == "archir" and inspect.isfunction(obj):
-        return _inline(name, obj)
-    if module_name.split(".")[0] == "torch" or _stdlib(module_name):
+        return _inline(obj)
+    if _allowed_module(module_name):
         module_name = _public_module(obj, module_name)
         attr = _lookup(module_name, obj)
         if attr is not None:
-            return [f"import {module_name}"], f"{name} = {module_name}.{attr}"
+            return _Global([f"import {module_name}"], f"{module_name}.{attr}")
     what = f"{module_name}.{getattr(obj, '__qualname__', type(obj).__name__)}" if module_name else repr(obj)
     raise StandaloneError(f"the graph references {what} (as '{name}'), which is neither part of torch nor "
                           "the standard library nor a small archir function; the standalone model "
                           "may import only torch")
 
 
+class _Rename(ast.NodeTransformer):
+    """Replace global names by expressions (``math_sqrt`` -> ``math.sqrt``)."""
+
+    def __init__(self, subst: dict[str, ast.expr]):
+        self.subst = subst
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        if isinstance(node.ctx, ast.Load) and node.id in self.subst:
+            return ast.copy_location(ast.parse(ast.unparse(self.subst[node.id]), mode="eval").body, node)
+        return node
+
+
+def _bound_names(fdef: ast.FunctionDef) -> set[str]:
+    """The function's arguments and local variables."""
+    args = {a.arg for a in ast.walk(fdef.args) if isinstance(a, ast.arg)}
+    return args | {n.id for n in ast.walk(fdef) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+
+
 def _free_names(fdef: ast.FunctionDef) -> set[str]:
-    bound = {a.arg for a in [*fdef.args.posonlyargs, *fdef.args.args, *fdef.args.kwonlyargs,
-                             fdef.args.vararg, fdef.args.kwarg] if a is not None}
-    loads, stores = set(), set()
-    for node in ast.walk(fdef):
-        if isinstance(node, ast.Name):
-            (loads if isinstance(node.ctx, ast.Load) else stores).add(node.id)
-    return loads - bound - stores - set(dir(builtins))
+    """Names the function reads from module globals (builtins aside)."""
+    loads = {n.id for n in ast.walk(fdef) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    return loads - _bound_names(fdef) - set(dir(builtins))
 
 
 def _is_release(stmt: ast.stmt) -> bool:
@@ -456,14 +513,13 @@ def _is_release(stmt: ast.stmt) -> bool:
 
 
 def _forward(gm: fx.GraphModule, plan: _Plan) -> tuple[str, list[str], list[str]]:
-    """Forward source (unindented), import lines, global definition blocks."""
+    """Forward source (unindented), import lines, module-level definitions it needs."""
     codegen = gm.graph._codegen
     if type(codegen) is not fx.graph.CodeGen:
         raise StandaloneError(f"the GraphModule uses a custom fx code generator ({type(codegen).__name__}); "
                               "only plain graphs can be emitted")
     graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {}, return_output_node=True)
-    values, old_output = out
+    values, old_output = graph.graph_copy(gm.graph, {}, return_output_node=True)
     graph.output(values, type_expr=getattr(old_output, "type", None))
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
@@ -472,16 +528,37 @@ def _forward(gm: fx.GraphModule, plan: _Plan) -> tuple[str, list[str], list[str]
     tree = ast.parse(code.src)
     fdef = next(s for s in tree.body if isinstance(s, ast.FunctionDef) and s.name == "forward")
     fdef.body = [s for s in fdef.body if not _is_release(s)] or [ast.Pass()]
-    imports, defs = [], []
-    for name in sorted(_free_names(fdef)):
+
+    free = _free_names(fdef)
+    bound = _bound_names(fdef)
+    resolved = {}
+    for name in sorted(free):
         if name not in code.globals:
             raise StandaloneError(f"internal: generated forward uses '{name}', which fx did not define")
-        if name in _FILE_NAMES and code.globals[name] is not torch:
-            raise StandaloneError(f"the graph needs a global named '{name}', which model.py uses itself")
-        imp, definition = _resolve_global(name, code.globals[name])
-        imports += imp
-        if definition:
-            defs.append(definition)
+        resolved[name] = _resolve_global(name, code.globals[name])
+    imports = [line for g in resolved.values() for line in g.imports]
+    import_roots = {line.split()[-1].split(".")[0] for line in imports}
+    taken = bound | free | import_roots | _FILE_NAMES | set(dir(builtins))
+    defs, subst = [], {}
+    for name, g in resolved.items():
+        if g.function is not None:
+            # An inlined function keeps its own name unless something else already has it.
+            candidates = (g.function.name, "_" + g.function.name, name)
+            new = next(n for n in candidates if n not in taken or n == name)
+            taken.add(new)
+            g.function.name = new
+            defs.append(f"# inlined from {g.where}\n" + ast.unparse(g.function))
+            subst[name] = ast.Name(new, ast.Load())
+        elif g.expr.split(".")[0] == name:
+            continue  # bound by its import line (``torch``, ``fx_pytree``)
+        elif g.expr.split(".")[0] in bound:
+            # A local variable shadows the module the expression starts with: keep fx's alias.
+            if name in _FILE_NAMES:
+                raise StandaloneError(f"the graph needs a global named '{name}', which model.py uses itself")
+            defs.append(f"{name} = {g.expr}")
+        else:
+            subst[name] = ast.parse(g.expr, mode="eval").body
+    fdef = _Rename(subst).visit(fdef)
     return ast.unparse(fdef), imports, defs
 
 
@@ -508,7 +585,8 @@ def _torch_imports(source: str) -> list[str]:
                 break
             if dotted not in _IMPORTED_BY_TORCH:
                 needed.add(dotted)
-    return [f"import {m}" for m in sorted(needed)]
+    deepest = {m for m in needed if not any(o.startswith(m + ".") for o in needed)}
+    return [f"import {m}" for m in sorted(deepest)]
 
 
 # ---- source ----------------------------------------------------------------------------------
@@ -573,14 +651,14 @@ def _source(gm: fx.GraphModule, plan: _Plan, class_name: str, header: str, num_p
         "",
         "",
         "def build_model():",
-        f'    """A fresh {class_name}, in the mode the source module was in; weights are zeros/defaults."""',
+        f'    """A fresh {class_name} in the source module\'s train/eval mode, with initial weights."""',
         f"    model = {class_name}()",
         *("    " + m for m in modes),
         "    return model",
         "",
         "",
         "def load_model(weights_path=None):",
-        '    """build_model() with the weights from ``weights_path`` (default: weights.pt beside this file)."""',
+        '    """build_model() with the weights from weights_path (default: weights.pt beside this file)."""',
         "    model = build_model()",
         "    if weights_path is None:",
         '        weights_path = Path(__file__).with_name("weights.pt")',
@@ -595,13 +673,34 @@ def _source(gm: fx.GraphModule, plan: _Plan, class_name: str, header: str, num_p
                   if line.split()[1].startswith("torch")} - {"import torch"})
     head = [_docstring(class_name, gm, header, num_parameters), "",
             *std, "from pathlib import Path", "", "import torch", *tch]
-    if defs:
-        head += ["", *defs]
-    return "\n".join(head) + "\n\n\n" + body_text + "\n"
+    aliases = [d for d in defs if not d.startswith("#")]
+    functions = [d for d in defs if d.startswith("#")]
+    text = "\n".join(head) + "\n"
+    if aliases:
+        text += "\n" + "\n".join(aliases) + "\n"
+    for fn in functions:
+        text += "\n\n" + fn + "\n"
+    return text + "\n\n" + body_text + "\n"
 
 
 # ---- checks ----------------------------------------------------------------------------------
 def _exec_source(source: str, filename: str) -> dict[str, Any]:
+    """compile() and run model.py's definitions; refuse a module-level name bound twice."""
+    seen: dict[str, int] = {}
+    for stmt in ast.parse(source).body:
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            bound = [(a.asname or a.name).split(".")[0] for a in stmt.names]
+        elif isinstance(stmt, (ast.FunctionDef, ast.ClassDef)):
+            bound = [stmt.name]
+        elif isinstance(stmt, ast.Assign):
+            bound = [t.id for t in stmt.targets if isinstance(t, ast.Name)]
+        else:
+            bound = []
+        for name in bound:
+            if name in seen and not isinstance(stmt, ast.Import):  # ``import torch.nn`` rebinds torch
+                raise StandaloneError(f"model.py would define '{name}' twice (lines {seen[name]} and "
+                                      f"{stmt.lineno}); choose another class_name")
+            seen[name] = stmt.lineno
     ns: dict[str, Any] = {"__name__": f"_archir_standalone_check_{uuid.uuid4().hex}", "__file__": filename}
     exec(compile(source, filename, "exec"), ns)  # noqa: S102 - the source we just generated
     return ns
@@ -660,11 +759,13 @@ def _mismatch(a: Any, b: Any, where: str = "output") -> str | None:
     if isinstance(a, dict):
         if not isinstance(b, dict) or list(a) != list(b):
             return f"{where}: dict keys {list(a)} vs {list(b) if isinstance(b, dict) else type(b).__name__}"
-        return next((m for k in a if (m := _mismatch(a[k], b[k], f"{where}[{k!r}]"))), None)
+        found = (_mismatch(a[k], b[k], f"{where}[{k!r}]") for k in a)
+        return next((m for m in found if m), None)
     if isinstance(a, (tuple, list)):
         if not isinstance(b, (tuple, list)) or len(a) != len(b):
             return f"{where}: sequence of {len(a)} vs {b!r:.60}"
-        return next((m for i, (x, y) in enumerate(zip(a, b)) if (m := _mismatch(x, y, f"{where}[{i}]"))), None)
+        found = (_mismatch(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b)))
+        return next((m for m in found if m), None)
     return None if a == b else f"{where}: {a!r:.60} vs {b!r:.60}"
 
 
@@ -687,7 +788,8 @@ def _verify(gm: fx.GraphModule, model_py: Path, weights: Path, class_name: str, 
 
 # ---- entry point -----------------------------------------------------------------------------
 def emit_standalone(module: fx.GraphModule, out_dir: Path | str, *, class_name: str = "SlimModel",
-                    example_inputs: tuple[torch.Tensor, ...] | None = None, header: str = "") -> StandaloneFiles:
+                    example_inputs: tuple[torch.Tensor, ...] | None = None,
+                    header: str = "") -> StandaloneFiles:
     """Write ``out_dir/model.py`` (torch-only source) and ``out_dir/weights.pt`` (its state_dict).
 
     ``header``: extra lines for model.py's docstring (provenance: archir version, options...).

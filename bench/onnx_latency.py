@@ -65,7 +65,10 @@ class BenchCase:
 
 
 def as_case(item: BenchCase | tuple) -> BenchCase:
-    return item if isinstance(item, BenchCase) else BenchCase(*item)
+    if isinstance(item, tuple):
+        return BenchCase(*item)
+    # duck-typed: this file may be loaded twice (as __main__ and as bench.onnx_latency)
+    return BenchCase(**{f.name: getattr(item, f.name) for f in dataclasses.fields(BenchCase)})
 
 
 def example_cases(examples_dir: Path = EXAMPLES_DIR, seed: int = 0) -> list[BenchCase]:
@@ -219,6 +222,8 @@ def benchmark(cases: Iterable[BenchCase | tuple], *, batch_sizes: Iterable[int] 
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
             "torch_threads": torch.get_num_threads(), "ort_threads": ort_threads or "default",
             "warmup": warmup, "runs": runs, "statistic": "median",
+            # other processes on a small machine wreck torch's OpenMP timings: check these
+            "loadavg_start": _loadavg(), "loadavg_end": None,
             "speedup": "torch_ms / ort_ms",
         },
         "models": [],
@@ -231,6 +236,7 @@ def benchmark(cases: Iterable[BenchCase | tuple], *, batch_sizes: Iterable[int] 
             result["models"].append(entry)
             if verbose:
                 print(_format(entry), flush=True)
+    result["meta"]["loadavg_end"] = _loadavg()
     _group_ratios(result["models"])
     if output is not None:
         output = Path(output)
@@ -239,6 +245,10 @@ def benchmark(cases: Iterable[BenchCase | tuple], *, batch_sizes: Iterable[int] 
         tmp_out.write_text(json.dumps(result, indent=2) + "\n")
         os.replace(tmp_out, output)
     return result
+
+
+def _loadavg() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def _format(entry: dict[str, Any]) -> str:

@@ -123,15 +123,22 @@ def remove_unused_attributes(graph: Graph) -> bool:
         return any(path.startswith(t + ".") for t in used)
 
     removed = False
-    for path, module in sorted(graph.root.named_modules(remove_duplicate=False), key=lambda p: -p[0].count(".")):
-        if path and inside_used(path):
-            continue
+
+    def sweep(module: nn.Module, path: str) -> None:
+        # Detach unused children from their parent only, never strip a module's own tensors:
+        # the supernet lowered earlier may still hold (and train) that module object.
+        nonlocal removed
         for name in list(module._modules) + list(module._parameters) + list(module._buffers):
             full = f"{path}.{name}" if path else name
-            if full in keep or inside_used(full):
+            if full in used or inside_used(full):
+                continue
+            if full in keep and name in module._modules:
+                sweep(module._modules[name], full)
                 continue
             delattr(module, name)
             removed = True
+
+    sweep(graph.root, "")
     if removed:
         graph.invalidate_costs()
     return removed

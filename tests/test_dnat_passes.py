@@ -1,0 +1,198 @@
+"""EdgeChoice, Derive, Prune, FoldIdentities: parity, gradients, choice rules, numerical equality."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import archir
+from archir.passes.base import PassManager
+from archir.passes.derive import Derive, FoldIdentities, Prune
+from archir.passes.edge_choice import (SLOTS, EdgeChoice, EdgeMix, arch_parameters, project_thetas,
+                                       valid_choices)
+from zoo import MODELS, assert_same, call, load_example, random_like
+
+SEARCHABLE = ["resnet20", "mobilenetv2", "darts_cell", "mbconv"]
+
+
+def _example(name):
+    ex = load_example(name)
+    torch.manual_seed(0)
+    return ex.build_model().eval(), ex.example_input()
+
+
+def _supernet(model, x, share):
+    g = archir.trace(model, x)
+    PassManager([EdgeChoice(share)])(g)  # verifies after the pass
+    return g, g.to_module().eval()
+
+
+@pytest.mark.parametrize("name", SEARCHABLE)
+@pytest.mark.parametrize("share", ["cell", "full"])
+def test_supernet_is_exactly_the_original_at_initialisation(name, share):
+    model, x = _example(name)
+    g, sup = _supernet(model, x, share)
+    assert arch_parameters(g), "the pass made no choices"
+    for seed in (0, 1):
+        xi = random_like(x, seed)
+        assert_same(model(xi), sup(xi))
+
+
+@pytest.mark.parametrize("name", ["residual", "dense", "squeeze_excite", "transformer", "two_in_dict_out"])
+def test_supernet_parity_on_test_models(name):
+    ctor, make_input = MODELS[name]
+    torch.manual_seed(0)
+    model = ctor().eval()
+    g, sup = _supernet(model, make_input(), "full")
+    xi = random_like(make_input(), 3)
+    assert_same(call(model, xi), call(sup, xi))
+
+
+def test_every_choice_receives_gradient():
+    model, x = _example("resnet20")
+    g, sup = _supernet(model, x, "full")
+    sup(x).square().mean().backward()
+    mixers = {e.labels["theta"]: e.labels["choices"].split(",") for e in g.edges.values() if e.ops[0].kind == "choice"}
+    thetas = dict(g.root.archir_theta.items())
+    for name, choices in mixers.items():
+        grad = thetas[name].grad
+        # at initialisation θ_same's gradient is 0 (the mix already equals o(x)); none and identity move
+        for c in choices:
+            if c != "same":
+                assert grad[SLOTS.index(c)] != 0, (name, c)
+    # away from initialisation all three choices get gradient
+    for p in thetas.values():
+        p.grad = None
+        with torch.no_grad():
+            p.copy_(torch.tensor([0.2, 0.3, 0.5]))
+    sup(x).square().mean().backward()
+    for name, choices in mixers.items():
+        grad = thetas[name].grad
+        assert all(grad[SLOTS.index(c)] != 0 for c in choices), (name, choices, grad)
+
+
+def test_plain_linear_mix_would_starve_none():
+    """The paper's Eq. (1) gives θ_none no gradient; the normalised mix does (why archir uses it)."""
+    x = torch.randn(4, 3)
+    theta = torch.tensor([0.0, 0.0, 1.0], requires_grad=True)
+    (theta[0] * torch.zeros_like(x) + theta[1] * x + theta[2] * x.tanh()).sum().backward()
+    assert theta.grad[0] == 0
+    theta.grad = None
+    EdgeMix(("none", "identity", "same"))(x, x.tanh(), theta=theta).sum().backward()
+    assert theta.grad[0] != 0
+
+
+def test_choice_rules():
+    model, x = _example("resnet20")
+    g = archir.trace(model, x)
+    c = {e.id: valid_choices(g, e) for e in g.edges.values()}
+    assert c["e0"] == ("same",)  # stem changes shape, does not end at a sum
+    assert c["e1"] == ("identity", "same")  # conv-bn-relu keeps the shape
+    assert c["e2"] == ("none", "identity", "same")  # residual branch into a sum
+    assert c["e3"] == ("none", "same")  # the direct shortcut: identity is what it already is
+    assert c["e15"] == ("none", "same")  # downsampling shortcut: shape changes, ends at a sum
+    assert c["e36"] == ("same",)  # the head
+    PassManager([EdgeChoice("full")])(g)
+    assert g.edges["e0"].ops[0].kind != "choice" and g.edges["e36"].ops[0].kind != "choice"
+
+
+def test_cell_sharing_ties_repeated_blocks():
+    model, x = _example("resnet20")
+    gc, _ = _supernet(model, x, "cell")
+    gf, _ = _supernet(model, x, "full")
+    assert len(arch_parameters(gc)) < len(arch_parameters(gf))
+    by_theta = {}
+    for e in gc.edges.values():
+        if "theta" in e.labels:
+            by_theta.setdefault(e.labels["theta"], set()).add(e.group)
+    assert all(len(groups) == 1 for groups in by_theta.values())
+    assert max(len([e for e in gc.edges.values() if e.labels.get("theta") == t]) for t in by_theta) >= 7
+
+
+def _derive_and_compare(name, share, seed):
+    model, x = _example(name)
+    g, sup = _supernet(model, x, share)
+    thetas = dict(g.root.archir_theta.items())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in thetas.values():
+            p.copy_(torch.rand(3, generator=gen))
+    project_thetas(g)
+    PassManager([Derive()])(g)
+    decisions = {e.id: e.labels["decision"] for e in g.edges.values() if "decision" in e.labels}
+    with torch.no_grad():  # the supernet with the derived choices fixed one-hot
+        for p in thetas.values():
+            p.zero_()
+        for e in g.edges.values():
+            if "decision" in e.labels:
+                thetas[e.labels["theta"]][SLOTS.index(e.labels["decision"])] = 1.0
+    PassManager([Prune(), FoldIdentities()])(g)
+    slim = g.to_module().eval()
+    for s in (0, 1):
+        xi = random_like(x, s)
+        torch.testing.assert_close(slim(xi), sup(xi), rtol=0, atol=1e-6)
+    return g, decisions, model
+
+
+@pytest.mark.parametrize("name", ["resnet20", "darts_cell", "mbconv"])
+@pytest.mark.parametrize("share", ["cell", "full"])
+def test_derive_prune_fold_equals_one_hot_supernet(name, share):
+    g, decisions, model = _derive_and_compare(name, share, seed=7)
+    assert {"none", "identity"} & set(decisions.values()), "random θ should change some edges"
+
+
+def test_pruned_network_is_physically_smaller():
+    g, decisions, model = _derive_and_compare("resnet20", "full", seed=3)
+    assert "none" in decisions.values()
+    slim = g.to_module()
+    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters())
+    assert g.total_flops() < archir.trace(model, torch.randn(2, 3, 32, 32)).total_flops()
+    names = [n for n, _ in g.root.named_modules()]
+    assert not any(n.startswith(("archir_mix", "archir_theta")) for n in names)
+    # no identity left: no empty edge into a plain junction
+    assert not [e for e in g.edges.values() if not e.ops and g.junctions[e.dst].combine is None]
+
+
+def test_derive_ties_go_to_the_original():
+    model, x = _example("resnet20")
+    g, sup = _supernet(model, x, "full")
+    with torch.no_grad():
+        for p in arch_parameters(g):
+            p.fill_(1.0)  # every valid choice weighs the same
+    PassManager([Derive()])(g)
+    assert {e.labels["decision"] for e in g.edges.values() if "decision" in e.labels} == {"same"}
+
+
+def test_a_sum_never_loses_every_operand():
+    model, x = _example("resnet20")
+    g, sup = _supernet(model, x, "full")
+    with torch.no_grad():
+        for p in arch_parameters(g):
+            p.copy_(torch.tensor([1.0, 0.0, 0.0]))  # none wins wherever it is valid
+        # make the residual branch of the first block the better non-none operand
+        g.root.archir_theta[g.edges["e2"].labels["theta"]].copy_(torch.tensor([1.0, 0.2, 0.5]))
+    PassManager([Derive(), Prune(), FoldIdentities()])(g)
+    g.verify()
+    assert g.edges["e2"].labels["decision"] == "same" and "e3" not in g.edges
+    y = g.to_module().eval()(x)
+    assert y.shape == (2, 10) and torch.isfinite(y).all()
+
+
+def test_fold_identities_removes_identity_modules_and_trivial_arithmetic():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.skip = nn.Identity()
+
+        def forward(self, x):
+            return self.skip(self.a(x) * 1) + 0
+
+    model = M().eval()
+    g = archir.trace(model, torch.randn(2, 4))
+    assert PassManager([FoldIdentities()])(g).modified
+    assert [op.render() for e in g.edges.values() for op in e.ops] == ["a"]
+    assert "skip" not in dict(g.root.named_modules())
+    x = torch.randn(3, 4)
+    assert torch.equal(g.to_module()(x), model(x))
+    assert not PassManager([FoldIdentities()])(g).modified  # honest `modified`

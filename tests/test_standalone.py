@@ -1,0 +1,301 @@
+"""Standalone slim-module backend: model.py + weights.pt that need only torch.
+
+The main test has one shape: trace a zoo model or an example, lower it, emit it, then load the
+emitted files in a *fresh* interpreter (one subprocess for all models: it imports only torch and
+each model.py by path, loads weights.pt with ``weights_only=True``, runs the saved inputs) and
+compare its outputs with the in-memory GraphModule's bit for bit, in eval mode.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import math
+import operator
+import re
+import subprocess
+import sys
+import uuid
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import archir
+from archir.backends import standalone
+from archir.backends.standalone import StandaloneError, emit_standalone
+from archir.errors import ArchirError
+from archir.frontends.normalize import functional_setitem
+from zoo import MODELS, assert_same, load_example, random_like
+
+ZOO = ["residual", "dense", "squeeze_excite", "two_in_dict_out", "chunk_split", "transformer",
+       "name_clash", "functional_dropout", "setitem", "shape_branch"]
+EXAMPLES = ["resnet20", "mbconv", "darts_cell"]
+CASES = ZOO + EXAMPLES
+
+# Runs in a fresh interpreter: imports torch and the emitted files only.
+FRESH = r"""
+import importlib.util, json, sys
+import torch
+report = {}
+for i, d in enumerate(sys.argv[1:]):
+    spec = importlib.util.spec_from_file_location(f"slim_{i}", d + "/model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.build_model()
+    model.load_state_dict(torch.load(d + "/weights.pt", weights_only=True))
+    model.eval()
+    inputs = torch.load(d + "/inputs.pt", weights_only=True)
+    with torch.no_grad():
+        torch.save(model(*inputs), d + "/outputs.pt")
+ours = ("archir", "zoo", "backends", "frontends", "passes")
+report["foreign"] = sorted(m for m in sys.modules if m.split(".")[0] in ours)
+print(json.dumps(report))
+"""
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location(f"_test_slim_{uuid.uuid4().hex}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _model_and_inputs(name):
+    torch.manual_seed(0)
+    if name in MODELS:
+        ctor, make_input = MODELS[name]
+        return ctor(), make_input()
+    ex = load_example(name)
+    return ex.build_model(), ex.example_input()
+
+
+@pytest.fixture(scope="module")
+def emitted(tmp_path_factory):
+    """Emit every case, run them all in one fresh interpreter; name -> (files, expected, got)."""
+    root = tmp_path_factory.mktemp("standalone")
+    cases = {}
+    for name in CASES:
+        model, inputs = _model_and_inputs(name)
+        gm = archir.trace(model.eval(), inputs).to_module().eval()
+        x = random_like(inputs, seed=1)
+        x = (x,) if isinstance(x, torch.Tensor) else tuple(x)
+        # The examples are slow on CPU (darts_cell: ~3 s a forward); the fresh interpreter checks them.
+        check = x if name in ZOO else None
+        files = emit_standalone(gm, root / name, example_inputs=check, header=f"case: {name}")
+        torch.save(x, root / name / "inputs.pt")
+        cases[name] = (files, gm, x)
+    proc = subprocess.Popen([sys.executable, "-c", FRESH, *(str(root / n) for n in CASES)], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    expected = {}
+    with torch.no_grad():  # while the fresh interpreter runs
+        for name, (_, gm, x) in cases.items():
+            expected[name] = gm(*x)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    report = json.loads(stdout.strip().splitlines()[-1])
+    got = {n: torch.load(root / n / "outputs.pt", weights_only=True) for n in CASES}
+    return {n: (cases[n][0], expected[n], got[n]) for n in CASES}, report
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_fresh_interpreter_bit_identical(emitted, name):
+    cases, report = emitted
+    files, expected, got = cases[name]
+    assert_same(expected, got)
+    assert report["foreign"] == []  # the emitted files pulled in nothing but torch and the stdlib
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_imports_only_torch_and_stdlib(emitted, name):
+    files = emitted[0][name][0]
+    tree = ast.parse(files.model_py.read_text())
+    imported = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0
+            imported.append(node.module)
+    assert "torch" in imported
+    for mod in imported:
+        top = mod.split(".")[0]
+        assert top == "torch" or top in sys.stdlib_module_names, mod
+    src = files.model_py.read_text()
+    assert not re.search(r"\barchir\.", src.split('"""', 2)[2])  # no archir references past the docstring
+    assert f"case: {name}" in src
+
+
+def test_readable_flat_names(emitted):
+    files = emitted[0]["resnet20"][0]
+    src = files.model_py.read_text()
+    assert files.module_names["layer1.0.conv1"] == "layer1_0_conv1"
+    assert "self.layer1_0_conv1 = torch.nn.Conv2d(16, 16, kernel_size=(3, 3)" in src
+    assert "layer1_0_conv1 = self.layer1_0_conv1(relu)" in src
+    assert "= None" not in src.split("def forward")[1]  # fx's bookkeeping lines are gone
+    assert "getattr(" not in src
+    # lowering renamed ``meta`` -> ``meta_``; the emitted class uses the user's names again
+    clash = emitted[0]["name_clash"][0]
+    assert clash.module_names == {"meta_.lin": "meta_lin", "graph_": "graph", "code_": "code"}
+    assert files.num_parameters == sum(p.numel() for p in load_example("resnet20").build_model().parameters())
+
+
+def test_weights_file_is_the_state_dict(emitted):
+    files = emitted[0]["squeeze_excite"][0]
+    state = torch.load(files.weights, weights_only=True)
+    model = _load(files.model_py).build_model()
+    assert list(state) == list(model.state_dict())
+    assert {"scale", "shift"} <= set(state)  # parameter / buffer read with get_attr
+    assert isinstance(model.scale, nn.Parameter) and "shift" in dict(model.named_buffers())
+    assert not list(files.model_py.parent.glob(".*.tmp"))  # atomic writes left no temporaries
+
+
+class Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x).clamp(min=0)
+
+
+class WithCustom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.custom = Custom()
+
+    def forward(self, x):
+        return self.custom(self.pre(x))
+
+
+def test_custom_leaf_module_raises(tmp_path):
+    gm = archir.trace(WithCustom(), torch.randn(2, 4), leaf_modules=["custom"]).to_module()
+    with pytest.raises(StandaloneError, match=r"'custom'.*Custom.*user-defined") as info:
+        emit_standalone(gm, tmp_path / "out")
+    assert isinstance(info.value, ArchirError)
+    assert not (tmp_path / "out" / "model.py").exists()
+
+
+def _gm(root: nn.Module, build) -> fx.GraphModule:
+    g = fx.Graph()
+    build(g)
+    return fx.GraphModule(root, g)
+
+
+def test_torch_module_that_does_not_round_trip_raises(tmp_path):
+    lin = nn.Linear(4, 4)
+    lin.in_features = 5  # repr now lies about the constructor arguments
+    hooked = nn.ReLU()
+    hooked.register_forward_hook(lambda m, i, o: o * 2)
+    for mod, why in [(lin, "does not round-trip"), (hooked, "hooks"),
+                     (nn.TransformerEncoderLayer(4, 1), "submodules")]:
+        root = nn.Module()
+        root.layer = mod
+        gm = _gm(root, lambda g: g.output(g.call_module("layer", (g.placeholder("x"),))))
+        with pytest.raises(StandaloneError, match=rf"'layer'.*{type(mod).__name__}.*{why}"):
+            emit_standalone(gm, tmp_path)
+
+
+def test_train_eval_switch(tmp_path):
+    model, inputs = _model_and_inputs("shape_branch")  # Dropout and BatchNorm
+    gm = archir.trace(model.train(), inputs).to_module()
+    files = emit_standalone(gm, tmp_path, example_inputs=(inputs,))
+    slim = _load(files.model_py).load_model()
+    assert slim.training and all(m.training for m in slim.modules())
+    x = random_like(inputs, seed=3)
+    for mode in (True, False):
+        gm.train(mode)
+        slim.train(mode)
+        assert all(m.training is mode for m in slim.modules())
+        torch.manual_seed(7)
+        expected = gm(x)
+        torch.manual_seed(7)
+        got = slim(x)
+        assert_same(expected, got)  # same dropout mask, same batch statistics
+    assert torch.equal(slim.bn.running_mean, gm.bn.running_mean)  # train step updated both alike
+    assert torch.equal(slim(x), slim(x))  # eval: deterministic
+    gm.eval()
+    assert not _load(emit_standalone(gm, tmp_path / "e").model_py).build_model().training
+
+
+def test_inlines_small_archir_function_and_resolves_stdlib(tmp_path):
+    root = nn.Module()
+    root.lin = nn.Linear(4, 4)
+    root.k = 4
+
+    def build(g):
+        x = g.placeholder("x")
+        y = g.call_module("lin", (x,))
+        y = g.call_function(functional_setitem, (y, (slice(None), 0), 0.0))
+        r = g.call_function(math.sqrt, (g.get_attr("k"),))
+        g.output((g.call_function(operator.mul, (y, r)), g.call_function(operator.neg, (y,))))
+
+    gm = _gm(root, build)
+    files = emit_standalone(gm, tmp_path, example_inputs=(torch.randn(3, 4),))
+    src = files.model_py.read_text()
+    assert "# inlined from archir.frontends.normalize.functional_setitem" in src
+    # the graph's node is called ``functional_setitem`` too, so the inlined function steps aside
+    assert "def _functional_setitem(x, index, value):" in src
+    assert "math.sqrt(k)" in src and "import math" in src
+    x = torch.randn(3, 4)
+    assert_same(gm(x), _load(files.model_py).load_model()(x))
+
+
+def user_helper(x):
+    return x * 3
+
+
+def test_function_from_outside_torch_raises(tmp_path):
+    root = nn.Module()
+    gm = _gm(root, lambda g: g.output(g.call_function(user_helper, (g.placeholder("x"),))))
+    with pytest.raises(StandaloneError, match="user_helper"):
+        emit_standalone(gm, tmp_path)
+
+
+def test_shared_and_tied_parameters_stay_shared(tmp_path):
+    root = nn.Module()
+    root.seq = nn.Sequential(nn.Linear(4, 4), nn.ReLU())  # a Sequential kept as one call
+    root.emb = nn.Linear(4, 4)
+    root.head = nn.Linear(4, 4)
+    root.head.weight = root.emb.weight  # tied
+    root.emb.bias.requires_grad_(False)
+    root.pos = nn.Parameter(torch.randn(4))
+
+    def build(g):
+        x = g.placeholder("x")
+        y = g.call_module("seq", (x,))
+        y = g.call_module("seq.0", (y,))  # a module inside a called module
+        y = g.call_module("head", (g.call_module("emb", (y,)),))
+        w = g.get_attr("emb.weight")  # a called module's parameter read directly
+        y = g.call_function(torch.matmul, (y, w))
+        g.output({"y": g.call_function(operator.add, (y, g.get_attr("pos")))})
+
+    gm = _gm(root, build)
+    files = emit_standalone(gm, tmp_path, example_inputs=(torch.randn(2, 4),))
+    assert files.module_names["seq.0"] == "seq.0" and files.module_names["emb.weight"] == "emb.weight"
+    slim = _load(files.model_py).load_model()
+    assert slim.head.weight is slim.emb.weight and slim.seq[0] is not None
+    assert not slim.emb.bias.requires_grad and slim.pos.requires_grad
+    assert files.num_parameters == sum(p.numel() for p in root.parameters())
+    x = torch.randn(2, 4)
+    assert_same(gm(x), slim(x))
+
+
+def test_verification_failure_raises(tmp_path, monkeypatch):
+    model, inputs = _model_and_inputs("dense")
+    gm = archir.trace(model, inputs).to_module()
+    real = standalone.save_torch
+    monkeypatch.setattr(standalone, "save_torch",
+                        lambda w, p: real({k: torch.zeros_like(v) for k, v in w.items()}, p))
+    with pytest.raises(StandaloneError, match="does not reproduce"):
+        emit_standalone(gm, tmp_path, example_inputs=(inputs,))
+
+
+def test_bad_class_name(tmp_path):
+    gm = _gm(nn.Module(), lambda g: g.output(g.placeholder("x")))
+    with pytest.raises(StandaloneError, match="class_name"):
+        emit_standalone(gm, tmp_path, class_name="not valid")
+    files = emit_standalone(gm, tmp_path, class_name="Net", example_inputs=(torch.randn(2),))
+    assert "class Net(torch.nn.Module):" in files.model_py.read_text()
