@@ -154,5 +154,27 @@ def transform(model_file: Path, input_shape, no_augment, no_onnx, quiet, out, **
     click.echo(f"  wrote {', '.join(Path(f).name for f in res.files)} to {res.out}")
 
 
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="ONNX file to write (default: DIRECTORY/model.onnx).")
+@click.option("--opset", type=int, help="ONNX opset (default: the exporter's).")
+@click.option("--rtol", type=float, default=1e-4, show_default=True,
+              help="Relative tolerance of the ONNX Runtime check.")
+@click.option("--atol", type=float, default=1e-5, show_default=True,
+              help="Absolute tolerance of the ONNX Runtime check.")
+@click.option("--no-dynamic-batch", is_flag=True, help="Fix the batch size to the example's.")
+@click.option("--input-shape", help="Example input shape, e.g. 1,3,32,32 (default: report.json's example_inputs).")
+def export(directory: Path, onnx_path, opset, rtol, atol, no_dynamic_batch, input_shape) -> None:
+    """Export the model in DIRECTORY (a transform's --out) to ONNX and check it against ONNX Runtime."""
+    from .export_cmd import export_output_dir, summary_line
+    from .model_file import parse_shape
+
+    shape = parse_shape(input_shape) if input_shape else None
+    report = export_output_dir(directory, onnx_path, opset=opset, rtol=rtol, atol=atol,
+                               dynamic_batch=not no_dynamic_batch, input_shape=shape)
+    click.echo(summary_line(report))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -229,7 +229,8 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
 
     for eid, labels in decisions.items():  # the original graph, with what changed marked
         original.edges[eid].labels.update(decision=labels["decision"], changed=labels["changed"])
-    report = build_report(opts, original, graph, result, original_acc, initial_weights, timings, decisions)
+    report = build_report(opts, original, graph, result, original_acc, initial_weights, timings, decisions,
+                          example_inputs=inputs)
     res = Result(slim, graph, report, original, out_dir)
     if out_dir is not None:
         from .outputs import write_outputs
@@ -242,12 +243,17 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
 
 
 def build_report(opts, original: Graph, graph: Graph, result, original_acc, initial_weights, timings,
-                 decisions: dict[str, dict]) -> dict[str, Any]:
+                 decisions: dict[str, dict], example_inputs: tuple = ()) -> dict[str, Any]:
     edges = []
     for e in original.edges_in_order():
         labels = decisions.get(e.id, {})
-        fate = labels.get("decision", "same") if e.id in graph.edges or labels.get("decision") == "none" \
-            else "removed (dead after pruning)"
+        decided = labels.get("decision")
+        if decided in ("none", "identity"):
+            fate = decided  # identity edges are folded away, none edges pruned
+        elif e.id in graph.edges:
+            fate = decided or "same"
+        else:
+            fate = "removed (dead after pruning)"
         edges.append({
             "edge": e.id, "from": e.src, "to": e.dst, "ops": [op.render() for op in e.ops], "group": e.group,
             "choices": labels.get("choices", "same").split(","), "theta": labels.get("theta"),
@@ -269,6 +275,11 @@ def build_report(opts, original: Graph, graph: Graph, result, original_acc, init
         "history": [{k: v for k, v in h.items() if k != "arch"} for h in history],
         "time_seconds": {**timings, "mean_step": result.mean_step_seconds},
         "seed": opts.seed,
+        # what `archir export DIR` rebuilds example inputs from (integer inputs keep their range)
+        "example_inputs": [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch."),
+                            **({"min": int(x.min()), "max": int(x.max())}
+                               if not (x.is_floating_point() or x.is_complex()) and x.numel() else {})}
+                           for x in example_inputs],
         "device": str(result.device),
         "versions": _versions(),
     }

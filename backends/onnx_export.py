@@ -69,6 +69,8 @@ import onnx
 import torch
 import torch.nn as nn
 
+from archir.errors import ArchirError
+
 __all__ = [
     "OnnxReport",
     "OutputError",
@@ -87,8 +89,11 @@ _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 _BATCH_EXTRA = 3  # the second verification batch size is B + 3
 
 
-class OnnxVerificationError(AssertionError):
+class OnnxVerificationError(ArchirError, AssertionError):
     """ONNX Runtime's outputs do not match PyTorch's within tolerance.
+
+    An :class:`archir.ArchirError` (the CLI prints its one-line message and exits with code 2) and,
+    for callers that treat it as a failed check, an ``AssertionError``.
 
     ``report`` holds the full :class:`OnnxReport` (``passed=False``, ``path`` pointing at the kept
     ``*.unverified.onnx``).

@@ -497,7 +497,8 @@ class _Rename(ast.NodeTransformer):
 def _bound_names(fdef: ast.FunctionDef) -> set[str]:
     """The function's arguments and local variables."""
     args = {a.arg for a in ast.walk(fdef.args) if isinstance(a, ast.arg)}
-    return args | {n.id for n in ast.walk(fdef) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+    stores = {n.id for n in ast.walk(fdef) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+    return args | stores
 
 
 def _free_names(fdef: ast.FunctionDef) -> set[str]:
@@ -777,9 +778,16 @@ def _verify(gm: fx.GraphModule, model_py: Path, weights: Path, class_name: str, 
     emitted = module.load_model(weights).eval()
     if type(emitted).__name__ != class_name:
         raise StandaloneError(f"internal: {model_py} built a {type(emitted).__name__}, not {class_name}")
+    devices = {t.device for t in [*gm.parameters(), *gm.buffers()]}
+    if len(devices) == 1:
+        emitted.to(devices.pop())  # the emitted model is built on the CPU
     with torch.no_grad(), _eval_mode(gm):
         expected = gm(*inputs)
-        got = emitted(*inputs)
+        try:
+            got = emitted(*inputs)
+        except Exception as exc:  # noqa: BLE001
+            raise StandaloneError(f"running {model_py} on the example inputs failed: "
+                                  f"{type(exc).__name__}: {exc}") from exc
     problem = _mismatch(expected, got)
     if problem:
         raise StandaloneError(f"{model_py} does not reproduce the GraphModule on the example inputs "

@@ -16,7 +16,15 @@ pays host/device copies.
 
 Models are pluggable:
 
-* by default every ``examples/*.py`` that defines ``build_model()`` and ``example_input()``;
+* by default **original vs slim** for ResNet20 and MBConv (:func:`slim_cases`): the original is the
+  example's own module; the slim one is what archir's DNAT passes derive from it with fixed,
+  seeded decisions (``trace -> EdgeChoice("full")``, every θ set to ``torch.rand(3)`` from
+  ``--slim-seed``, ``Derive`` (argmax) ``-> Prune -> FoldIdentities -> to_module``: the same
+  random-θ derivation as ``tests/test_dnat_passes.py``), so some edges become none (pruned) and
+  some identity. No training: the weights are the initial ones, which does not change latency.
+  The JSON's ``summary`` gives, per model and batch size, ORT vs torch eager for each variant
+  and slim / original for each runtime;
+* ``--all-examples``: every ``examples/*.py`` that defines ``build_model()`` and ``example_input()``;
 * ``--models package.module:function`` (repeatable): ``function()`` returns an iterable of
   :class:`BenchCase` or ``(name, module, example_input)`` tuples;
 * from Python: ``benchmark([BenchCase("resnet20", m, x, group="resnet20", variant="original"),
@@ -24,7 +32,8 @@ Models are pluggable:
   ``group`` are compared with the group's first case (``vs_first`` ratios in the JSON), which is
   how "original vs slim" pairs are reported.
 
-Run: ``python bench/onnx_latency.py [--runs 30] [--batch-sizes 1 64] [--output PATH]``.
+Run: ``python bench/onnx_latency.py [--runs 30] [--batch-sizes 1 64] [--ort-threads 2] [--torch-threads 2]
+[--output PATH]``.
 """
 
 from __future__ import annotations
@@ -62,13 +71,14 @@ class BenchCase:
     example_input: torch.Tensor
     group: str | None = None
     variant: str | None = None
+    info: dict[str, Any] | None = None  # extra facts copied into the JSON entry (e.g. how it was derived)
 
 
 def as_case(item: BenchCase | tuple) -> BenchCase:
     if isinstance(item, tuple):
         return BenchCase(*item)
     # duck-typed: this file may be loaded twice (as __main__ and as bench.onnx_latency)
-    return BenchCase(**{f.name: getattr(item, f.name) for f in dataclasses.fields(BenchCase)})
+    return BenchCase(**{f.name: getattr(item, f.name, f.default) for f in dataclasses.fields(BenchCase)})
 
 
 def example_cases(examples_dir: Path = EXAMPLES_DIR, seed: int = 0) -> list[BenchCase]:
@@ -85,6 +95,55 @@ def example_cases(examples_dir: Path = EXAMPLES_DIR, seed: int = 0) -> list[Benc
         torch.manual_seed(seed)
         cases.append(BenchCase(path.stem, module.build_model(), module.example_input(), group=path.stem,
                                variant="original"))
+    return cases
+
+
+def _load_example(name: str, examples_dir: Path = EXAMPLES_DIR):
+    spec = importlib.util.spec_from_file_location(f"archir_bench_example_{name}", Path(examples_dir) / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def derive_slim(model: nn.Module, example: torch.Tensor, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+    """``model`` through archir's DNAT passes with seeded random θ (no training): the slim module and
+    what was decided (counts of none / identity / same, parameter and FLOP ratios)."""
+    import archir
+    from archir.passes.base import PassManager
+    from archir.passes.derive import Derive, FoldIdentities, Prune
+    from archir.passes.edge_choice import EdgeChoice, project_thetas
+
+    graph = archir.trace(model, example)
+    flops, params = graph.total_flops(), graph.total_params()
+    PassManager([EdgeChoice("full")])(graph)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for theta in graph.root.archir_theta.values():
+            theta.copy_(torch.rand(3, generator=generator))
+    project_thetas(graph)
+    PassManager([Derive()])(graph)
+    decided = [e.labels["decision"] for e in graph.edges.values() if "decision" in e.labels]
+    PassManager([Prune(), FoldIdentities()])(graph)
+    info = {"derivation": f"random theta, seed {seed}, share=full, argmax",
+            "decisions": {c: decided.count(c) for c in ("none", "identity", "same")},
+            "flops_ratio": graph.total_flops() / flops, "params_ratio": graph.total_params() / params}
+    return graph.to_module().eval(), info
+
+
+SLIM_MODELS = ("resnet20", "mbconv")
+
+
+def slim_cases(names: Iterable[str] = SLIM_MODELS, seed: int = 0) -> list[BenchCase]:
+    """Per example: the original module and the slim one :func:`derive_slim` makes (one group each)."""
+    cases = []
+    for name in names:
+        example = _load_example(name)
+        torch.manual_seed(0)
+        model = example.build_model().eval()
+        x = example.example_input()
+        slim, info = derive_slim(model, x, seed)
+        cases.append(BenchCase(name, model, x, group=name, variant="original"))
+        cases.append(BenchCase(f"{name}-slim", slim, x, group=name, variant="slim", info=info))
     return cases
 
 
@@ -158,6 +217,7 @@ def bench_case(case: BenchCase, onnx_dir: Path, batch_sizes: Iterable[int], warm
         "name": case.name, "group": case.group, "variant": case.variant,
         "params": sum(p.numel() for p in module.parameters()),
         "input_shape": list(case.example_input.shape[1:]),
+        **({"derived": case.info} if case.info else {}),
     }
     path = onnx_dir / f"{case.name}.onnx"
     try:
@@ -204,6 +264,25 @@ def _group_ratios(entries: list[dict[str, Any]]) -> None:
         }
 
 
+def _summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per group and batch size: ORT vs torch eager for each variant, and each variant vs the first."""
+    out: dict[str, Any] = {}
+    for entry in entries:
+        if "results" not in entry:
+            continue
+        group = out.setdefault(entry.get("group") or entry["name"], {})
+        variant = entry.get("variant") or entry["name"]
+        for batch, r in entry["results"].items():
+            row = group.setdefault(f"batch {batch}", {})
+            row[f"{variant}: torch_ms / ort_ms"] = round(r["speedup"], 3)
+            if "vs_first" in entry and batch in entry["vs_first"]:
+                vs = entry["vs_first"][batch]
+                ref = next(e.get("variant") or e["name"] for e in entries if e["name"] == vs["reference"])
+                row[f"torch: {variant} / {ref}"] = round(vs["torch_ratio"], 3)
+                row[f"ort: {variant} / {ref}"] = round(vs["ort_ratio"], 3)
+    return out
+
+
 def benchmark(cases: Iterable[BenchCase | tuple], *, batch_sizes: Iterable[int] = (1, 64), warmup: int = 5,
               runs: int = 30, device: str = "cpu", output: str | os.PathLike | None = DEFAULT_OUTPUT,
               onnx_dir: str | os.PathLike | None = None, seed: int = 0, ort_threads: int | None = None,
@@ -238,13 +317,17 @@ def benchmark(cases: Iterable[BenchCase | tuple], *, batch_sizes: Iterable[int] 
                 print(_format(entry), flush=True)
     result["meta"]["loadavg_end"] = _loadavg()
     _group_ratios(result["models"])
+    result["summary"] = _summary(result["models"])
     if output is not None:
-        output = Path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = output.with_name(output.name + ".tmp")
-        tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp_out, output)
+        _write_json(result, Path(output))
     return result
+
+
+def _write_json(result: dict[str, Any], output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = output.with_name(output.name + ".tmp")
+    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp_out, output)
 
 
 def _loadavg() -> list[float] | None:
@@ -271,15 +354,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-onnx", metavar="DIR", help="keep the exported models here")
     parser.add_argument("--ort-threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's own "
                         "choice, which counts the machine's cores and ignores taskset/affinity)")
+    parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
+    parser.add_argument("--all-examples", action="store_true",
+                        help="time every examples/*.py (originals only) instead of original vs slim")
+    parser.add_argument("--slim-seed", type=int, default=0, help="seed of the slim models' random θ")
+    parser.add_argument("--note", help="free text stored in the JSON's meta (e.g. how the machine was loaded)")
     args = parser.parse_args(argv)
 
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     if args.models:
         sys.path.insert(0, os.getcwd())
         cases = [c for spec in args.models for c in load_cases(spec)]
-    else:
+    elif args.all_examples:
         cases = example_cases() or fallback_cases()
-    benchmark(cases, batch_sizes=args.batch_sizes, warmup=args.warmup, runs=args.runs, device=args.device,
-              output=args.output, onnx_dir=args.keep_onnx, ort_threads=args.ort_threads)
+    else:
+        cases = slim_cases(seed=args.slim_seed)
+    result = benchmark(cases, batch_sizes=args.batch_sizes, warmup=args.warmup, runs=args.runs,
+                       device=args.device, output=None, onnx_dir=args.keep_onnx, ort_threads=args.ort_threads)
+    if args.note:
+        result["meta"]["note"] = args.note
+    _write_json(result, Path(args.output))
+    for group, rows in result["summary"].items():
+        for batch, row in rows.items():
+            print(f"{group:<10} {batch:<9} " + "  ".join(f"{k} {v:.2f}" for k, v in row.items()))
     print(f"wrote {args.output}")
     return 0
 

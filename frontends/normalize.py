@@ -55,7 +55,32 @@ def _is_view(node: fx.Node) -> bool:
     if node.op not in ("call_function", "call_method"):
         return False
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name == "getitem" and isinstance(node.args[0], fx.Node):
+        # an item of an ATen op's tuple result (batch norm's output, say) is a view only when the
+        # op's schema says its results alias an input (split, unbind)
+        schema = getattr(node.args[0].target, "_schema", None)
+        if node.args[0].op == "call_function" and schema is not None:
+            return any(r.alias_info is not None for r in schema.returns)
     return name in _VIEW_NAMES
+
+
+def _alias_read_later(mutated: fx.Node, node: fx.Node, position: dict) -> bool:
+    """Does a value that shares memory with ``mutated`` (its bases and their views, through
+    view operations) get read after the in-place ``node``? Then the update is visible through it,
+    and making ``node`` out of place would change what that read sees. (``flatten(x).dropout_()``
+    where nothing reads ``x`` again is safe.)"""
+    base = mutated
+    while _is_view(base) and base.args and isinstance(base.args[0], fx.Node):
+        base = base.args[0]
+    aliases, stack = set(), [base]
+    while stack:
+        a = stack.pop()
+        if a in aliases:
+            continue
+        aliases.add(a)
+        stack.extend(u for u in a.users if _is_view(u) and u.args and u.args[0] is a)
+    aliases.discard(mutated)
+    return any(position.get(u, -1) > position[node] for a in aliases for u in a.users if u is not node)
 
 
 def functionalize(graph: fx.Graph, root: nn.Module) -> int:
@@ -95,8 +120,10 @@ def functionalize(graph: fx.Graph, root: nn.Module) -> int:
         count += 1
         if mutated.op == "get_attr":
             continue  # a buffer update: the functional graph keeps no state changes
-        if _is_view(mutated) or any(_is_view(u) and position[u] < position[node] for u in mutated.users):
-            raise UnsafeMutation(f"in-place '{node.name}' updates a view")
+        if _alias_read_later(mutated, node, position):
+            err = UnsafeMutation(f"in-place '{node.name}' updates a view")
+            err.modules = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values() if path][::-1]
+            raise err
         for user in list(mutated.users):
             if user is not node and position.get(user, -1) > position[node]:
                 user.replace_input_with(mutated, node)

@@ -12,10 +12,12 @@ from archir.errors import TraceError, UserInputError
 from archir.ir import Graph
 
 from .build import build_graph
-from .normalize import dropout_to_modules, functionalize
-from .tracing import export_trace, first_line, fx_trace, trace_failure
+from .normalize import UnsafeMutation, dropout_to_modules, functionalize
+from .tracing import (export_trace, failing_modules, first_line, fx_trace, is_torch_leaf, trace_failure,
+                      user_location)
 
 GRANULARITIES = ("layer", "block")
+MAX_AUTO_LEAVES = 64  # submodules made opaque automatically before giving up
 
 
 def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
@@ -110,7 +112,7 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
     name = type(model).__name__
     root = clone_module(model)
     leaves = list(leaf_modules)
-    fx_exc = None
+    fx_exc = fx_root = None
     graph, out_spec, used = None, None, frontend
     if frontend in ("auto", "fx"):
         try:
@@ -120,18 +122,21 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
         except Exception as exc:  # noqa: BLE001 - any tracer failure sends us to the fallback
             if frontend == "fx":
                 raise trace_failure(name, exc, exc) from exc
-            fx_exc = exc
+            fx_exc, fx_root, graph = exc, root, None  # functionalize may have failed on a traced graph
             root = clone_module(model)  # a failed trace may have left constants on the copy
+    auto: dict[str, str] = {}
     if graph is None:
         try:
             graph, out_spec = export_trace(root, inputs, leaves)
+            functionalize(graph, root)  # in-place leaf modules (ReLU(inplace=True)) still need it
             used = "export"
         except Exception as exc:  # noqa: BLE001
             _check_runs(model, inputs, name)  # a bad example input explains the failure best
-            raise trace_failure(name, fx_exc or exc, exc) from exc
+            if frontend != "auto":
+                raise trace_failure(name, fx_exc or exc, exc) from exc
+            root, graph, auto = _fx_with_auto_leaves(model, fx_root, name, leaves, fx_exc, exc)
+            used = "fx"
     _register_constants(root, graph)
-    if used == "export":
-        functionalize(graph, root)  # in-place leaf modules (ReLU(inplace=True)) still need it
     dropout_to_modules(graph, root)
     try:
         g = build_graph(root, graph, inputs, granularity=granularity, name=name, frontend=used,
@@ -142,4 +147,48 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
         _check_runs(model, inputs, name)
         raise
     g.leaves.update({p: "requested" for p in leaves})
+    g.leaves.update(auto)
     return g
+
+
+def _fx_with_auto_leaves(model: nn.Module, fx_root: nn.Module, name: str, leaves: list[str],
+                         fx_exc: BaseException, export_exc: BaseException) -> tuple[nn.Module, fx.Graph, dict[str, str]]:
+    """Both tracers failed on the whole model: symbolic tracing again, keeping opaque (as one
+    ``call_module`` operation) each submodule that symbolic tracing cannot follow.
+
+    The module to keep opaque is the innermost submodule whose code was running when tracing
+    failed (a frame of the traceback whose ``self`` is that module); when keeping it opaque does
+    not get past the failure, the next one out is taken. Returns the traced root, its graph and
+    ``{path: reason}`` for every submodule made opaque (``fx_root``: the copy that ``fx_exc`` was
+    raised on). Raises :class:`TraceError` (naming both
+    first failures) when the failure is in the root's own code or after ``MAX_AUTO_LEAVES``.
+    """
+    auto: dict[str, str] = {}
+    exc, root = fx_exc, fx_root  # the copy symbolic tracing failed on (its frames name its modules)
+    export_note = f"torch.export on the whole model: {first_line(export_exc)}"
+    for _attempt in range(MAX_AUTO_LEAVES + 1):
+        if isinstance(exc, UnsafeMutation):  # an in-place update of a view, found after tracing
+            candidates = list(getattr(exc, "modules", []))
+        else:
+            candidates = failing_modules(exc, root)
+        candidates = [p for p in candidates if p not in auto and p not in leaves
+                      and not is_torch_leaf(root.get_submodule(p))]
+        if not candidates or _attempt == MAX_AUTO_LEAVES:
+            err = trace_failure(name, fx_exc, export_exc)
+            if auto:
+                err.args = (f"{err.args[0]} Keeping {len(auto)} submodule(s) opaque did not help: "
+                            f"{first_line(exc)}",)
+            raise err from exc
+        path = candidates[0]
+        for inner in [p for p in auto if p.startswith(path + ".")]:
+            del auto[inner]  # inside the new opaque module: no longer a separate leaf
+        loc = user_location(exc)
+        auto[path] = f"torch.fx: {first_line(exc)}" + (f" at {loc}" if loc else "") + f"; {export_note}"
+        root = clone_module(model)  # a failed trace may have left constants on the copy
+        try:
+            graph = fx_trace(root, leaves + list(auto))
+            functionalize(graph, root)
+            return root, graph, auto
+        except Exception as retry_exc:  # noqa: BLE001
+            exc = retry_exc
+    raise AssertionError("unreachable")

@@ -229,6 +229,32 @@ def user_location(exc: BaseException) -> str | None:
     return None
 
 
+def failing_modules(exc: BaseException, root: nn.Module) -> list[str]:
+    """Qualified names of ``root``'s submodules whose code was running when ``exc`` was raised,
+    innermost first (the root itself excluded).
+
+    Both tracers run the user's ``forward`` methods on the module objects themselves, so each
+    frame of the traceback whose ``self`` is a submodule of ``root`` names a module on the stack
+    at the failure. The chained causes of ``exc`` are searched too.
+    """
+    paths = {id(m): p for p, m in root.named_modules(remove_duplicate=False) if p}
+    found: list[str] = []
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        tb, stack = exc.__traceback__, []
+        while tb is not None:
+            owner = tb.tb_frame.f_locals.get("self")
+            if isinstance(owner, nn.Module) and id(owner) in paths:
+                stack.append(paths[id(owner)])
+            tb = tb.tb_next
+        for p in reversed(stack):
+            if p not in found:
+                found.append(p)
+        exc = exc.__cause__ or exc.__context__
+    return found
+
+
 def first_line(exc: BaseException, limit: int = 160) -> str:
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     text = f"{type(exc).__name__}: {text}"

@@ -55,22 +55,25 @@ class EdgeMix(nn.Module):
     """Mixes the values of an edge's candidates with weights θ_k / Σθ over its valid choices.
 
     ``forward(*values, theta)``: ``values`` are the candidates other than none, in ``choices``
-    order; ``theta`` is the 3-slot (none, identity, same) parameter, possibly shared by a group.
+    order (identity's ``x`` first, then ``o(x)``); ``theta`` is the 3-slot (none, identity, same)
+    parameter, possibly shared by a group. Written for few kernel launches and no host syncs (on a
+    GPU a small network's step is launch-bound): the valid slots are a mask buffer, not an index.
     """
 
     def __init__(self, choices: tuple[str, ...]):
         super().__init__()
         self.choices = tuple(choices)
-        self.valid = [SLOTS.index(c) for c in self.choices]
-        self.value_slots = [SLOTS.index(c) for c in self.choices if c != "none"]
+        self.has_identity = "identity" in self.choices
+        self.register_buffer("mask", torch.tensor([float(s in self.choices) for s in SLOTS]), persistent=False)
 
     def forward(self, *values: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        total = theta[self.valid].sum()
-        out = None
-        for v, k in zip(values, self.value_slots):
-            term = (theta[k] / total) * v
-            out = term if out is None else out + term
-        return out
+        # Σθ over valid slots; the clamp only guards θ = 0 everywhere (then every weight is 0)
+        w = theta / (theta * self.mask).sum().clamp_min(1e-12)
+        if self.has_identity:
+            x, o = values
+            return torch.addcmul(x * w[1], o, w[2])  # w_id·x + w_same·o(x)
+        (o,) = values
+        return o * w[2]
 
     def extra_repr(self) -> str:
         return f"choices={self.choices}"
@@ -129,17 +132,11 @@ def arch_parameters(graph: Graph) -> list[nn.Parameter]:
 
 
 def project_thetas(graph: Graph) -> None:
-    """θ ≥ 0 on every valid slot, 0 on invalid ones, and never all zero (the mixer divides by Σθ)."""
-    with torch.no_grad():
-        for e in graph.edges.values():
-            op = e.ops[0] if len(e.ops) == 1 and e.ops[0].kind == "choice" else None
-            if op is None:
-                continue
-            theta = _theta_of(graph, op)
-            theta.clamp_(min=0.0)
-            valid = [SLOTS.index(c) for c in e.labels["choices"].split(",")]
-            if float(theta[valid].sum()) < 1e-6:
-                theta[SLOTS.index("same")] = 1e-6
+    """θ ≥ 0 (a projection after each architecture step). One fused launch, no host sync."""
+    params = arch_parameters(graph)
+    if params:
+        with torch.no_grad():
+            torch._foreach_clamp_min_(params, 0.0)
 
 
 def _theta_of(graph: Graph, op: Op) -> torch.Tensor:

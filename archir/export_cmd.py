@@ -1,0 +1,154 @@
+"""``archir export DIR``: export the model of a transform's output directory to ONNX and verify it.
+
+DIR holds what :func:`archir.transform` wrote: ``model.py`` + ``weights.pt`` (the standalone slim
+module, see ``archir.backends.standalone``) and ``report.json``, whose ``example_inputs`` (shape and
+dtype of each example input) say what to export with. The model is rebuilt from ``model.py``'s
+``build_model()``, its weights loaded with ``torch.load(weights_only=True)`` (strict), and handed to
+:func:`archir.backends.onnx_export.export_onnx` (checker, Identity/dead-node cleanup, ONNX Runtime
+parity at the example's batch size and, with a dynamic batch axis, at batch + 3).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UserInputError
+
+REQUIRED_FILES = ("model.py", "weights.pt", "report.json")
+
+
+@dataclass
+class OutputDir:
+    """A transform's output directory, loaded: the rebuilt module, example inputs, the report."""
+
+    path: Path
+    module: nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    report: dict[str, Any]
+
+
+def _import_model_py(path: Path):
+    name = f"archir_emitted_{uuid.uuid4().hex[:12]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise UserInputError(f"cannot import {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - one clear line
+        sys.modules.pop(name, None)
+        raise UserInputError(f"error while importing {path}: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise UserInputError(f"report.json: unknown dtype {name!r} in example_inputs")
+    return dtype
+
+
+def example_inputs_from_report(report: dict[str, Any], input_shape: tuple[int, ...] | None = None,
+                               seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Seeded random inputs of the shapes and dtypes recorded in ``report["example_inputs"]``
+    (``input_shape`` replaces them with one float32 input of that shape)."""
+    if input_shape is not None:
+        specs = [{"shape": list(input_shape), "dtype": "float32"}]
+    else:
+        specs = report.get("example_inputs")
+        if not specs:
+            raise UserInputError("report.json records no example_inputs (it was written by an older archir); "
+                                 "pass --input-shape, e.g. --input-shape 1,3,32,32")
+    generator = torch.Generator().manual_seed(seed)
+    inputs = []
+    for spec in specs:
+        try:
+            shape = tuple(int(d) for d in spec["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise UserInputError(f"report.json: bad example_inputs entry {spec!r}") from None
+        dtype = _dtype(spec.get("dtype", "float32"))
+        if dtype == torch.bool:
+            t = torch.randint(0, 2, shape, generator=generator).bool()
+        elif dtype.is_floating_point or dtype.is_complex:
+            t = torch.randn(shape, generator=generator).to(dtype)
+        else:
+            lo, hi = int(spec.get("min", 0)), int(spec.get("max", 0))
+            t = torch.randint(lo, hi + 1, shape, generator=generator).to(dtype)
+        inputs.append(t)
+    return tuple(inputs)
+
+
+def load_output_dir(directory: str | Path, input_shape: tuple[int, ...] | None = None) -> OutputDir:
+    """Rebuild the slim module of a transform's output directory, with its weights and example inputs.
+    Anything missing or unusable raises :class:`archir.UserInputError` with one clear line."""
+    d = Path(directory).expanduser()
+    if not d.is_dir():
+        raise UserInputError(f"output directory not found: {d}")
+    missing = [n for n in REQUIRED_FILES if not (d / n).is_file()]
+    if missing:
+        raise UserInputError(f"{d} is not an archir transform output directory: {', '.join(missing)} missing")
+    try:
+        report = json.loads((d / "report.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"cannot read {d / 'report.json'}: {exc}") from exc
+    if not isinstance(report, dict):
+        raise UserInputError(f"{d / 'report.json'} is not a transform report")
+
+    module_py = _import_model_py(d / "model.py")
+    build = getattr(module_py, "build_model", None)
+    if not callable(build):
+        raise UserInputError(f"{d / 'model.py'} defines no build_model()")
+    try:
+        model = build()
+    except Exception as exc:  # noqa: BLE001
+        raise UserInputError(f"{d / 'model.py'}: build_model() failed: {type(exc).__name__}: {exc}") from exc
+    try:
+        state = torch.load(d / "weights.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UserInputError(f"cannot read {d / 'weights.pt'} as a state_dict: {type(exc).__name__}: {first}") \
+            from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = " ".join(str(exc).strip().splitlines()[:3])[:400]
+        raise UserInputError(f"{d / 'weights.pt'} does not fit {d / 'model.py'}: {first}") from exc
+    inputs = example_inputs_from_report(report, input_shape)
+    return OutputDir(d, model.eval(), inputs, report)
+
+
+def export_output_dir(directory: str | Path, onnx_path: str | Path | None = None, *, opset: int | None = None,
+                      rtol: float = 1e-4, atol: float = 1e-5, dynamic_batch: bool = True,
+                      input_shape: tuple[int, ...] | None = None):
+    """Export DIR's model to ``onnx_path`` (default ``DIR/model.onnx``) and verify it under ONNX
+    Runtime; returns the :class:`~archir.backends.onnx_export.OnnxReport`. A mismatch raises
+    ``OnnxVerificationError`` (an ``ArchirError``) and leaves ``<stem>.unverified.onnx``."""
+    from archir.backends import onnx_export
+
+    loaded = load_output_dir(directory, input_shape)
+    path = Path(onnx_path).expanduser() if onnx_path is not None else loaded.path / "model.onnx"
+    if path.is_dir():
+        raise UserInputError(f"--onnx {path} is a directory; give a file name such as {path / 'model.onnx'}")
+    if rtol < 0 or atol < 0:
+        raise UserInputError("--rtol and --atol must be >= 0")
+    return onnx_export.export_onnx(loaded.module, loaded.example_inputs, path, opset=opset,
+                                   dynamic_batch=dynamic_batch, rtol=rtol, atol=atol)
+
+
+def summary_line(report) -> str:
+    """One line: file, nodes, opset, exporter, worst error and the batch sizes checked."""
+    worst = max((e.max_abs_err for e in report.errors), default=float("nan"))
+    batches = "/".join(str(b) for b in sorted({e.batch for e in report.errors}))
+    return (f"wrote {report.path}: {report.num_nodes} nodes, opset {report.opset} ({report.exporter} exporter), "
+            f"{'dynamic' if report.dynamic_batch else 'static'} batch; ONNX Runtime "
+            f"({', '.join(report.providers)}) matches PyTorch at batch {batches}: max abs error {worst:.2g} "
+            f"(atol={report.atol:g}, rtol={report.rtol:g})")
