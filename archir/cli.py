@@ -133,6 +133,9 @@ def transform(model_file: Path, input_shape, no_augment, no_onnx, quiet, out, **
     from .printer import human
     from .pipeline import transform as run_transform
 
+    from .training import seed_everything
+
+    seed_everything(options["seed"])  # the model file's random initialisation follows --seed too
     spec = load_model_file(model_file, input_shape)
     train_data = val_data = None
     if spec.data is not None:

@@ -116,7 +116,7 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
     graph, out_spec, used = None, None, frontend
     if frontend in ("auto", "fx"):
         try:
-            graph = fx_trace(root, leaves)
+            graph = fx_trace(root, leaves, len(inputs))
             functionalize(graph, root)
             used = "fx"
         except Exception as exc:  # noqa: BLE001 - any tracer failure sends us to the fallback
@@ -134,7 +134,7 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
             _check_runs(model, inputs, name)  # a bad example input explains the failure best
             if frontend != "auto":
                 raise trace_failure(name, fx_exc or exc, exc) from exc
-            root, graph, auto = _fx_with_auto_leaves(model, fx_root, name, leaves, fx_exc, exc)
+            root, graph, auto = _fx_with_auto_leaves(model, fx_root, name, leaves, fx_exc, exc, len(inputs))
             used = "fx"
     _register_constants(root, graph)
     dropout_to_modules(graph, root)
@@ -152,7 +152,8 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
 
 
 def _fx_with_auto_leaves(model: nn.Module, fx_root: nn.Module, name: str, leaves: list[str],
-                         fx_exc: BaseException, export_exc: BaseException) -> tuple[nn.Module, fx.Graph, dict[str, str]]:
+                         fx_exc: BaseException, export_exc: BaseException,
+                         n_inputs: int) -> tuple[nn.Module, fx.Graph, dict[str, str]]:
     """Both tracers failed on the whole model: symbolic tracing again, keeping opaque (as one
     ``call_module`` operation) each submodule that symbolic tracing cannot follow.
 
@@ -186,7 +187,7 @@ def _fx_with_auto_leaves(model: nn.Module, fx_root: nn.Module, name: str, leaves
         auto[path] = f"torch.fx: {first_line(exc)}" + (f" at {loc}" if loc else "") + f"; {export_note}"
         root = clone_module(model)  # a failed trace may have left constants on the copy
         try:
-            graph = fx_trace(root, leaves + list(auto))
+            graph = fx_trace(root, leaves + list(auto), n_inputs)
             functionalize(graph, root)
             return root, graph, auto
         except Exception as retry_exc:  # noqa: BLE001

@@ -46,9 +46,40 @@ class _LeafTracer(fx.Tracer):
         return qualname in self.extra_leaves or super().is_leaf_module(m, qualname)
 
 
-def fx_trace(root: nn.Module, leaves: Iterable[str] = ()) -> fx.Graph:
-    """Symbolically trace ``root`` (its tensor constants are registered on ``root`` itself)."""
-    return _LeafTracer(leaves).trace(root)
+def fx_trace(root: nn.Module, leaves: Iterable[str] = (), n_inputs: int | None = None) -> fx.Graph:
+    """Symbolically trace ``root`` (its tensor constants are registered on ``root`` itself).
+
+    With ``n_inputs``, the parameters of ``forward`` after the first ``n_inputs`` that have a
+    default (timm's ``forward(x, attn_mask=None)``) are traced at that default, as a call with
+    ``n_inputs`` tensors would see them, instead of becoming inputs.
+    """
+    concrete = _defaults_after(root, n_inputs) if n_inputs is not None else {}
+    graph = _LeafTracer(leaves).trace(root, concrete_args=concrete or None)
+    for ph in [n for n in graph.nodes if n.op == "placeholder"][n_inputs or 0:] if concrete else []:
+        # fx keeps a placeholder for each specialised value and guards it (``_assert_is_none``,
+        # ``_assert(eq(...))``); the values are fixed here, so the guards go with the placeholder
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        below, stack = set(), [ph]
+        while stack:
+            n = stack.pop()
+            if n not in below:
+                below.add(n)
+                stack.extend(n.users)
+        if not any(n.op == "output" for n in below):
+            for n in sorted(below, key=order.get, reverse=True):
+                graph.erase_node(n)
+    return graph
+
+
+def _defaults_after(root: nn.Module, n_inputs: int) -> dict:
+    import inspect
+
+    try:
+        params = list(inspect.signature(root.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params[n_inputs:]
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty}
 
 
 def export_trace(root: nn.Module, example_inputs: Sequence[torch.Tensor],

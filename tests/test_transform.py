@@ -179,3 +179,19 @@ def test_transform_on_cuda(tiny):
     assert res.report["device"].startswith("cuda")
     x = torch.randn(2, 3, 32, 32)
     assert res.module(x).shape == (2, 10)  # returned on the CPU, ready to save
+
+
+def test_cli_same_seed_same_weights(tmp_path):
+    """The model file's own random initialisation follows --seed (no manual_seed in build_model)."""
+    path = tmp_path / "unseeded.py"
+    path.write_text(TINY_MODEL.replace("        torch.manual_seed(0)\n", ""))
+    weights = []
+    for run in ("a", "b"):
+        torch.manual_seed(1000 + len(weights))  # whatever state the process is in
+        out = tmp_path / run
+        res = CliRunner().invoke(main, ["transform", str(path), "--out", str(out), "--epochs", "1",
+                                        "--arch-epochs", "1", "--subset", "128", "--batch-size", "64",
+                                        "--quiet", "--no-onnx", "--seed", "3"])
+        assert res.exit_code == 0, res.output
+        weights.append(torch.load(out / "weights.pt", weights_only=True))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -279,6 +279,28 @@ def test_inplace_on_a_view_whose_base_is_read_later_goes_to_export():
     assert torch.equal(graph.to_module()(x), model(x))
 
 
+class OptionalMask(nn.Module):
+    """timm's ViTs: ``forward(x, attn_mask=None)`` and a flag with a default; only x is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, attn_mask=None, pre_logits: bool = False):
+        y = self.lin(x)
+        if attn_mask is not None:
+            y = y + attn_mask
+        return y if pre_logits else y.relu()
+
+
+def test_forward_arguments_not_given_are_traced_at_their_defaults():
+    model = OptionalMask()
+    x = torch.randn(2, 4)
+    graph = archir.trace(model, x)
+    assert graph.frontend == "fx" and len(graph.inputs) == 1
+    assert torch.equal(graph.to_module()(x), model(x))
+
+
 # ---- the real zoos, when installed (not in CI) ---------------------------------------------------
 
 def test_torchvision_resnet18_roundtrip():
