@@ -9,10 +9,7 @@ parity at the example's batch size and, with a dynamic batch axis, at batch + 3)
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,18 +33,9 @@ class OutputDir:
 
 
 def _import_model_py(path: Path):
-    name = f"archir_emitted_{uuid.uuid4().hex[:12]}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise UserInputError(f"cannot import {path}: not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - one clear line
-        sys.modules.pop(name, None)
-        raise UserInputError(f"error while importing {path}: {type(exc).__name__}: {exc}") from exc
-    return module
+    from .model_file import import_file
+
+    return import_file(path, "archir_emitted")
 
 
 def _dtype(name: str) -> torch.dtype:

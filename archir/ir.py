@@ -25,7 +25,7 @@ import dataclasses
 import itertools
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import networkx as nx
 import torch

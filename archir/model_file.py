@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import traceback
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -47,8 +48,9 @@ def _user_error_line(exc: BaseException, path: Path) -> str:
     return f"{where}: {type(exc).__name__}: {exc}"
 
 
-def _import(path: Path):
-    name = f"archir_user_model_{abs(hash(str(path)))}"
+def import_file(path: Path, prefix: str = "archir_user_model"):
+    """Import a Python file by path under a unique module name; errors become one clear line."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise UserInputError(f"cannot import {path}: not a Python file")
@@ -75,7 +77,7 @@ def load_model_file(path: str | Path, input_shape: str | tuple[int, ...] | None 
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise UserInputError(f"model file not found: {path}")
-    module = _import(path)
+    module = import_file(path)
     factory = getattr(module, "build_model", None) or getattr(module, "model", None)
     if isinstance(factory, nn.Module):
         model = factory

@@ -6,7 +6,6 @@ report.json is written by :func:`archir.pipeline.transform` last, with the total
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 

@@ -12,15 +12,17 @@ if TYPE_CHECKING:
 
 
 def identity_candidates(g: "Graph") -> list[str]:
-    """Edges that identity could replace: non-empty, same shape and dtype in and out."""
-    return [e.id for e in g.edges.values() if e.ops and e.shape_preserving]
+    """Edges that identity could replace (the EdgeChoice rule: non-empty, same shape and dtype)."""
+    from archir.passes.edge_choice import valid_choices
+
+    return [e.id for e in g.edges.values() if "identity" in valid_choices(g, e)]
 
 
 def none_candidates(g: "Graph") -> list[str]:
-    """Edges that could be removed: they end at a sum join that keeps another operand."""
-    return [e.id for e in g.edges.values()
-            if g.junctions[e.dst].combine is not None and g.junctions[e.dst].combine.kind == "sum"
-            and len(g.in_edges(e.dst)) >= 2]
+    """Edges that could be removed (the EdgeChoice rule: they end at a sum with another operand)."""
+    from archir.passes.edge_choice import valid_choices
+
+    return [e.id for e in g.edges.values() if "none" in valid_choices(g, e)]
 
 
 def summarize(g: "Graph") -> dict[str, Any]:

@@ -16,7 +16,6 @@ import argparse
 import importlib.util
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch

@@ -17,7 +17,6 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from archir.costs import function_flops, module_flops

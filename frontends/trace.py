@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 import torch.fx as fx
@@ -143,7 +143,7 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
                         out_spec=out_spec)
     except TraceError:
         raise
-    except Exception as exc:  # noqa: BLE001 - shape recording runs the model: explain a bad input
+    except Exception:  # noqa: BLE001 - shape recording runs the model: explain a bad input
         _check_runs(model, inputs, name)
         raise
     g.leaves.update({p: "requested" for p in leaves})

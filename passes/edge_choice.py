@@ -51,13 +51,52 @@ def valid_choices(graph: Graph, edge: Edge) -> tuple[str, ...]:
     return tuple(choices)
 
 
+class WeightedSum(torch.autograd.Function):
+    """``out = w_same·o + w_id·x`` (``x`` may be None) with few passes over the activations.
+
+    Autograd's version of this expression writes and re-reads temporaries in both directions; here
+    the backward is ``g·w_same``, ``g·w_id`` and two dot products (∂out/∂w_same = ⟨g, o⟩,
+    ∂out/∂w_id = ⟨g, x⟩). On the CPU, where reading a weight costs no device sync, the common case
+    w_same = 1, w_id = 0 (at initialisation, and whenever the projection holds θ_none and θ_id at
+    0) returns ``o`` itself and passes the gradient through untouched.
+    """
+
+    @staticmethod
+    def forward(ctx, o, w_same, x, w_id):
+        ctx.has_x = x is not None
+        ctx.fast = o.device.type == "cpu" and float(w_same) == 1.0 and (x is None or float(w_id) == 0.0)
+        ctx.save_for_backward(o, w_same, x, w_id)
+        if ctx.fast:
+            return o.view_as(o)
+        out = o * w_same
+        if x is not None:
+            out.addcmul_(x, w_id)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        o, w_same, x, w_id = ctx.saved_tensors
+        need_o, need_ws, need_x, need_wi = ctx.needs_input_grad
+        flat = g.reshape(-1)
+        grad_o = (g if ctx.fast else g * w_same) if need_o else None
+        grad_ws = torch.dot(flat, o.reshape(-1)) if need_ws else None
+        grad_x = grad_wi = None
+        if ctx.has_x:
+            if need_x and not ctx.fast:  # fast: w_id = 0, so x gets nothing through this edge
+                grad_x = g * w_id
+            if need_wi:
+                grad_wi = torch.dot(flat, x.reshape(-1))
+        return grad_o, grad_ws, grad_x, grad_wi
+
+
 class EdgeMix(nn.Module):
     """Mixes the values of an edge's candidates with weights θ_k / Σθ over its valid choices.
 
     ``forward(*values, theta)``: ``values`` are the candidates other than none, in ``choices``
     order (identity's ``x`` first, then ``o(x)``); ``theta`` is the 3-slot (none, identity, same)
-    parameter, possibly shared by a group. Written for few kernel launches and no host syncs (on a
-    GPU a small network's step is launch-bound): the valid slots are a mask buffer, not an index.
+    parameter, possibly shared by a group. Written for few kernel launches and no host syncs on a
+    GPU (a small network's step is launch-bound there): the valid slots are a mask buffer, not an
+    index, and the weighted sum is one autograd function (:class:`WeightedSum`).
     """
 
     def __init__(self, choices: tuple[str, ...]):
@@ -71,9 +110,9 @@ class EdgeMix(nn.Module):
         w = theta / (theta * self.mask).sum().clamp_min(1e-12)
         if self.has_identity:
             x, o = values
-            return torch.addcmul(x * w[1], o, w[2])  # w_id·x + w_same·o(x)
+            return WeightedSum.apply(o, w[2], x, w[1])  # w_id·x + w_same·o(x)
         (o,) = values
-        return o * w[2]
+        return WeightedSum.apply(o, w[2], None, None)
 
     def extra_repr(self) -> str:
         return f"choices={self.choices}"

@@ -196,3 +196,30 @@ def test_fold_identities_removes_identity_modules_and_trivial_arithmetic():
     x = torch.randn(3, 4)
     assert torch.equal(g.to_module()(x), model(x))
     assert not PassManager([FoldIdentities()])(g).modified  # honest `modified`
+
+
+@pytest.mark.parametrize("weights", [(0.0, 0.0, 1.0), (0.1, 0.3, 0.6), (0.5, 0.0, 0.5)])
+@pytest.mark.parametrize("with_identity", [True, False])
+def test_weighted_sum_matches_autograd(weights, with_identity):
+    """The hand-written mixer (and its CPU fast path at w = (0, 0, 1)) has autograd's gradients."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, generator=gen, requires_grad=True)
+    o = torch.randn(2, 3, 4, 4, generator=gen, requires_grad=True)
+    g = torch.randn(2, 3, 4, 4, generator=gen)
+    choices = ("none", "identity", "same") if with_identity else ("none", "same")
+    grads = []
+    for fused in (True, False):
+        theta = torch.tensor(weights, requires_grad=True)
+        for t in (x, o):
+            t.grad = None
+        if fused:
+            out = EdgeMix(choices)(*((x, o) if with_identity else (o,)), theta=theta)
+        else:
+            mask = torch.tensor([1.0, float(with_identity), 1.0])
+            w = theta / (theta * mask).sum()
+            out = w[2] * o + (w[1] * x if with_identity else 0)
+        out.backward(g)
+        grads.append((out.detach(), theta.grad.clone(), o.grad.clone(),
+                      x.grad.clone() if x.grad is not None else torch.zeros_like(x)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
