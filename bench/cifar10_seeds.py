@@ -70,6 +70,7 @@ def main():
     ap.add_argument("--data", default="cifar10")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--subset", type=int, default=10000)
+    ap.add_argument("--test-subset", type=int, default=None, help="evaluate on this many test images")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--arch-epochs", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=128)
@@ -82,7 +83,7 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cifar10_seeds.json"))
     args = ap.parse_args()
     device = resolve_device(args.device)
-    train, val = load_dataset(args.data, args.data_dir, subset=args.subset or None)
+    train, val = load_dataset(args.data, args.data_dir, subset=args.subset or None, test_subset=args.test_subset)
     result = {"config": vars(args) | {"device": str(device), "train_images": len(train), "val_images": len(val),
                                       "torch": torch.__version__},
               "original": [], "dnat": {}}
