@@ -58,17 +58,19 @@ def plot_theta(report: dict[str, Any], path: Path) -> None:
     for d in report["decisions"]:
         if d.get("theta") and d["theta"] not in thetas:
             thetas[d["theta"]] = d["edge"]
+    colors = plt.get_cmap("tab20")
     for ax, choice in zip(axes, ("none", "identity", "same")):
-        for name, edge in thetas.items():
+        for i, (name, edge) in enumerate(thetas.items()):  # one colour per θ in every panel
             xs = [x for x, w in points if edge in w and choice in w[edge]]
             ys = [w[edge][choice] for x, w in points if edge in w and choice in w[edge]]
             if xs:
-                ax.plot(xs, ys, marker="o", markersize=2, linewidth=1, label=f"{name} ({edge})")
+                ax.plot(xs, ys, marker="o", markersize=2, linewidth=1, color=colors(i % 20),
+                        label=f"{name} ({edge})")
         ax.set_title(f"weight of '{choice}'")
         ax.set_xlabel("epoch")
         ax.set_ylim(-0.02, 1.02)
     axes[0].set_ylabel("θ_k / Σθ")
-    if 0 < len(thetas) <= 12:
+    if 0 < len(thetas) <= 20:
         axes[-1].legend(fontsize=6, loc="lower left")
     fig.suptitle("architecture weights during the architecture stage")
     fig.tight_layout()
