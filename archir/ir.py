@@ -598,6 +598,13 @@ class Graph:
         return g
 
 
+def fetch_attr(obj: Any, target: str) -> Any:
+    """``obj.a.b.c`` for ``target = "a.b.c"`` (module paths, parameters, buffers, qualnames)."""
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
 def _map_op_refs(op: Op, fn: Callable[[Any], Any]) -> Op:
     return op.replace(args=map_refs(op.args, fn), kwargs=map_refs(op.kwargs, fn))
 

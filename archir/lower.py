@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from .errors import IRError
-from .ir import Input, JunctionRef, Op, Operand, map_refs
+from .ir import Input, JunctionRef, Op, Operand, fetch_attr, map_refs
 
 if TYPE_CHECKING:
     from .ir import Combine, Graph
@@ -43,7 +43,7 @@ class _Emitter:
         safe = self.rename[head] + ("." + rest if rest else "")
         if safe not in self.attrs:
             try:
-                self.attrs[safe] = _fetch(self.ir.root, target)
+                self.attrs[safe] = fetch_attr(self.ir.root, target)
             except AttributeError as exc:
                 raise IRError(f"lowering: '{target}' is not an attribute of the graph's root module") from exc
         return safe
@@ -114,13 +114,6 @@ class _Emitter:
         gm.training = g.root.training
         gm.archir_renamed = {k: v for k, v in self.rename.items() if k != v}
         return gm
-
-
-def _fetch(root: torch.nn.Module, target: str) -> Any:
-    obj = root
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 def _class_name(name: str) -> str:

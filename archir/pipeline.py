@@ -22,6 +22,7 @@ from torch import nn
 from .errors import UserInputError
 from .fileio import write_text
 from .ir import Graph
+from .training import TrainConfig
 
 METHODS = ("dnat",)
 DEFAULT_OUT = "archir-out"
@@ -37,16 +38,17 @@ class TransformOptions:
     data: str = "digits"
     data_dir: str | None = None
     subset: int | None = None
-    epochs: int = 10
-    arch_epochs: int = 5
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    arch_lr: float = 0.05
-    arch_optimizer: str = "adam"
-    arch_update: str = "alternate"
-    split_fraction: float = 0.5
+    # training defaults are the trainer's own (one place to change them)
+    epochs: int = TrainConfig.epochs
+    arch_epochs: int = TrainConfig.arch_epochs
+    batch_size: int = TrainConfig.batch_size
+    lr: float = TrainConfig.lr
+    momentum: float = TrainConfig.momentum
+    weight_decay: float = TrainConfig.weight_decay
+    arch_lr: float = TrainConfig.arch_lr
+    arch_optimizer: str = TrainConfig.arch_optimizer
+    arch_update: str = TrainConfig.arch_update
+    split_fraction: float = TrainConfig.split_fraction
     augment: bool = True
     seed: int = 0
     device: str = "auto"

@@ -68,6 +68,7 @@ from torch import nn
 
 from archir.errors import ArchirError
 from archir.fileio import save_torch, write_text
+from archir.ir import fetch_attr
 
 __all__ = ["StandaloneError", "StandaloneFiles", "emit_standalone"]
 
@@ -143,13 +144,6 @@ def _display_path(gm: fx.GraphModule, target: str) -> str:
     return renamed.get(head, head) + dot + rest
 
 
-def _fetch(root: nn.Module, path: str) -> Any:
-    obj = root
-    for atom in path.split("."):
-        obj = getattr(obj, atom)
-    return obj
-
-
 # ---- submodules -----------------------------------------------------------------------------
 def _class_expr(cls: type) -> str | None:
     """``torch.nn.Conv2d`` for a torch class (public name preferred); None if not from torch."""
@@ -158,7 +152,7 @@ def _class_expr(cls: type) -> str | None:
     if getattr(nn, cls.__name__, None) is cls:
         return f"torch.nn.{cls.__name__}"
     try:
-        if _fetch(importlib.import_module(cls.__module__), cls.__qualname__) is cls:
+        if fetch_attr(importlib.import_module(cls.__module__), cls.__qualname__) is cls:
             return f"{cls.__module__}.{cls.__qualname__}"
     except (ImportError, AttributeError):
         pass
@@ -312,12 +306,12 @@ def _plan(gm: fx.GraphModule) -> _Plan:
     order = list(dict.fromkeys(called))
     nested = [t for t in order if any(t.startswith(o + ".") for o in order)]
     for target in [t for t in order if t not in nested] + sorted(nested, key=lambda t: t.count(".")):
-        mod = _fetch(gm, target)
+        mod = fetch_attr(gm, target)
         if not isinstance(mod, nn.Module):
             raise StandaloneError(f"call_module target '{target}' is a {type(mod).__name__}, not a module")
         plan.targets[target] = by_id[id(mod)] if id(mod) in by_id else add_module(target, mod)
     for target in dict.fromkeys(read):
-        obj = _fetch(gm, target)
+        obj = fetch_attr(gm, target)
         if id(obj) in by_id:
             plan.targets[target] = by_id[id(obj)]
         elif isinstance(obj, nn.Module):
@@ -403,7 +397,7 @@ def _lookup(module_name: str, obj: Any) -> str | None:
     qual = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
     if qual:
         try:
-            if _fetch(module, qual) is obj:
+            if fetch_attr(module, qual) is obj:
                 return qual
         except AttributeError:
             pass

@@ -22,7 +22,7 @@ from torch import nn
 from archir.costs import function_flops, module_flops
 from archir.errors import TraceError
 from archir.ir import (CONCAT_TARGETS, IN, PRODUCT_TARGETS, SUM_TARGETS, Combine, Edge, Graph, Junction,
-                       JunctionRef, Op, Operand, TensorMeta, _flatten)
+                       JunctionRef, Op, Operand, TensorMeta, _flatten, fetch_attr)
 
 _ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
                        nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.PReLU, nn.Softplus,
@@ -275,7 +275,7 @@ class _Builder:
             if isinstance(a, fx.Node):
                 m = self.metas.get(a)
                 if a.op == "get_attr":
-                    v = _fetch(self.root, a.target)
+                    v = fetch_attr(self.root, a.target)
                     shapes.append(tuple(v.shape) if isinstance(v, torch.Tensor) else None)
                 else:
                     shapes.append(m.shape if isinstance(m, TensorMeta) else None)
@@ -343,13 +343,6 @@ class _Builder:
 
             template = tree_unflatten(list(template), self.out_spec)
         return template
-
-
-def _fetch(root: nn.Module, target: str) -> Any:
-    obj = root
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 def _stack(n: fx.Node) -> tuple:

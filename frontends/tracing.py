@@ -28,6 +28,7 @@ import torch.fx as fx
 from torch import nn
 
 from archir.errors import TraceError
+from archir.ir import fetch_attr
 
 
 def is_torch_leaf(module: nn.Module) -> bool:
@@ -156,23 +157,16 @@ def _adopt_constants(graph: fx.Graph, gm: nn.Module, root: nn.Module) -> None:
         if node.op != "get_attr":
             continue
         try:
-            root.get_submodule(node.target.rpartition(".")[0]) if "." in node.target else root
-            _fetch(root, node.target)
+            fetch_attr(root, node.target)
             continue
         except AttributeError:
             pass
-        value = _fetch(gm, node.target)
+        value = fetch_attr(gm, node.target)
         name = "_archir_const_" + node.target.replace(".", "_")
         value = value.detach().clone() if isinstance(value, torch.Tensor) else value
         root.register_buffer(name, value, persistent=False)
         gm.register_buffer(name, value, persistent=False)
         node.target = name
-
-
-def _fetch(obj, target: str):
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 def _leaf_of(node: fx.Node, root: nn.Module, is_leaf) -> tuple[str, str] | None:

@@ -21,7 +21,7 @@ from torch import nn
 from archir.ir import Graph, Input, Op
 
 from .base import Pass, PassResult
-from .edge_choice import MIX_ROOT, THETA_ROOT, _theta_of, choice_weights
+from .edge_choice import _theta_of, choice_weights
 
 # argmax tie-break: prefer keeping the original, then identity, then none
 _PREFERENCE = {"same": 2, "identity": 1, "none": 0}
@@ -185,11 +185,3 @@ class FoldIdentities(Pass):
         if modified:
             remove_unused_attributes(graph)
         return PassResult(graph, modified)
-
-
-def strip_search_modules(graph: Graph) -> None:
-    """After Derive, the mixers and θ are unused; Prune's attribute sweep removes them."""
-    for name in (MIX_ROOT, THETA_ROOT):
-        if hasattr(graph.root, name) and not any(
-                t.startswith(name + ".") for op in graph.all_ops() for t in op.attr_targets()):
-            delattr(graph.root, name)
