@@ -540,6 +540,9 @@ def export_onnx(
         if len(set(names)) != len(names):
             raise ValueError(f"output names are not unique: {names}")
 
+        if dynamic_batch and not _runs_at_other_batch(module, args, seed, notes):
+            dynamic_batch = False
+
         workdir = Path(tempfile.mkdtemp(prefix=f".{path.stem}.export-", dir=path.parent))
         try:
             raw = workdir / "model.onnx"
@@ -573,6 +576,10 @@ def export_onnx(
             problems = _structural_problems(model, stats)
             if problems:
                 raise RuntimeError(f"ONNX graph cleanup left problems: {'; '.join(problems)}")
+            if dynamic_batch and _static_batch(model):
+                dynamic_batch = False
+                notes.append("the exporter fixed the batch size (the traced graph specialises it); "
+                             f"the ONNX model takes batch {int(args[0].shape[0])} only")
             graph_outputs = [o.name for o in model.graph.output]
             if graph_outputs != names:
                 raise RuntimeError(f"exporter named the outputs {graph_outputs}, expected {names}")
@@ -617,6 +624,28 @@ def export_onnx(
             + f"; model kept at {unverified}", report)
     unverified.unlink(missing_ok=True)  # a stale failure from an earlier run would mislead
     return report
+
+
+def _runs_at_other_batch(module, args, seed: int, notes: list[str]) -> bool:
+    """Whether PyTorch itself runs ``module`` at batch ``B + 3`` (a graph traced at one batch size
+    may hard-code it in a reshape); if not, say so in ``notes``."""
+    if not args[0].dim():
+        return False
+    batch = int(args[0].shape[0]) + _BATCH_EXTRA
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        module(*(_random_like(a, batch, generator) if a.dim() else a for a in args))
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure means: no dynamic batch
+        notes.append(f"the module does not run at batch {batch} in PyTorch ({_first_line(exc)}); "
+                     f"exported with the batch size fixed at {int(args[0].shape[0])}")
+        return False
+
+
+def _static_batch(model: onnx.ModelProto) -> bool:
+    """Whether the exported graph's first input has a fixed (numeric) batch dimension."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
+    return bool(dims) and dims[0].HasField("dim_value")
 
 
 def _verify(module, args, path, report: OnnxReport, seed: int, providers) -> None:

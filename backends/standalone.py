@@ -69,6 +69,7 @@ from torch import nn
 from archir.errors import ArchirError
 from archir.fileio import save_torch, write_text
 from archir.ir import fetch_attr
+from archir.layers import STANDALONE_CLASSES
 
 __all__ = ["StandaloneError", "StandaloneFiles", "emit_standalone"]
 
@@ -102,7 +103,7 @@ _IMPORTED_BY_TORCH = {"torch", "torch.nn", "torch.nn.functional", "torch.functio
 # Module attributes that are bookkeeping, not constructor arguments.
 _SKIP_ATTRS = {"training"}
 _SIMPLE = (bool, int, float, str, type(None), torch.dtype, torch.device)
-_INLINE_MAX_LINES = 40
+_INLINE_MAX_LINES = 200  # a copied helper this long still reads better than a refusal
 
 
 # ---- naming ---------------------------------------------------------------------------------
@@ -167,6 +168,14 @@ def _literal(node: ast.AST) -> bool:
         return False
 
 
+def _literal_text(text: str) -> bool:
+    try:
+        ast.literal_eval(text)
+        return True
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False
+
+
 def _plain_attrs(mod: nn.Module) -> dict[str, str]:
     """Public attributes of simple types (what constructor arguments become), as reprs."""
     out = {}
@@ -192,11 +201,11 @@ def _why_not(path: str, mod: nn.Module, why: str) -> StandaloneError:
 
 
 def _module_expr(mod: nn.Module, path: str) -> str:
-    """A ``torch.nn`` constructor expression rebuilding ``mod`` (checked later by construction)."""
+    """A constructor expression rebuilding ``mod``, checked by construction (:func:`_construct`)."""
     cls = type(mod)
     if mod._forward_hooks or mod._forward_pre_hooks or getattr(mod, "_backward_hooks", None):
         raise _why_not(path, mod, "it has hooks, which a rebuilt module would not run")
-    qual = _class_expr(cls)
+    qual = cls.__name__ if cls in STANDALONE_CLASSES else _class_expr(cls)
     if qual is None:
         if cls.__module__.split(".")[0] == "archir":
             why = ("it is one of archir's own search-time modules; derive the architecture "
@@ -217,16 +226,65 @@ def _module_expr(mod: nn.Module, path: str) -> str:
     if children:
         raise _why_not(path, mod, "it has submodules, and only nn.Sequential is rebuilt from its "
                                   "children (its repr is not a constructor call)")
-    text = repr(mod)
+    # The repr reads best (it is what print(model) shows), but some reprs drop arguments
+    # (AvgPool2d's ceil_mode) or are not Python (padding=same): then read the arguments back.
+    candidates = [e for e in (_repr_expr(mod, qual), _signature_expr(mod, qual)) if e is not None]
+    if not candidates:
+        raise _why_not(path, mod, f"neither its repr {repr(mod)!r} nor its attributes give the "
+                                  "arguments of its constructor")
+    first_error = None
+    for expr in candidates:
+        try:
+            return _construct(expr, path, mod)
+        except StandaloneError as exc:
+            first_error = first_error or exc
+    raise first_error
+
+
+def _repr_expr(mod: nn.Module, qual: str) -> str | None:
+    """``Conv2d(3, 8, kernel_size=(3, 3), ...)``: the repr, when it is a call with literal arguments."""
+    name, text = type(mod).__name__, repr(mod)
     try:
         call = ast.parse(text, mode="eval").body
     except SyntaxError:
-        call = None
-    is_call = isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == cls.__name__
+        return None
+    is_call = isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == name
     if not (is_call and all(_literal(a) for a in call.args)
             and all(k.arg and _literal(k.value) for k in call.keywords)):
-        raise _why_not(path, mod, f"its repr {text!r} is not a constructor call with literal arguments")
-    return qual + text[len(cls.__name__):]
+        return None
+    return qual + text[len(name):]
+
+
+def _signature_expr(mod: nn.Module, qual: str) -> str | None:
+    """A call passing each ``__init__`` parameter the value of the instance attribute of the same
+    name (torch.nn modules keep their arguments so); ``bias`` becomes whether a bias exists.
+    Arguments equal to their default are left out. None when a required argument has no attribute.
+    """
+    try:
+        params = list(inspect.signature(type(mod).__init__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    args = []
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype"):
+            continue
+        if not hasattr(mod, p.name):
+            if p.default is p.empty:
+                return None
+            continue
+        value = getattr(mod, p.name)
+        if isinstance(value, torch.Tensor) or (value is None and p.name == "bias"):
+            value = value is not None
+        text = repr(value)
+        if not _literal_text(text):
+            if p.default is p.empty:
+                return None
+            continue
+        if p.default is not p.empty and isinstance(value, _SIMPLE) and type(value) is type(p.default) \
+                and value == p.default:
+            continue
+        args.append(f"{p.name}={text}")
+    return f"{qual}({', '.join(args)})"
 
 
 def _float_dtypes(mod: nn.Module) -> set[torch.dtype]:
@@ -235,7 +293,8 @@ def _float_dtypes(mod: nn.Module) -> set[torch.dtype]:
 
 def _construct(expr: str, path: str, mod: nn.Module) -> str:
     """Build ``expr`` in-process, check it matches ``mod``; return the final expression."""
-    ns = {"torch": torch, "collections": __import__("collections"), "__builtins__": {}}
+    ns = {"torch": torch, "collections": __import__("collections"), "__builtins__": {},
+          **{c.__name__: c for c in STANDALONE_CLASSES}}
     try:
         built = eval(expr, ns)  # noqa: S307 - our own expression of literals and torch.nn classes
     except Exception as exc:  # noqa: BLE001
@@ -255,14 +314,14 @@ def _construct(expr: str, path: str, mod: nn.Module) -> str:
         if a != b:
             diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
             where = f" of '{sub}'" if sub else ""
-            problems.append(f"attributes{where} lost in repr: "
+            problems.append(f"attributes{where} differ: "
                             + ", ".join(f"{k}={b.get(k)} (rebuilt: {a.get(k)})" for k in diff))
     ta = [t[:4] for t in _tensors(built)]
     tb = [t[:4] for t in _tensors(mod)]
     if ta != tb:
         problems.append(f"parameters/buffers differ ({ta} vs {tb})")
     if problems:
-        raise _why_not(path, mod, "rebuilding it from its repr does not round-trip: "
+        raise _why_not(path, mod, f"rebuilding it as {expr} does not round-trip: "
                        + "; ".join(problems))
     return expr
 
@@ -416,7 +475,9 @@ def _code_names(code: types.CodeType) -> set[str]:
 
 
 def _inline(fn: Any) -> _Global:
-    """The import lines and definition of a small pure archir function, to be inlined."""
+    """The import lines and definition of a small plain function from outside torch (archir's
+    own, or a library's ``torch.fx.wrap``-ed helper) that uses only torch and the standard
+    library, to be copied into model.py. The emitted model is verified numerically afterwards."""
     where = f"{fn.__module__}.{fn.__qualname__}"
     if fn.__closure__ or fn.__qualname__ != fn.__name__:
         raise StandaloneError(f"the graph calls {where}, which is not a plain module-level function; "
@@ -463,8 +524,8 @@ def _resolve_global(name: str, obj: Any) -> _Global:
         raise StandaloneError(f"the graph uses module '{obj.__name__}', which is neither torch nor "
                               "the standard library")
     module_name = getattr(obj, "__module__", None) or ""
-    if module_name.split(".")[0] == "archir" and inspect.isfunction(obj):
-        return _inline(obj)
+    if inspect.isfunction(obj) and not _allowed_module(module_name):
+        return _inline(obj)  # archir's functional_setitem, torchvision's fx-wrapped helpers...
     if _allowed_module(module_name):
         module_name = _public_module(obj, module_name)
         attr = _lookup(module_name, obj)
@@ -472,8 +533,8 @@ def _resolve_global(name: str, obj: Any) -> _Global:
             return _Global([f"import {module_name}"], f"{module_name}.{attr}")
     what = f"{module_name}.{getattr(obj, '__qualname__', type(obj).__name__)}" if module_name else repr(obj)
     raise StandaloneError(f"the graph references {what} (as '{name}'), which is neither part of torch nor "
-                          "the standard library nor a small archir function; the standalone model "
-                          "may import only torch")
+                          "the standard library nor a small plain function that can be copied; the "
+                          "standalone model may import only torch")
 
 
 class _Rename(ast.NodeTransformer):
@@ -538,7 +599,8 @@ def _forward(gm: fx.GraphModule, plan: _Plan) -> tuple[str, list[str], list[str]
     for name, g in resolved.items():
         if g.function is not None:
             # An inlined function keeps its own name unless something else already has it.
-            candidates = (g.function.name, "_" + g.function.name, name)
+            # (never a leading "__": inside the class body Python would mangle the call)
+            candidates = (g.function.name, g.function.name.lstrip("_") + "_fn", name)
             new = next(n for n in candidates if n not in taken or n == name)
             taken.add(new)
             g.function.name = new
@@ -585,6 +647,13 @@ def _torch_imports(source: str) -> list[str]:
 
 
 # ---- source ----------------------------------------------------------------------------------
+def _layer_sources(plan: _Plan) -> list[str]:
+    """The source of each :mod:`archir.layers` class the model holds (they need only torch)."""
+    used = {type(m) for _, _, mod, _ in plan.modules for m in mod.modules()}
+    return [f"# copied from {cls.__module__}\n" + textwrap.dedent(inspect.getsource(cls)).strip("\n")
+            for cls in STANDALONE_CLASSES if cls in used]
+
+
 def _docstring(class_name: str, gm: fx.GraphModule, header: str, num_parameters: int) -> str:
     import archir
 
@@ -669,7 +738,7 @@ def _source(gm: fx.GraphModule, plan: _Plan, class_name: str, header: str, num_p
     head = [_docstring(class_name, gm, header, num_parameters), "",
             *std, "from pathlib import Path", "", "import torch", *tch]
     aliases = [d for d in defs if not d.startswith("#")]
-    functions = [d for d in defs if d.startswith("#")]
+    functions = [d for d in defs if d.startswith("#")] + _layer_sources(plan)
     text = "\n".join(head) + "\n"
     if aliases:
         text += "\n" + "\n".join(aliases) + "\n"

@@ -5,7 +5,8 @@
   one. The IR may then give a value to several consumers (a fork gains an identity path, say)
   without one of them overwriting it for the others.
 * :func:`dropout_to_modules`: ``F.dropout(x, p, training=self.training)`` is baked to a constant
-  at trace time; it becomes an ``nn.Dropout`` call so that it follows ``.train()``/``.eval()``.
+  at trace time; it becomes an ``nn.Dropout`` call so that it follows ``.train()``/``.eval()``
+  (torchvision's functional ``stochastic_depth`` likewise becomes :class:`archir.layers.StochasticDepth`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+
+from archir.layers import StochasticDepth
 
 _INPLACE_OPERATORS = {
     operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
@@ -134,24 +137,44 @@ _DROPOUTS = {F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.D
              F.dropout3d: nn.Dropout3d, F.alpha_dropout: nn.AlphaDropout}
 
 
+def _is_torchvision_stochastic_depth(fn) -> bool:
+    return getattr(fn, "__module__", None) == "torchvision.ops.stochastic_depth" \
+        and getattr(fn, "__name__", None) == "stochastic_depth"
+
+
+def _random_layer(node: fx.Node, training_mode: bool) -> nn.Module | None:
+    """The module for a functional dropout-like call whose ``training`` flag is the model's mode."""
+    if node.target in _DROPOUTS:
+        bound = dict(zip(("input", "p", "training", "inplace"), node.args)) | dict(node.kwargs)
+        p, training = bound.get("p", 0.5), bound.get("training", True)
+        if isinstance(p, float) and training is training_mode:
+            return _DROPOUTS[node.target](p)
+    elif _is_torchvision_stochastic_depth(node.target):
+        bound = dict(zip(("input", "p", "mode", "training"), node.args)) | dict(node.kwargs)
+        p, mode, training = bound.get("p"), bound.get("mode"), bound.get("training", True)
+        if isinstance(p, float) and mode in ("row", "batch") and training is training_mode:
+            return StochasticDepth(p, mode)
+    return None
+
+
 def dropout_to_modules(graph: fx.Graph, root: nn.Module) -> int:
-    """Turn functional dropout whose ``training`` flag equals the model's mode into a module."""
+    """Turn functional dropout (and torchvision's functional stochastic depth) whose ``training``
+    flag equals the model's mode into a module, so that it follows ``.train()``/``.eval()``."""
     count = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in _DROPOUTS:
+        if node.op != "call_function":
             continue
-        names = ("input", "p", "training", "inplace")
-        bound = dict(zip(names, node.args)) | dict(node.kwargs)
-        p, training = bound.get("p", 0.5), bound.get("training", True)
-        if not isinstance(p, float) or training is not root.training:
+        layer = _random_layer(node, root.training)
+        if layer is None:
             continue
         name = f"_archir_dropout{count}"
         while hasattr(root, name):
             count += 1
             name = f"_archir_dropout{count}"
-        root.add_module(name, _DROPOUTS[node.target](p).train(root.training))
+        root.add_module(name, layer.train(root.training))
+        first = node.args[0] if node.args else node.kwargs["input"]
         with graph.inserting_before(node):
-            call = graph.call_module(name, (bound["input"],))
+            call = graph.call_module(name, (first,))
         call.meta = dict(node.meta)
         node.replace_all_uses_with(call)
         graph.erase_node(node)

@@ -1,8 +1,9 @@
 """``archir.trace``: model + example inputs -> :class:`archir.Graph`."""
 from __future__ import annotations
 
+import collections
 import copy
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -10,6 +11,7 @@ from torch import nn
 
 from archir.errors import TraceError, UserInputError
 from archir.ir import Graph
+from archir.layers import stochastic_depth_for
 
 from .build import build_graph
 from .normalize import UnsafeMutation, dropout_to_modules, functionalize
@@ -43,8 +45,12 @@ def _register_constants(root: nn.Module, graph: fx.Graph) -> None:
             owner.register_buffer(name, value, persistent=False)
 
 
-def clone_module(model: nn.Module) -> nn.Module:
+def clone_module(model: nn.Module,
+                 substitute: Callable[[nn.Module], nn.Module | None] | None = None) -> nn.Module:
     """A structural copy of ``model`` with its own parameters and buffers.
+
+    ``substitute(m)``, when given and not None for a submodule ``m``, takes that submodule's
+    place in the copy (it is not copied further).
 
     Same result as ``copy.deepcopy`` for what tracing needs (new module objects; new tensors;
     shared modules and tied parameters stay shared) at a fraction of its cost: deepcopy rebuilds
@@ -63,16 +69,23 @@ def clone_module(model: nn.Module) -> nn.Module:
     def module(m: nn.Module) -> nn.Module:
         if id(m) in memo:
             return memo[id(m)]
+        if substitute is not None and (new := substitute(m)) is not None:
+            memo[id(m)] = new
+            return new
         new = copy.copy(m)
         memo[id(m)] = new
         new.__dict__["_parameters"] = {k: tensor(v) for k, v in m._parameters.items()}
         new.__dict__["_buffers"] = {k: tensor(v) for k, v in m._buffers.items()}
         new.__dict__["_modules"] = {k: (module(v) if v is not None else None) for k, v in m._modules.items()}
-        for k, v in m.__dict__.items():  # plain tensor attributes (fx turns them into constants)
-            if isinstance(v, torch.Tensor) and k not in ("_parameters", "_buffers"):
+        for k, v in m.__dict__.items():
+            if k in ("_parameters", "_buffers", "_modules"):
+                continue
+            if isinstance(v, torch.Tensor):  # plain tensor attributes (fx turns them into constants)
                 new.__dict__[k] = tensor(v)
-            elif isinstance(v, dict) and "hook" in k:  # hooks added to the copy stay on the copy
-                new.__dict__[k] = type(v)(v)
+            elif type(v) in (dict, list, set, collections.OrderedDict):
+                # Hooks, and caches a forward fills in (timm's attention_bias_cache): what tracing
+                # stores there (fx proxies) must stay on the copy, not leak into the user's model.
+                new.__dict__[k] = copy.copy(v)
         return new
 
     return module(model)
@@ -94,6 +107,12 @@ def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...], name: str) -
             m.training = mode
 
 
+def _traceable_copy(model: nn.Module) -> nn.Module:
+    """The copy a trace works on: third-party drop-path layers become :mod:`archir.layers`
+    modules, which stay modules (following ``.train()``/``.eval()``) and need only torch."""
+    return clone_module(model, substitute=stochastic_depth_for)
+
+
 def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
           leaf_modules: Iterable[str] = (), frontend: str = "auto") -> Graph:
     """Trace ``model`` into archir's IR.
@@ -110,7 +129,7 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
         raise UserInputError(f"expected an nn.Module, got {type(model).__name__}")
     inputs = _as_tuple(example_inputs)
     name = type(model).__name__
-    root = clone_module(model)
+    root = _traceable_copy(model)
     leaves = list(leaf_modules)
     fx_exc = fx_root = None
     graph, out_spec, used = None, None, frontend
@@ -123,7 +142,7 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
             if frontend == "fx":
                 raise trace_failure(name, exc, exc) from exc
             fx_exc, fx_root, graph = exc, root, None  # functionalize may have failed on a traced graph
-            root = clone_module(model)  # a failed trace may have left constants on the copy
+            root = _traceable_copy(model)  # a failed trace may have left constants on the copy
     auto: dict[str, str] = {}
     if graph is None:
         try:
@@ -185,7 +204,7 @@ def _fx_with_auto_leaves(model: nn.Module, fx_root: nn.Module, name: str, leaves
             del auto[inner]  # inside the new opaque module: no longer a separate leaf
         loc = user_location(exc)
         auto[path] = f"torch.fx: {first_line(exc)}" + (f" at {loc}" if loc else "") + f"; {export_note}"
-        root = clone_module(model)  # a failed trace may have left constants on the copy
+        root = _traceable_copy(model)  # a failed trace may have left constants on the copy
         try:
             graph = fx_trace(root, leaves + list(auto), n_inputs)
             functionalize(graph, root)

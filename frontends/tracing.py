@@ -29,10 +29,14 @@ from torch import nn
 
 from archir.errors import TraceError
 from archir.ir import fetch_attr
+from archir.layers import STANDALONE_CLASSES
 
 
 def is_torch_leaf(module: nn.Module) -> bool:
-    """torch.fx's default leaf rule: a torch.nn module that is not a container."""
+    """torch.fx's default leaf rule (a torch.nn module that is not a container), plus archir's
+    own layers (``archir.layers``), which must keep following ``.train()``/``.eval()``."""
+    if isinstance(module, STANDALONE_CLASSES):
+        return True
     mod = type(module).__module__
     return (mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")) and not isinstance(
         module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
@@ -44,7 +48,8 @@ class _LeafTracer(fx.Tracer):
         self.extra_leaves = set(extra_leaves)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.extra_leaves or super().is_leaf_module(m, qualname)
+        return (qualname in self.extra_leaves or isinstance(m, STANDALONE_CLASSES)
+                or super().is_leaf_module(m, qualname))
 
 
 def fx_trace(root: nn.Module, leaves: Iterable[str] = (), n_inputs: int | None = None) -> fx.Graph:

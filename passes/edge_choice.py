@@ -67,7 +67,9 @@ class WeightedSum(torch.autograd.Function):
         ctx.fast = o.device.type == "cpu" and float(w_same) == 1.0 and (x is None or float(w_id) == 0.0)
         ctx.save_for_backward(o, w_same, x, w_id)
         if ctx.fast:
-            return o.view_as(o)
+            # An alias with o's exact strides: view_as may restride size-1 dimensions, and a conv
+            # downstream would then pick another memory format (and round differently).
+            return o.as_strided(o.shape, o.stride(), o.storage_offset())
         out = o * w_same
         if x is not None:
             out.addcmul_(x, w_id)

@@ -168,6 +168,26 @@ def test_static_batch_when_not_dynamic(tmp_path):
     assert [d.dim_value for d in dims] == [2]
 
 
+class FixedBatch(nn.Module):
+    """A graph traced at batch 1 may hard-code it (timm's efficientvit under torch.export)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x).reshape(1, 256)
+
+
+def test_module_that_only_runs_at_its_batch_exports_static_with_a_note(tmp_path):
+    torch.manual_seed(0)
+    report = export_onnx(FixedBatch().eval(), torch.randn(1, 3, 8, 8), tmp_path / "f.onnx")
+    assert report.passed and not report.dynamic_batch and {e.batch for e in report.errors} == {1}
+    assert any("does not run at batch 4" in n for n in report.notes)
+    dims = [vi.type.tensor_type.shape.dim[0] for vi in onnx.load(str(tmp_path / "f.onnx")).graph.input]
+    assert [d.dim_value for d in dims] == [1]
+
+
 def test_tuple_outputs_are_named_and_verified(tmp_path):
     torch.manual_seed(0)
     report = export_onnx(TupleNet(), torch.randn(2, 3, 8, 8), tmp_path / "t.onnx")

@@ -237,7 +237,7 @@ def test_inlines_small_archir_function_and_resolves_stdlib(tmp_path):
     src = files.model_py.read_text()
     assert "# inlined from archir.frontends.normalize.functional_setitem" in src
     # the graph's node is called ``functional_setitem`` too, so the inlined function steps aside
-    assert "def _functional_setitem(x, index, value):" in src
+    assert "def functional_setitem_fn(x, index, value):" in src
     assert "math.sqrt(k)" in src and "import math" in src
     x = torch.randn(3, 4)
     assert_same(gm(x), _load(files.model_py).load_model()(x))
@@ -247,11 +247,44 @@ def user_helper(x):
     return x * 3
 
 
-def test_function_from_outside_torch_raises(tmp_path):
+SCALES = {"a": 3.0}
+
+
+def user_helper_with_state(x):
+    return x * SCALES["a"]
+
+
+def test_plain_function_from_outside_torch_is_inlined(tmp_path):
+    """Libraries ``torch.fx.wrap`` helpers (torchvision's swin); a plain one is copied over."""
     root = nn.Module()
     gm = _gm(root, lambda g: g.output(g.call_function(user_helper, (g.placeholder("x"),))))
-    with pytest.raises(StandaloneError, match="user_helper"):
+    files = emit_standalone(gm, tmp_path, example_inputs=(torch.randn(2, 3),))
+    assert f"# inlined from {__name__}.user_helper" in files.model_py.read_text()
+
+
+def test_function_using_state_from_outside_torch_raises(tmp_path):
+    root = nn.Module()
+    gm = _gm(root, lambda g: g.output(g.call_function(user_helper_with_state, (g.placeholder("x"),))))
+    with pytest.raises(StandaloneError, match="user_helper_with_state.*SCALES"):
         emit_standalone(gm, tmp_path)
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Conv2d(3, 4, 5, padding="same", groups=1, bias=False),        # repr: padding=same
+    nn.AvgPool2d(3, 2, ceil_mode=True, count_include_pad=False),    # repr drops both flags
+    nn.MaxPool2d(3, 2, 1, ceil_mode=True),
+], ids=["conv_same", "avgpool_ceil", "maxpool_ceil"])
+def test_modules_whose_repr_is_not_their_constructor(layer, tmp_path):
+    root = nn.Module()
+    root.layer = layer
+    gm = _gm(root, lambda g: g.output(g.call_module("layer", (g.placeholder("x"),))))
+    x = torch.randn(2, 3, 9, 9)
+    files = emit_standalone(gm, tmp_path, example_inputs=(x,))
+    slim = _load(files.model_py).load_model()
+    assert_same(gm(x), slim(x))
+    assert slim.layer.__dict__.keys() >= {"training"} and repr(slim.layer) == repr(layer)
+    for k in ("padding", "ceil_mode", "count_include_pad"):
+        assert getattr(slim.layer, k, None) == getattr(layer, k, None)
 
 
 def test_shared_and_tied_parameters_stay_shared(tmp_path):

@@ -301,6 +301,175 @@ def test_forward_arguments_not_given_are_traced_at_their_defaults():
     assert torch.equal(graph.to_module()(x), model(x))
 
 
+# ---- stochastic depth (torchvision.ops.StochasticDepth, timm DropPath) ---------------------------
+
+def _reference_drop_path(x, p, training, scale_by_keep=True):
+    """timm's drop_path and torchvision's stochastic_depth(mode="row"), written out."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    if keep > 0.0 and scale_by_keep:
+        mask.div_(keep)
+    return x * mask
+
+
+class DropPath(nn.Module):
+    """Stands in for timm's class in CI (timm is not installed there): same module path, same
+    attributes, same forward. With timm installed, the real class is tested below too."""
+
+    def __init__(self, drop_prob=0.0, scale_by_keep=True):
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x):
+        return _reference_drop_path(x, self.drop_prob, self.training, self.scale_by_keep)
+
+
+DropPath.__module__ = "timm.layers.drop"
+
+
+class DropPathNet(nn.Module):
+    def __init__(self, drop_path=DropPath):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.drop = drop_path(0.3)
+
+    def forward(self, x):
+        return x + self.drop(self.conv(x))
+
+
+def _same_under_seed(a, b, x, seed=5):
+    torch.manual_seed(seed)
+    ya = a(x)
+    torch.manual_seed(seed)
+    return torch.equal(ya, b(x))
+
+
+@pytest.mark.parametrize("traced_in", ["train", "eval"])
+def test_drop_path_follows_train_and_eval_after_tracing(traced_in, tmp_path):
+    """fx would bake ``self.training`` into the graph; archir keeps a StochasticDepth module."""
+    from archir.layers import StochasticDepth
+
+    model = DropPathNet().train(traced_in == "train")
+    x = torch.randn(8, 3, 6, 6)
+    graph = archir.trace(model, x)
+    gm = graph.to_module()
+    kinds = [type(m) for name, m in gm.named_modules() if name]
+    assert StochasticDepth in kinds and DropPath not in kinds
+    for mode in (True, False):
+        model.train(mode)
+        gm.train(mode)
+        assert _same_under_seed(model, gm, x)  # same random mask in training, identity in eval
+    model.train()
+    gm.train()
+    torch.manual_seed(0)
+    assert not torch.equal(gm(x), gm(x))  # it really drops in training
+    emitted = archir.transform(model, x, epochs=0, onnx=False, out=tmp_path / "o", progress=False)
+    src = (tmp_path / "o" / "model.py").read_text()
+    assert "class StochasticDepth(torch.nn.Module):" in src
+    imports = [ln for ln in src.splitlines() if ln.lstrip().startswith(("import ", "from "))]
+    assert imports and not [ln for ln in imports if "archir" in ln]
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("emitted_dp", tmp_path / "o" / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    slim = mod.load_model()
+    for mode in (True, False):
+        slim.train(mode)
+        emitted.module.train(mode)
+        assert _same_under_seed(emitted.module, slim, x)
+
+
+def test_functional_torchvision_stochastic_depth_becomes_a_module():
+    from archir.frontends.normalize import dropout_to_modules
+    from archir.layers import StochasticDepth
+
+    def stochastic_depth(input, p, mode, training=True):  # torchvision's signature and module
+        return _reference_drop_path(input, p, training)
+
+    stochastic_depth.__module__ = "torchvision.ops.stochastic_depth"
+    root = nn.Module().train()
+    g = torch.fx.Graph()
+    g.output(g.call_function(stochastic_depth, (g.placeholder("x"), 0.2, "row", True)))
+    assert dropout_to_modules(g, root) == 1
+    (layer,) = root.children()
+    assert isinstance(layer, StochasticDepth) and layer.p == 0.2 and layer.mode == "row"
+
+
+def test_stochastic_depth_batch_mode_and_bad_arguments():
+    from archir.layers import StochasticDepth
+
+    layer = StochasticDepth(0.5, "batch").train()
+    torch.manual_seed(1)
+    y = layer(torch.ones(16, 4))
+    assert len(set(y.flatten().tolist())) == 1  # one draw for the whole batch
+    with pytest.raises(ValueError, match="drop probability"):
+        StochasticDepth(1.5)
+    with pytest.raises(ValueError, match="mode"):
+        StochasticDepth(0.1, "col")
+
+
+# ---- a forward that fills a cache on the module (timm's attention_bias_cache) ----------------------
+
+class CachedBias(nn.Module):
+    """In eval mode timm's LeViT/EfficientFormer attention caches a tensor in a dict attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(4))
+        self.cache = {}
+
+    def forward(self, x):
+        if self.training:
+            return x + self.bias
+        if "b" not in self.cache:
+            self.cache["b"] = self.bias * 2
+        return x + self.cache["b"]
+
+
+def test_tracing_never_writes_into_the_users_module_caches():
+    model = CachedBias().eval()
+    x = torch.randn(2, 4)
+    first = archir.trace(model, x)
+    assert model.cache == {}  # fx stored a proxy in the copy's cache, not in the user's
+    second = archir.trace(model, x)  # before the fix: "referenced nonexistent value"
+    for g in (first, second):
+        assert torch.equal(g.to_module().eval()(x), model(x))
+
+
+# ---- EdgeChoice at batch 1 on channels-last activations ----------------------------------------
+
+class ChannelsLastBlock(nn.Module):
+    """LayerNorm over channels by permuting: the activations are channels-last from then on."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.norm = nn.LayerNorm(c)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+        self.pw = nn.Conv2d(c, c, 1, bias=False)
+        self.reduce = nn.Conv2d(c, c, 3, stride=2, padding=1, bias=False)
+
+    def forward(self, x):
+        x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        y = nn.functional.gelu(self.dw(x))
+        y = y * torch.sigmoid(y.mean((2, 3), keepdim=True))
+        return self.reduce(self.pw(y) + x)
+
+
+def test_edgechoice_keeps_memory_format_so_batch_one_is_exact():
+    """A pass-through that restrides the size-1 batch dimension changes the memory format a
+    conv downstream picks, and with it the rounding (gcvit, focalnet in the timm sweep)."""
+    torch.manual_seed(0)
+    model = ChannelsLastBlock().eval()
+    x = torch.randn(1, 8, 16, 16)
+    graph = archir.trace(model, x)
+    PassManager([EdgeChoice("cell")])(graph)
+    with torch.no_grad():
+        assert torch.equal(graph.to_module().eval()(x), model(x))
+
+
 # ---- the real zoos, when installed (not in CI) ---------------------------------------------------
 
 def test_torchvision_resnet18_roundtrip():
@@ -321,3 +490,27 @@ def test_timm_attention_model_roundtrip():
     graph = archir.trace(model, x)
     with torch.no_grad():
         assert torch.equal(graph.to_module().eval()(x), model(x))
+
+
+def test_torchvision_stochastic_depth_and_swin_helpers_emit(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t(weights=None, stochastic_depth_prob=0.2).eval()
+    x = torch.randn(1, 3, 64, 64)
+    res = archir.transform(model, x, epochs=0, onnx=False, out=tmp_path / "o", progress=False)
+    src = (tmp_path / "o" / "model.py").read_text()
+    assert "StochasticDepth(p=" in src and "# inlined from torchvision.models.swin_transformer" in src
+    with torch.no_grad():
+        assert torch.equal(res.module.eval()(x), model(x))
+
+
+def test_timm_drop_path_is_replaced():
+    timm = pytest.importorskip("timm")
+    from archir.layers import StochasticDepth
+
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", pretrained=False, drop_path_rate=0.2).train()
+    x = torch.randn(2, 3, 64, 64)
+    gm = archir.trace(model, x).to_module()
+    assert any(isinstance(m, StochasticDepth) for m in gm.modules())
+    assert _same_under_seed(model, gm, x)
