@@ -62,7 +62,7 @@ class WeightedSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, o, w_same, x, w_id):
+    def forward(ctx, o, w_same, x, w_id, convex=False):
         ctx.has_x = x is not None
         ctx.fast = o.device.type == "cpu" and float(w_same) == 1.0 and (x is None or float(w_id) == 0.0)
         ctx.save_for_backward(o, w_same, x, w_id)
@@ -70,6 +70,9 @@ class WeightedSum(torch.autograd.Function):
             # An alias with o's exact strides: view_as may restride size-1 dimensions, and a conv
             # downstream would then pick another memory format (and round differently).
             return o.as_strided(o.shape, o.stride(), o.storage_offset())
+        if convex and x is not None:
+            # w_id + w_same = 1 (no none slot): o + w_id·(x − o) in one pass, and exactly o at w_id = 0
+            return torch.lerp(o, x, w_id)
         out = o * w_same
         if x is not None:
             out.addcmul_(x, w_id)
@@ -78,7 +81,7 @@ class WeightedSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         o, w_same, x, w_id = ctx.saved_tensors
-        need_o, need_ws, need_x, need_wi = ctx.needs_input_grad
+        need_o, need_ws, need_x, need_wi = ctx.needs_input_grad[:4]
         flat = g.reshape(-1)
         grad_o = (g if ctx.fast else g * w_same) if need_o else None
         grad_ws = torch.dot(flat, o.reshape(-1)) if need_ws else None
@@ -88,7 +91,7 @@ class WeightedSum(torch.autograd.Function):
                 grad_x = g * w_id
             if need_wi:
                 grad_wi = torch.dot(flat, x.reshape(-1))
-        return grad_o, grad_ws, grad_x, grad_wi
+        return grad_o, grad_ws, grad_x, grad_wi, None
 
 
 class EdgeMix(nn.Module):
@@ -105,6 +108,7 @@ class EdgeMix(nn.Module):
         super().__init__()
         self.choices = tuple(choices)
         self.has_identity = "identity" in self.choices
+        self.convex = self.has_identity and "none" not in self.choices  # then w_id + w_same = 1
         self.register_buffer("mask", torch.tensor([float(s in self.choices) for s in SLOTS]), persistent=False)
 
     def forward(self, *values: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -112,7 +116,7 @@ class EdgeMix(nn.Module):
         w = theta / (theta * self.mask).sum().clamp_min(1e-12)
         if self.has_identity:
             x, o = values
-            return WeightedSum.apply(o, w[2], x, w[1])  # w_id·x + w_same·o(x)
+            return WeightedSum.apply(o, w[2], x, w[1], self.convex)  # w_id·x + w_same·o(x)
         (o,) = values
         return WeightedSum.apply(o, w[2], None, None)
 

@@ -223,3 +223,22 @@ def test_weighted_sum_matches_autograd(weights, with_identity):
                       x.grad.clone() if x.grad is not None else torch.zeros_like(x)))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("has_x,convex", [(False, False), (True, False), (True, True)])
+def test_weighted_sum_matches_autograd_of_its_formula(has_x, convex):
+    """The fused mixer's hand-written backward against autograd of w_same·o + w_id·x."""
+    from archir.passes.edge_choice import WeightedSum
+
+    torch.manual_seed(0)
+    o = torch.randn(3, 4, 5, dtype=torch.double, requires_grad=True)
+    x = torch.randn(3, 4, 5, dtype=torch.double, requires_grad=True) if has_x else None
+    w_id = torch.tensor(0.3, dtype=torch.double, requires_grad=True) if has_x else None
+    w_same = torch.tensor(0.7 if convex else 0.6, dtype=torch.double, requires_grad=True)
+    g = torch.randn(3, 4, 5, dtype=torch.double)
+    got = WeightedSum.apply(o, w_same, x, w_id, convex)
+    want = o * w_same + (x * w_id if has_x else 0)
+    torch.testing.assert_close(got, want)
+    inputs = [t for t in (o, w_same, x, w_id) if t is not None]
+    for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g)):
+        torch.testing.assert_close(a, b)
