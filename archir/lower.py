@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from .errors import IRError
 from .ir import Input, JunctionRef, Op, Operand, fetch_attr, map_refs
+from .mixing import mix_weights, scaled_batch_norm
 
 if TYPE_CHECKING:
     from .ir import Combine, Graph
@@ -50,18 +51,7 @@ class _Emitter:
 
     def op(self, op: Op, inp: fx.Node | None, operands: list[fx.Node] | None = None) -> fx.Node:
         if op.kind == "choice":
-            vals = []
-            for cand in op.args:
-                if cand == "none":
-                    continue
-                v = inp
-                if cand != "identity":
-                    for o in cand:
-                        v = self.op(o, v)
-                vals.append(v)
-            kwargs = map_refs(op.kwargs, lambda r: self.op(r, inp, operands))
-            return self.fx.create_node("call_module", self.safe_target(op.target), tuple(vals), kwargs,
-                                       name=op.meta.get("name"))
+            return self.choice(op, inp, operands)
 
         def resolve(r):
             if isinstance(r, Input):
@@ -78,6 +68,35 @@ class _Emitter:
         kwargs = map_refs(op.kwargs, resolve)
         target = self.safe_target(op.target) if op.kind in ("call_module", "get_attr") else op.target
         return self.fx.create_node(op.kind, target, args, kwargs, name=op.meta.get("name"))
+
+    def choice(self, op: Op, inp: fx.Node | None, operands: list[fx.Node] | None) -> fx.Node:
+        """Candidates, then the mixer. With ``meta['fold_bn'] = i`` the i-th operation of the
+        original path (an affine BatchNorm) takes w_same into its γ and β (archir/mixing.py)."""
+        kwargs = map_refs(op.kwargs, lambda r: self.op(r, inp, operands))
+        fold = op.meta.get("fold_bn")
+        if fold is not None:
+            mask = self.fx.get_attr(self.safe_target(f"{op.target}.mask"))
+            weights = self.fx.call_function(mix_weights, (kwargs["theta"], mask))
+            w_same = self.fx.call_function(operator.getitem, (weights, 2))
+            kwargs = {**kwargs, "weights": weights}
+        if op.meta.get("as_prelu"):  # the mixer computes relu itself (EdgeMix.relu)
+            return self.fx.create_node("call_module", self.safe_target(op.target), (inp,), kwargs,
+                                       name=op.meta.get("name"))
+        vals = []
+        for cand in op.args:
+            if cand == "none":
+                continue
+            v = inp
+            if cand != "identity":
+                for i, o in enumerate(cand):
+                    if i == fold:
+                        bn = self.fx.get_attr(self.safe_target(o.target))
+                        v = self.fx.call_function(scaled_batch_norm, (v, bn, w_same))
+                    else:
+                        v = self.op(o, v)
+            vals.append(v)
+        return self.fx.create_node("call_module", self.safe_target(op.target), tuple(vals), kwargs,
+                                   name=op.meta.get("name"))
 
     def combine(self, c: "Combine", operands: list[fx.Node]) -> fx.Node:
         if c.op is not None:

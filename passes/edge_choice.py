@@ -24,14 +24,26 @@ has another operand; *same* always. An edge with one valid choice is left as it 
 
 ``share="full"`` gives every edge its own θ; ``share="cell"`` gives one θ to each cell-sharing
 group (edges at the same position of repeated blocks, see ``Edge.group``).
+
+Cost. Mixing is elementwise work over whole activations, which on a CPU is memory-bound: a naive
+mixer reads and writes every activation several more times per step. With ``fuse=True`` (the
+default) two exact rewrites remove most of it, with the same values and gradients:
+
+* where the original path ends in an affine BatchNorm (a ReLU may follow), w_same is folded
+  into γ and β (``archir.mixing.scaled_batch_norm``), and ∂L/∂w_same comes out of BatchNorm's own
+  backward;
+* an edge that is a lone ReLU choosing identity or same computes, since w_id + w_same = 1,
+  ``w_id·x + w_same·relu(x) = prelu(x, w_id)``: one kernel each way.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from archir.errors import IRError, UserInputError
-from archir.ir import Edge, Graph, Op
+from archir.ir import Edge, Graph, Input, Op, fetch_attr
+from archir.mixing import POSITIVELY_HOMOGENEOUS, foldable_batch_norm, mix_weights
 
 from .base import Pass, PassResult
 
@@ -56,20 +68,26 @@ class WeightedSum(torch.autograd.Function):
 
     Autograd's version of this expression writes and re-reads temporaries in both directions; here
     the backward is ``g·w_same``, ``g·w_id`` and two dot products (∂out/∂w_same = ⟨g, o⟩,
-    ∂out/∂w_id = ⟨g, x⟩). On the CPU, where reading a weight costs no device sync, the common case
-    w_same = 1, w_id = 0 (at initialisation, and whenever the projection holds θ_none and θ_id at
-    0) returns ``o`` itself and passes the gradient through untouched.
+    ∂out/∂w_id = ⟨g, x⟩). ``w_same=None`` means ``o`` is already weighted (the weight was folded
+    into a BatchNorm, see archir/mixing.py): ``out = o + w_id·x``, and ``o`` gets ``g`` itself.
+    On the CPU, where reading a weight costs no device sync, the common case w_same = 1, w_id = 0
+    (at initialisation, and whenever the projection holds θ_none and θ_id at 0) returns ``o``
+    itself and passes the gradient through untouched.
     """
 
     @staticmethod
     def forward(ctx, o, w_same, x, w_id, convex=False):
         ctx.has_x = x is not None
-        ctx.fast = o.device.type == "cpu" and float(w_same) == 1.0 and (x is None or float(w_id) == 0.0)
-        ctx.save_for_backward(o, w_same, x, w_id)
+        ctx.fast = o.device.type == "cpu" and (w_same is None or float(w_same) == 1.0) \
+            and (x is None or float(w_id) == 0.0)
+        ctx.scaled = w_same is not None
+        ctx.save_for_backward(o if ctx.scaled else None, w_same, x, w_id)
         if ctx.fast:
             # An alias with o's exact strides: view_as may restride size-1 dimensions, and a conv
             # downstream would then pick another memory format (and round differently).
             return o.as_strided(o.shape, o.stride(), o.storage_offset())
+        if not ctx.scaled:
+            return torch.addcmul(o, x, w_id)
         if convex and x is not None:
             # w_id + w_same = 1 (no none slot): o + w_id·(x − o) in one pass, and exactly o at w_id = 0
             return torch.lerp(o, x, w_id)
@@ -83,8 +101,8 @@ class WeightedSum(torch.autograd.Function):
         o, w_same, x, w_id = ctx.saved_tensors
         need_o, need_ws, need_x, need_wi = ctx.needs_input_grad[:4]
         flat = g.reshape(-1)
-        grad_o = (g if ctx.fast else g * w_same) if need_o else None
-        grad_ws = torch.dot(flat, o.reshape(-1)) if need_ws else None
+        grad_o = (g if ctx.fast or not ctx.scaled else g * w_same) if need_o else None
+        grad_ws = torch.dot(flat, o.reshape(-1)) if need_ws and ctx.scaled else None
         grad_x = grad_wi = None
         if ctx.has_x:
             if need_x and not ctx.fast:  # fast: w_id = 0, so x gets nothing through this edge
@@ -97,31 +115,64 @@ class WeightedSum(torch.autograd.Function):
 class EdgeMix(nn.Module):
     """Mixes the values of an edge's candidates with weights θ_k / Σθ over its valid choices.
 
-    ``forward(*values, theta)``: ``values`` are the candidates other than none, in ``choices``
-    order (identity's ``x`` first, then ``o(x)``); ``theta`` is the 3-slot (none, identity, same)
-    parameter, possibly shared by a group. Written for few kernel launches and no host syncs on a
-    GPU (a small network's step is launch-bound there): the valid slots are a mask buffer, not an
-    index, and the weighted sum is one autograd function (:class:`WeightedSum`).
+    ``forward(*values, theta, weights=None)``: ``values`` are the candidates other than none, in
+    ``choices`` order (identity's ``x`` first, then ``o(x)``); ``theta`` is the 3-slot (none,
+    identity, same) parameter, possibly shared by a group; ``weights``, when the lowering already
+    computed them, saves computing them again. With ``folded``, ``o(x)`` arrives already scaled
+    by w_same (folded into its BatchNorm by the lowering, see archir/mixing.py). Written for few
+    kernel launches and no host syncs on a GPU (a small network's step is launch-bound there):
+    the valid slots are a mask buffer, not an index, and the weighted sum is one autograd
+    function (:class:`WeightedSum`).
     """
 
-    def __init__(self, choices: tuple[str, ...]):
+    def __init__(self, choices: tuple[str, ...], folded: bool = False, relu: bool = False):
         super().__init__()
         self.choices = tuple(choices)
         self.has_identity = "identity" in self.choices
         self.convex = self.has_identity and "none" not in self.choices  # then w_id + w_same = 1
+        self.folded = folded
+        # identity or relu: w_id·x + w_same·relu(x) = prelu(x, w_id) when w_id + w_same = 1
+        self.relu = relu
+        if relu and not self.convex:
+            raise ValueError("the relu form needs exactly the choices identity and same")
         self.register_buffer("mask", torch.tensor([float(s in self.choices) for s in SLOTS]), persistent=False)
 
-    def forward(self, *values: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        # Σθ over valid slots; the clamp only guards θ = 0 everywhere (then every weight is 0)
-        w = theta / (theta * self.mask).sum().clamp_min(1e-12)
+    def forward(self, *values: torch.Tensor, theta: torch.Tensor, weights: torch.Tensor | None = None):
+        w = mix_weights(theta, self.mask) if weights is None else weights
+        if self.relu:
+            (x,) = values  # at w_id = 0 this is relu(x), with -0.0 for +0.0 where x < 0
+            return F.prelu(x, w[1].reshape(1))
+        w_same = None if self.folded else w[2]
         if self.has_identity:
             x, o = values
-            return WeightedSum.apply(o, w[2], x, w[1], self.convex)  # w_id·x + w_same·o(x)
+            return WeightedSum.apply(o, w_same, x, w[1], self.convex)  # w_id·x + w_same·o(x)
         (o,) = values
-        return WeightedSum.apply(o, w[2], None, None)
+        return o if self.folded else WeightedSum.apply(o, w_same, None, None)
 
     def extra_repr(self) -> str:
-        return f"choices={self.choices}"
+        return (f"choices={self.choices}" + (", folded into BatchNorm" if self.folded else "")
+                + (", as prelu" if self.relu else ""))
+
+
+def _is_relu(graph: Graph, op: Op) -> bool:
+    if op.kind == "call_module":
+        return isinstance(fetch_attr(graph.root, op.target), POSITIVELY_HOMOGENEOUS)
+    return (op.kind == "call_function" and op.target in (torch.relu, F.relu) and len(op.args) == 1
+            and op.kwargs in ({}, {"inplace": False}))
+
+
+def _foldable_at(graph: Graph, ops: list[Op]) -> int | None:
+    """Index of an affine BatchNorm that ends the path (a ReLU may follow it): w_same folds into
+    its γ and β (archir/mixing.py). None where the path ends otherwise."""
+    for i in range(len(ops) - 1, -1, -1):
+        op = ops[i]
+        if op.kind == "call_module":
+            mod = fetch_attr(graph.root, op.target)
+            if foldable_batch_norm(mod) and len(op.args) == 1 and isinstance(op.args[0], Input) and not op.kwargs:
+                return i
+        if not _is_relu(graph, op):
+            return None
+    return None
 
 
 def choice_weights(theta: torch.Tensor, choices: tuple[str, ...]) -> dict[str, float]:
@@ -135,11 +186,15 @@ def choice_weights(theta: torch.Tensor, choices: tuple[str, ...]) -> dict[str, f
 class EdgeChoice(Pass):
     """Turn every edge with two or more valid choices into a θ-weighted mixture (see module doc)."""
 
-    def __init__(self, share: str = "cell", init: tuple[float, float, float] = (0.0, 0.0, 1.0)):
+    def __init__(self, share: str = "cell", init: tuple[float, float, float] = (0.0, 0.0, 1.0),
+                 fuse: bool = True):
         if share not in ("cell", "full"):
             raise UserInputError(f"share must be 'cell' or 'full', not {share!r}")
         self.share = share
         self.init = init
+        # fold w_same into a closing BatchNorm, mix identity-or-relu as one prelu: same function
+        # and gradients, fewer passes over the activations (archir/mixing.py)
+        self.fuse = fuse
 
     def run(self, graph: Graph) -> PassResult:
         if hasattr(graph.root, THETA_ROOT):
@@ -157,12 +212,15 @@ class EdgeChoice(Pass):
                 names[key] = f"t{len(names)}"
                 thetas[names[key]] = nn.Parameter(torch.tensor(self.init, dtype=torch.float32))
             name = names[key]
-            mixers[e.id] = EdgeMix(choices)
+            fold = _foldable_at(graph, e.ops) if self.fuse else None
+            relu = self.fuse and choices == ("identity", "same") and len(e.ops) == 1 and _is_relu(graph, e.ops[0])
+            mixers[e.id] = EdgeMix(choices, folded=fold is not None, relu=relu)
             candidates = tuple("none" if c == "none" else "identity" if c == "identity" else tuple(e.ops)
                                for c in choices)
             e.ops = [Op("choice", f"{MIX_ROOT}.{e.id}", candidates,
                         {"theta": Op("get_attr", f"{THETA_ROOT}.{name}")},
-                        meta={"name": f"mix_{e.id}", "flops": e.flops, "out": e.out_meta})]
+                        meta={"name": f"mix_{e.id}", "flops": e.flops, "out": e.out_meta, "fold_bn": fold,
+                              "as_prelu": relu})]
             e.labels.update(choices=",".join(choices), theta=name)
             modified = True
         graph.root.add_module(THETA_ROOT, thetas)

@@ -1,6 +1,8 @@
 """EdgeChoice, Derive, Prune, FoldIdentities: parity, gradients, choice rules, numerical equality."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -241,4 +243,74 @@ def test_weighted_sum_matches_autograd_of_its_formula(has_x, convex):
     torch.testing.assert_close(got, want)
     inputs = [t for t in (o, w_same, x, w_id) if t is not None]
     for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_scaled_batch_norm_is_batch_norm_at_scale_one(momentum):
+    """w_same folded into γ, β: bit for bit nn.BatchNorm2d at 1, running statistics included."""
+    from archir.mixing import scaled_batch_norm
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    twin = copy.deepcopy(bn)
+    x = torch.randn(3, 4, 5, 5)
+    for mode in (True, True, False):
+        bn.train(mode)
+        twin.train(mode)
+        assert torch.equal(scaled_batch_norm(x, twin, torch.tensor(1.0)), bn(x))
+        assert torch.equal(twin.running_mean, bn.running_mean) and torch.equal(twin.running_var, bn.running_var)
+        assert twin.num_batches_tracked == bn.num_batches_tracked
+
+
+def test_scaled_batch_norm_gradients_are_those_of_scaling_the_output():
+    from archir.mixing import scaled_batch_norm
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4).double()
+    x = torch.randn(3, 4, 5, 5, dtype=torch.double)
+    s = torch.tensor(0.7, dtype=torch.double, requires_grad=True)
+    g = torch.randn(3, 4, 5, 5, dtype=torch.double)
+    params = [s, bn.weight, bn.bias]
+    got = torch.autograd.grad(scaled_batch_norm(x, bn, s), params, g)
+    want = torch.autograd.grad(s * bn(x), params, g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
+def test_fused_mixing_is_the_same_function_and_gradients(name):
+    """Folding w_same into BatchNorm and the prelu form change no value and no gradient."""
+    model, x = _example(name)
+    torch.manual_seed(3)
+    for m in model.modules():  # non-trivial γ and β: at their defaults (1, 0) a wrong fold hides
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    graphs = {}
+    for fuse in (True, False):
+        g = archir.trace(model, x)
+        PassManager([EdgeChoice("full", fuse=fuse)])(g)
+        graphs[fuse] = g
+    mixers = graphs[True].root.archir_mix.values()
+    if name == "resnet20":
+        assert sum(m.folded for m in mixers) == 18 and sum(m.relu for m in mixers) == 8
+    torch.manual_seed(1)
+    for g in graphs.values():  # the same θ off the initial corner in both
+        for i, theta in enumerate(arch_parameters(g)):
+            with torch.no_grad():
+                theta.copy_(torch.tensor([0.1 + 0.01 * i, 0.2, 0.7]))
+    grads, outs = {}, {}
+    for fuse, g in graphs.items():
+        sup = g.to_module().double().train()
+        torch.manual_seed(2)  # the same dropout masks
+        out = sup(x.double())
+        outs[fuse] = out
+        out.square().mean().backward()
+        grads[fuse] = [t.grad for t in arch_parameters(g)]
+    torch.testing.assert_close(outs[True], outs[False])
+    for a, b in zip(grads[True], grads[False]):
         torch.testing.assert_close(a, b)
