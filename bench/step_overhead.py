@@ -8,7 +8,10 @@ the original network (plain SGD step), the supernet with ``joint`` updates (one 
 network stage: ``net`` derives at θ's initial value (every edge keeps its operations: the derived
 network must cost no more than the original), ``net_pruned`` forces every edge to its most
 shrinking valid choice (pruned edges cost nothing). Ratios are to the original step measured in
-the same run. Targets: joint ≤ 1.10, alternate ≤ 2.1, net ≤ 1.0. Writes bench/results/step_overhead.json.
+the same run. ``*_mid`` hold θ at (0.1, 0.2, 0.7) (θ's learning rate 0): mid-search, where the
+mixer cannot short-cut w = (0, 0, 1); ``joint_mid_unfused`` turns off EdgeChoice's fused mixing
+(``fuse=False``) to show what it saves. Targets: joint ≤ 1.10, alternate ≤ 2.1, net ≤ 1.0.
+Writes bench/results/step_overhead.json.
 """
 from __future__ import annotations
 
@@ -51,9 +54,11 @@ def load(path):
 
 def time_steps(kind, model_mod, x, y, steps, device, repeats):
     """Median seconds per step over ``repeats`` epochs of ``steps`` steps (first epoch = warm-up)."""
-    cfg = TrainConfig(epochs=repeats + 1, arch_epochs=repeats + 1 if kind in ("joint", "alternate") else 0,
+    update = kind.split("_")[0]
+    cfg = TrainConfig(epochs=repeats + 1, arch_epochs=repeats + 1 if update in ("joint", "alternate") else 0,
                       batch_size=x.shape[0],
-                      arch_update=kind if kind in ("joint", "alternate") else "alternate",
+                      arch_update=update if update in ("joint", "alternate") else "alternate",
+                      arch_lr=0.0 if kind.endswith("_mid") else TrainConfig.arch_lr,
                       device=str(device), progress=False)
     torch.manual_seed(0)
     model = model_mod.build_model()
@@ -63,7 +68,11 @@ def time_steps(kind, model_mod, x, y, steps, device, repeats):
         res = train_plain(model, loader, None, cfg, on_epoch=lambda r: times.append(r.train_seconds / r.steps))
         return statistics.median(times[1:])
     g = archir.trace(model, x[:2].cpu())
-    PassManager([EdgeChoice("full")])(g)
+    PassManager([EdgeChoice("full", fuse=not kind.endswith("_unfused"))])(g)
+    if kind.endswith("_mid"):  # θ held inside the simplex, as mid-search: no shortcut for w = (0, 0, 1)
+        with torch.no_grad():
+            for theta in arch_parameters(g):
+                theta.copy_(torch.tensor([0.1, 0.2, 0.7]))
     sup = g.to_module()
 
     def derive(_):
@@ -100,7 +109,7 @@ def main():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, *mod.example_input().shape[1:], generator=gen).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
-    kinds = ["original", "joint", "alternate", "net", "net_pruned"]
+    kinds = ["original", "joint", "joint_mid", "joint_mid_unfused", "alternate", "alternate_mid", "net", "net_pruned"]
     samples = {k: [] for k in kinds}
     for _ in range(args.rounds):  # interleave so that machine noise hits every kind alike
         for k in kinds:
