@@ -495,7 +495,7 @@ def test_timm_attention_model_roundtrip():
 def test_torchvision_stochastic_depth_and_swin_helpers_emit(tmp_path):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    model = torchvision.models.swin_t(weights=None, stochastic_depth_prob=0.2).eval()
+    model = torchvision.models.swin_t(weights=None).eval()  # stochastic depth 0.2 by default
     x = torch.randn(1, 3, 64, 64)
     res = archir.transform(model, x, epochs=0, onnx=False, out=tmp_path / "o", progress=False)
     src = (tmp_path / "o" / "model.py").read_text()
