@@ -79,9 +79,6 @@ class _Emitter:
             weights = self.fx.call_function(mix_weights, (kwargs["theta"], mask))
             w_same = self.fx.call_function(operator.getitem, (weights, 2))
             kwargs = {**kwargs, "weights": weights}
-        if op.meta.get("as_prelu"):  # the mixer computes relu itself (EdgeMix.relu)
-            return self.fx.create_node("call_module", self.safe_target(op.target), (inp,), kwargs,
-                                       name=op.meta.get("name"))
         vals = []
         for cand in op.args:
             if cand == "none":

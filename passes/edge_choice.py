@@ -27,13 +27,11 @@ group (edges at the same position of repeated blocks, see ``Edge.group``).
 
 Cost. Mixing is elementwise work over whole activations, which on a CPU is memory-bound: a naive
 mixer reads and writes every activation several more times per step. With ``fuse=True`` (the
-default) two exact rewrites remove most of it, with the same values and gradients:
-
-* where the original path ends in an affine BatchNorm (a ReLU may follow), w_same is folded
-  into γ and β (``archir.mixing.scaled_batch_norm``), and ∂L/∂w_same comes out of BatchNorm's own
-  backward;
-* an edge that is a lone ReLU choosing identity or same computes, since w_id + w_same = 1,
-  ``w_id·x + w_same·relu(x) = prelu(x, w_id)``: one kernel each way.
+default), where the original path ends in an affine BatchNorm (a ReLU may follow), w_same is
+folded into γ and β (``archir.mixing.scaled_batch_norm``): the same values and gradients, and
+∂L/∂w_same comes out of BatchNorm's own backward instead of extra passes. (Mixing a lone ReLU
+edge as ``prelu(x, w_id)``, equal when w_id + w_same = 1, was measured slower on the CPU: its
+backward kernel costs more than the passes it saves.)
 """
 from __future__ import annotations
 
@@ -125,23 +123,16 @@ class EdgeMix(nn.Module):
     function (:class:`WeightedSum`).
     """
 
-    def __init__(self, choices: tuple[str, ...], folded: bool = False, relu: bool = False):
+    def __init__(self, choices: tuple[str, ...], folded: bool = False):
         super().__init__()
         self.choices = tuple(choices)
         self.has_identity = "identity" in self.choices
         self.convex = self.has_identity and "none" not in self.choices  # then w_id + w_same = 1
         self.folded = folded
-        # identity or relu: w_id·x + w_same·relu(x) = prelu(x, w_id) when w_id + w_same = 1
-        self.relu = relu
-        if relu and not self.convex:
-            raise ValueError("the relu form needs exactly the choices identity and same")
         self.register_buffer("mask", torch.tensor([float(s in self.choices) for s in SLOTS]), persistent=False)
 
     def forward(self, *values: torch.Tensor, theta: torch.Tensor, weights: torch.Tensor | None = None):
         w = mix_weights(theta, self.mask) if weights is None else weights
-        if self.relu:
-            (x,) = values  # at w_id = 0 this is relu(x), with -0.0 for +0.0 where x < 0
-            return F.prelu(x, w[1].reshape(1))
         w_same = None if self.folded else w[2]
         if self.has_identity:
             x, o = values
@@ -150,8 +141,7 @@ class EdgeMix(nn.Module):
         return o if self.folded else WeightedSum.apply(o, w_same, None, None)
 
     def extra_repr(self) -> str:
-        return (f"choices={self.choices}" + (", folded into BatchNorm" if self.folded else "")
-                + (", as prelu" if self.relu else ""))
+        return f"choices={self.choices}" + (", folded into BatchNorm" if self.folded else "")
 
 
 def _is_relu(graph: Graph, op: Op) -> bool:
@@ -192,8 +182,8 @@ class EdgeChoice(Pass):
             raise UserInputError(f"share must be 'cell' or 'full', not {share!r}")
         self.share = share
         self.init = init
-        # fold w_same into a closing BatchNorm, mix identity-or-relu as one prelu: same function
-        # and gradients, fewer passes over the activations (archir/mixing.py)
+        # fold w_same into a closing BatchNorm: same function and gradients, fewer passes over
+        # the activations (archir/mixing.py)
         self.fuse = fuse
 
     def run(self, graph: Graph) -> PassResult:
@@ -213,14 +203,12 @@ class EdgeChoice(Pass):
                 thetas[names[key]] = nn.Parameter(torch.tensor(self.init, dtype=torch.float32))
             name = names[key]
             fold = _foldable_at(graph, e.ops) if self.fuse else None
-            relu = self.fuse and choices == ("identity", "same") and len(e.ops) == 1 and _is_relu(graph, e.ops[0])
-            mixers[e.id] = EdgeMix(choices, folded=fold is not None, relu=relu)
+            mixers[e.id] = EdgeMix(choices, folded=fold is not None)
             candidates = tuple("none" if c == "none" else "identity" if c == "identity" else tuple(e.ops)
                                for c in choices)
             e.ops = [Op("choice", f"{MIX_ROOT}.{e.id}", candidates,
                         {"theta": Op("get_attr", f"{THETA_ROOT}.{name}")},
-                        meta={"name": f"mix_{e.id}", "flops": e.flops, "out": e.out_meta, "fold_bn": fold,
-                              "as_prelu": relu})]
+                        meta={"name": f"mix_{e.id}", "flops": e.flops, "out": e.out_meta, "fold_bn": fold})]
             e.labels.update(choices=",".join(choices), theta=name)
             modified = True
         graph.root.add_module(THETA_ROOT, thetas)
