@@ -18,9 +18,11 @@ idea as ``GraphModule.to_folder()``, minus the pickled modules: nothing user-def
 How submodules are rebuilt
 --------------------------
 A ``torch.nn`` built-in is written as its ``repr()``, which for leaf modules is its class name and
-constructor arguments (``Conv2d(3, 8, kernel_size=(3, 3), ..., bias=False)``); ``nn.Sequential``
-is rebuilt from its children. Every rebuilt module is then constructed in-process and checked
-against the original: same ``repr()``, same public plain attributes (``p``, ``eps``, ``inplace``...),
+constructor arguments (``Conv2d(3, 8, kernel_size=(3, 3), ..., bias=False)``); where the repr is
+not a literal call or drops arguments (``padding=same``, ``AvgPool2d``'s ``ceil_mode``), as a call
+passing each ``__init__`` parameter the instance attribute of the same name. ``nn.Sequential`` is
+rebuilt from its children, and :mod:`archir.layers` classes have their source copied into the
+file. Every rebuilt leaf is constructed in-process and checked against the original: same ``repr()``, same public plain attributes (``p``, ``eps``, ``inplace``...),
 same parameter and buffer names, shapes and dtypes. A module that fails this (a user-defined
 class, an archir search-time module, a torch module with hooks, or one with submodules other than
 ``nn.Sequential``) raises :class:`StandaloneError` naming its path, its type and why.
@@ -160,17 +162,10 @@ def _class_expr(cls: type) -> str | None:
     return None
 
 
-def _literal(node: ast.AST) -> bool:
+def _literal(node: ast.AST | str) -> bool:
+    """Whether an expression (source text or an AST node) is a Python literal."""
     try:
         ast.literal_eval(node)
-        return True
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        return False
-
-
-def _literal_text(text: str) -> bool:
-    try:
-        ast.literal_eval(text)
         return True
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return False
@@ -201,7 +196,8 @@ def _why_not(path: str, mod: nn.Module, why: str) -> StandaloneError:
 
 
 def _module_expr(mod: nn.Module, path: str) -> str:
-    """A constructor expression rebuilding ``mod``, checked by construction (:func:`_construct`)."""
+    """A constructor expression rebuilding ``mod``: each leaf is checked by building it
+    (:func:`_construct`); an ``nn.Sequential`` is rebuilt from its checked children."""
     cls = type(mod)
     if mod._forward_hooks or mod._forward_pre_hooks or getattr(mod, "_backward_hooks", None):
         raise _why_not(path, mod, "it has hooks, which a rebuilt module would not run")
@@ -276,7 +272,7 @@ def _signature_expr(mod: nn.Module, qual: str) -> str | None:
         if isinstance(value, torch.Tensor) or (value is None and p.name == "bias"):
             value = value is not None
         text = repr(value)
-        if not _literal_text(text):
+        if not _literal(text):
             if p.default is p.empty:
                 return None
             continue
@@ -349,7 +345,7 @@ def _plan(gm: fx.GraphModule) -> _Plan:
 
     def add_module(target: str, mod: nn.Module):
         flat = names.flat(_display_path(gm, target))
-        expr = _construct(_module_expr(mod, target), target, mod)
+        expr = _module_expr(mod, target)
         plan.modules.append((flat, expr, mod, _display_path(gm, target)))
         for sub, m in mod.named_modules(remove_duplicate=False):
             by_id.setdefault(id(m), f"{flat}.{sub}" if sub else flat)

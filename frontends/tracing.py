@@ -48,8 +48,7 @@ class _LeafTracer(fx.Tracer):
         self.extra_leaves = set(extra_leaves)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (qualname in self.extra_leaves or isinstance(m, STANDALONE_CLASSES)
-                or super().is_leaf_module(m, qualname))
+        return qualname in self.extra_leaves or is_torch_leaf(m)
 
 
 def fx_trace(root: nn.Module, leaves: Iterable[str] = (), n_inputs: int | None = None) -> fx.Graph:
