@@ -12,6 +12,15 @@ def trace(model, example_inputs, granularity: str = "layer", **kwargs) -> Graph:
     return _trace(model, example_inputs, granularity, **kwargs)
 
 
+def search(model, example_inputs, method: str = "dnat", **options):
+    """Build ``method``'s search space over ``model`` for your own training loop; returns a
+    :class:`archir.search_space.Search` (``.supernet``, ``.arch_parameters()``, ``.weight_parameters()``,
+    ``.decisions()``, ``.derive()``, ``.emit(dir)``). See :func:`archir.search_space.search`."""
+    from archir.search_space import search as _search
+
+    return _search(model, example_inputs, method, **options)
+
+
 def transform(model, example_inputs, method: str = "dnat", train_data=None, val_data=None, out=None,
               **options):
     """Transform ``model`` (see :func:`archir.pipeline.transform`); returns a ``Result`` with
@@ -29,4 +38,4 @@ def export_onnx(module, example_inputs, path, **options):
 
 
 __all__ = ["ArchirError", "IRError", "TraceError", "UserInputError", "Graph", "Edge", "Junction",
-           "Combine", "Op", "TensorMeta", "trace", "transform", "export_onnx", "__version__"]
+           "Combine", "Op", "TensorMeta", "trace", "search", "transform", "export_onnx", "__version__"]

@@ -31,6 +31,13 @@ def _fail(exc: BaseException, code: int) -> None:
 
 
 class _Group(click.Group):
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), "transform"])
+
+    def get_command(self, ctx, name):
+        # built on demand, so that every registered method's options are flags
+        return transform_command() if name == "transform" else super().get_command(ctx, name)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -64,18 +71,21 @@ def main(debug: bool) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the IR as JSON.")
 @click.option("--text", "text_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the IR's full text form.")
-def inspect(model_file: Path, input_shape, granularity, dot_path, svg_path, json_path, text_path) -> None:
+@click.option("--method", default="dnat", show_default=True,
+              help="Say what this method could change (see `archir transform --help` for the methods).")
+def inspect(model_file: Path, input_shape, granularity, dot_path, svg_path, json_path, text_path, method) -> None:
     """Trace MODEL_FILE and print a summary and its IR table."""
-    from . import trace
+    from . import methods, trace
     from .drawing import GRAPHVIZ_HINT, write_svg
     from .fileio import write_text
     from .model_file import load_model_file
     from .summary import format_summary, format_table, graph_json
 
+    chosen = methods.create(method)
     spec = load_model_file(model_file, input_shape)
     graph = trace(spec.model, spec.example_inputs, granularity)
     graph.verify()
-    click.echo(format_summary(graph, str(model_file)))
+    click.echo(format_summary(graph, str(model_file), chosen))
     click.echo()
     click.echo(format_table(graph))
     if dot_path:
@@ -87,74 +97,111 @@ def inspect(model_file: Path, input_shape, granularity, dot_path, svg_path, json
         if how == "matplotlib":
             click.echo(f"note: {GRAPHVIZ_HINT}", err=True)
     if json_path:
-        write_text(json_path, json.dumps(graph_json(graph), indent=2, default=str))
+        write_text(json_path, json.dumps(graph_json(graph, chosen), indent=2, default=str))
         click.echo(f"wrote {json_path}")
     if text_path:
         write_text(text_path, str(graph) + "\n")
         click.echo(f"wrote {text_path}")
 
 
-@main.command()
-@click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--method", type=click.Choice(["dnat"]), default="dnat", show_default=True,
-              help="dnat: every edge chooses none / identity / its original operations.")
-@click.option("--share", type=click.Choice(["cell", "full"]), default="cell", show_default=True,
-              help="cell: repeated blocks share architecture weights; full: one per edge.")
-@click.option("--granularity", type=click.Choice(["layer", "block"]), default="layer", show_default=True)
-@click.option("--data", default="digits", show_default=True,
-              help="digits (bundled, offline), cifar10 (from --data-dir), or an image-folder path.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Where cifar10 lives "
-              "(default ~/.cache/archir-data or $ARCHIR_DATA_DIR).")
-@click.option("--subset", type=int, help="Use only this many training images (stratified).")
-@click.option("--epochs", type=int, default=10, show_default=True, help="Total epochs (both stages).")
-@click.option("--arch-epochs", type=int, default=5, show_default=True, help="Epochs of the architecture stage.")
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--lr", type=float, default=0.1, show_default=True, help="SGD learning rate of the weights (cosine).")
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
-@click.option("--arch-lr", type=float, default=0.05, show_default=True, help="Adam learning rate of θ.")
-@click.option("--arch-update", type=click.Choice(["alternate", "split", "joint"]), default="alternate",
-              show_default=True, help="alternate: ω then θ on each batch; split: θ on a held-out part; "
-              "joint: one backward pass for both.")
-@click.option("--no-augment", is_flag=True, help="No random crop/flip of training batches.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--from-weights", type=click.Path(dir_okay=False), help="Start from these trained weights "
-              "(a state_dict of the model).")
-@click.option("--input-shape", help="Example input shape (default: MODEL.py's example_input()).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("archir-out"),
-              show_default=True, help="Output directory (must be empty unless --force).")
-@click.option("--force", is_flag=True, help="Overwrite files in a non-empty output directory.")
-@click.option("--no-onnx", is_flag=True, help="Do not write model.onnx.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def transform(model_file: Path, input_shape, no_augment, no_onnx, quiet, out, **options) -> None:
+def _run_transform(model_file: Path, method: str, input_shape, out, quiet, **flags) -> None:
     """Transform MODEL_FILE: search, train, derive, and write the slim model to --out."""
+    from . import methods
     from .model_file import load_model_file
-    from .printer import human
-    from .pipeline import transform as run_transform
-
+    from .options import fields_of, flag_name, given_on_command_line
+    from .pipeline import TransformOptions, transform as run_transform
     from .training import seed_everything
 
-    seed_everything(options["seed"])  # the model file's random initialisation follows --seed too
+    ctx = click.get_current_context()
+    given = given_on_command_line(ctx, flags)
+    own = fields_of(methods.get(method).Options)
+    common = fields_of(TransformOptions)
+    for name in given:
+        if name not in own and name not in common:
+            owners = [n for n, cls in methods.available().items() if name in fields_of(cls.Options)]
+            raise UserInputError(f"{flag_name(_field(name, owners))} is an option of {', '.join(owners)}, "
+                                 f"not of --method {method}")
+    options = dict(given)
+    seed_everything(options.get("seed", TransformOptions.seed))  # the model file's initialisation follows --seed
     spec = load_model_file(model_file, input_shape)
     train_data = val_data = None
     if spec.data is not None:
-        datasets = spec.data()
-        if not (isinstance(datasets, tuple) and len(datasets) == 2):
+        from .model_file import _call
+
+        datasets = _call(spec.data, "data()", spec.path)
+        if not (isinstance(datasets, (tuple, list)) and len(datasets) == 2):
             raise UserInputError(f"{model_file}: data() must return (train_dataset, val_dataset)")
         train_data, val_data = datasets
-    method = options.pop("method")
-    res = run_transform(spec.model, spec.example_inputs, method, train_data, val_data, out,
-                        augment=not no_augment, onnx=not no_onnx, progress=not quiet, **options)
-    o, t = res.report["original"], res.report["transformed"]
-    changed = [d for d in res.report["decisions"] if d["decision"] != "same"]
-    acc = f"{100 * t['val_accuracy']:.2f}%" if t["val_accuracy"] is not None else "not trained"
+    res = run_transform(spec.model, spec.example_inputs, method, train_data, val_data, out, task=spec.task,
+                        progress=not quiet, **options)
+    click.echo(transform_summary(res))
+
+
+def _field(name: str, owners: list[str]):
+    from . import methods
+    from .options import fields_of
+
+    return fields_of(methods.get(owners[0]).Options)[name]
+
+
+def transform_summary(res) -> str:
+    """What ``archir transform`` prints at the end: what changed, the metric, the baseline."""
+    from .ir.printer import human
+
+    r = res.report
+    o, t, metric = r["original"], r["transformed"], r["metric"]
+    changed = [d for d in r["decisions"] if d["decision"] != "same"]
     shown = ", ".join(f"{d['edge']}→{d['decision']}" for d in changed[:8]) + (" …" if len(changed) > 8 else "")
-    click.echo(f"{res.graph.name}: {len(changed)} of {len(res.report['decisions'])} edges changed"
-               + (f" ({shown})" if changed else ""))
-    click.echo(f"  parameters {o['parameters']:,} -> {t['parameters']:,}; FLOPs {human(o['flops_per_example'])} -> "
-               f"{human(t['flops_per_example'])}; validation accuracy {acc}")
-    click.echo(f"  wrote {', '.join(Path(f).name for f in res.files)} to {res.out}")
+    lines = [f"{res.graph.name}: {len(changed)} of {len(r['decisions'])} edges changed"
+             + (f" ({shown})" if changed else "")]
+
+    def fmt(v):
+        if v is None:
+            return "not trained"
+        return f"{100 * v:.2f}%" if metric == "accuracy" else f"{v:.4g}"
+
+    lines.append(f"  parameters {o['parameters']:,} -> {t['parameters']:,}; FLOPs {human(o['flops_per_example'])} -> "
+                 f"{human(t['flops_per_example'])}; validation {metric} {fmt(t['val_' + metric])}")
+    if "baseline" in r:
+        row = r["baseline"]["rows"]["val_" + metric]
+        diff = row["difference"]
+        d = "" if diff is None else (f" ({100 * diff:+.2f} points)" if metric == "accuracy" else f" ({diff:+.4g})")
+        lines.append(f"  baseline: the original trained alone reached {fmt(row['original'])}{d}")
+    else:
+        lines.append("  the original was not trained on this data (--baseline compares the two)")
+    if res.out is not None:
+        lines.append(f"  wrote {', '.join(Path(f).name for f in res.files)} to {res.out}")
+    return "\n".join(lines)
+
+
+def transform_command() -> click.Command:
+    """``archir transform``, built from the options dataclasses of the pipeline and of every
+    registered method: a method adds flags without CLI code."""
+    from . import methods
+    from .options import click_params, fields_of
+    from .pipeline import DEFAULT_OUT, TransformOptions
+
+    registered = methods.available()
+    common = fields_of(TransformOptions)
+    for name, cls in registered.items():
+        clash = set(fields_of(cls.Options)) & set(common)
+        if clash:
+            raise TypeError(f"method {name}'s options {sorted(clash)} clash with archir transform's own")
+    method_help = "; ".join(f"{n}: {cls.summary}" for n, cls in registered.items())
+    params = [
+        click.Argument(["model_file"], type=click.Path(dir_okay=False, path_type=Path)),
+        click.Option(["--method"], type=click.Choice(list(registered)), default="dnat", show_default=True,
+                     help=method_help),
+        *click_params([TransformOptions]),
+        *click_params([cls.Options for cls in registered.values()],
+                      {cls.Options: n for n, cls in registered.items()}),
+        click.Option(["--input-shape"], help="Example input shape (default: MODEL.py's example_input())."),
+        click.Option(["--out"], type=click.Path(file_okay=False, path_type=Path), default=Path(DEFAULT_OUT),
+                     show_default=True, help="Output directory (must be empty unless --force)."),
+        click.Option(["--quiet"], is_flag=True, help="No progress bars or per-epoch lines."),
+    ]
+    return click.Command("transform", callback=_run_transform, params=params, help=_run_transform.__doc__,
+                         context_settings={"help_option_names": ["-h", "--help"]})
 
 
 @main.command()
@@ -170,7 +217,7 @@ def transform(model_file: Path, input_shape, no_augment, no_onnx, quiet, out, **
 @click.option("--input-shape", help="Example input shape, e.g. 1,3,32,32 (default: report.json's example_inputs).")
 def export(directory: Path, onnx_path, opset, rtol, atol, no_dynamic_batch, input_shape) -> None:
     """Export the model in DIRECTORY (a transform's --out) to ONNX and check it against ONNX Runtime."""
-    from .export_cmd import export_output_dir, summary_line
+    from .reexport import export_output_dir, summary_line
     from .model_file import parse_shape
 
     shape = parse_shape(input_shape) if input_shape else None

@@ -1,8 +1,20 @@
 """The MODEL.py convention: how ``archir inspect|transform MODEL.py`` finds a model.
 
 MODEL.py defines ``build_model()`` or ``model()`` returning the ``nn.Module`` (or a module-level
-``model`` instance), optionally ``example_input()`` returning a tensor or a tuple of tensors, and
-optionally ``data()`` returning ``(train_dataset, val_dataset)``.
+``model`` instance), and optionally:
+
+- ``example_input()`` returning a tensor or a tuple of tensors (the model's positional inputs);
+- ``data()`` returning ``(train_dataset, val_dataset)``;
+- ``loss(output, target)`` returning a scalar tensor, the mean over the batch, of the model's
+  output (whatever the model returns: a tensor, a tuple, a dict) and the batch's target
+  (default: cross-entropy of the logits, a classifier);
+- ``metric(output, target)`` returning a scalar tensor or a number, the mean over the batch,
+  higher is better, reported under the function's name (default: top-1 accuracy with the
+  default loss, and ``neg_loss``, the negative loss, when ``loss`` is defined).
+
+``loss`` and ``metric`` become ``ModelSpec.task`` (``archir.task.make_task``); the batch
+conventions (``(x, y)``, ``(x1, x2, y)``, ``{"x": x, "target": y}``) are those of
+``archir.task``.
 """
 from __future__ import annotations
 
@@ -10,7 +22,7 @@ import importlib.util
 import sys
 import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import UserInputError
+from .task import Task, classification_task, make_task
 
 DEFAULT_INPUT_SHAPE = (1, 3, 32, 32)
 
@@ -28,6 +41,7 @@ class ModelSpec:
     model: nn.Module
     example_inputs: tuple[torch.Tensor, ...]
     data: Callable | None
+    task: Task = field(default_factory=classification_task)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -102,4 +116,16 @@ def load_model_file(path: str | Path, input_shape: str | tuple[int, ...] | None 
     else:
         example = (torch.randn(DEFAULT_INPUT_SHAPE),)
     data = getattr(module, "data", None)
-    return ModelSpec(path, model, example, data if callable(data) else None)
+    return ModelSpec(path, model, example, data if callable(data) else None, _task(module, path))
+
+
+def _task(module, path: Path) -> Task:
+    """The task of MODEL.py's optional ``loss`` and ``metric`` functions."""
+    fns = {}
+    for name in ("loss", "metric"):
+        fn = getattr(module, name, None)
+        if fn is not None and not callable(fn):
+            raise UserInputError(f"{path}: {name} must be a function {name}(output, target), got "
+                                 f"{type(fn).__name__}")
+        fns[name] = fn
+    return make_task(fns["loss"], fns["metric"])

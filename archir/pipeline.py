@@ -1,9 +1,14 @@
-"""``archir.transform`` (defined here): trace, build the search space, train, derive, emit. The CLI calls this.
+"""``archir.transform`` (defined here): a :class:`~archir.search.Search` plus the built-in trainer.
 
 The pipeline is one straight function of named stages (after tinygrad's ``codegen``)::
 
-    trace -> EdgeChoice -> train (architecture stage) -> Derive · Prune · FoldIdentities
-          -> train (network stage) -> emit model.py + weights.pt (+ model.onnx) -> report
+    archir.search (trace -> the method's search passes) -> preflight on a real batch
+      -> [baseline: the original trained alone] -> train (architecture stage)
+      -> Search.derive(in_place) (the method's derive passes) -> train (network stage)
+      -> emit model.py + weights.pt (+ model.onnx) -> report
+
+Nothing here knows a method: the method is looked up in :mod:`archir.methods` by name and its
+options dataclass is filled from ``**options``.
 """
 from __future__ import annotations
 
@@ -19,58 +24,52 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import methods
 from .errors import UserInputError
 from .fileio import write_text
 from .ir import Graph
-from .training import TrainConfig
+from .options import build_options, fields_of, option
+from .task import Task
+from .training import ARCH_OPTIMIZERS, ARCH_UPDATES, TrainConfig
 
-METHODS = ("dnat",)
 DEFAULT_OUT = "archir-out"
 
 
 @dataclass
 class TransformOptions:
-    """Every option of ``archir transform``; the CLI's flags have the same names."""
+    """The options of ``archir transform`` common to every method; each field is a CLI flag of
+    the same name (``arch_lr`` → ``--arch-lr``). A method's own options come from its
+    ``Options`` dataclass (see :mod:`archir.methods`)."""
 
-    method: str = "dnat"
-    share: str = "cell"
-    granularity: str = "layer"
-    data: str = "digits"
-    data_dir: str | None = None
-    subset: int | None = None
-    # training defaults are the trainer's own (one place to change them)
-    epochs: int = TrainConfig.epochs
-    arch_epochs: int = TrainConfig.arch_epochs
-    batch_size: int = TrainConfig.batch_size
-    lr: float = TrainConfig.lr
-    momentum: float = TrainConfig.momentum
-    weight_decay: float = TrainConfig.weight_decay
-    arch_lr: float = TrainConfig.arch_lr
-    arch_optimizer: str = TrainConfig.arch_optimizer
-    arch_update: str = TrainConfig.arch_update
-    split_fraction: float = TrainConfig.split_fraction
-    augment: bool = True
-    seed: int = 0
-    device: str = "auto"
-    from_weights: str | None = None
-    force: bool = False
-    onnx: bool = True
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise UserInputError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
-        if self.share not in ("cell", "full"):
-            raise UserInputError(f"--share must be cell or full, not {self.share!r}")
-        if self.arch_update not in ("alternate", "split", "joint"):
-            raise UserInputError(f"--arch-update must be alternate, split or joint, not {self.arch_update!r}")
-        for name in ("epochs", "arch_epochs"):
-            if getattr(self, name) < 0:
-                raise UserInputError(f"--{name.replace('_', '-')} must be >= 0")
-        if self.batch_size < 1:
-            raise UserInputError("--batch-size must be >= 1")
-        if not 0 < self.split_fraction < 1:
-            raise UserInputError("--split-fraction must be between 0 and 1")
+    granularity: str = option("layer", "layer: also cut chains after each activation that follows a "
+                              "conv/linear; block: maximal chains.", choices=("layer", "block"))
+    data: str = option("digits", "digits (bundled, offline), cifar10 (from --data-dir), or an image-folder path.")
+    data_dir: str | None = option(None, "Where cifar10 lives (default ~/.cache/archir-data or $ARCHIR_DATA_DIR).")
+    subset: int | None = option(None, "Use only this many training examples (stratified).", minimum=1)
+    epochs: int = option(TrainConfig.epochs, "Total epochs (both stages).", minimum=0)
+    arch_epochs: int = option(TrainConfig.arch_epochs, "Epochs of the architecture stage (at most --epochs).",
+                              minimum=0)
+    batch_size: int = option(TrainConfig.batch_size, "Batch size.", minimum=1)
+    lr: float = option(TrainConfig.lr, "SGD learning rate of the weights (cosine schedule).", minimum=0.0)
+    momentum: float = option(TrainConfig.momentum, "SGD momentum of the weights.", minimum=0.0)
+    weight_decay: float = option(TrainConfig.weight_decay, "Weight decay of the weights.", minimum=0.0)
+    arch_lr: float = option(TrainConfig.arch_lr, "Learning rate of the architecture parameters.", minimum=0.0)
+    arch_optimizer: str = option(TrainConfig.arch_optimizer, "Optimiser of the architecture parameters.",
+                                 choices=ARCH_OPTIMIZERS)
+    arch_update: str = option(TrainConfig.arch_update, "alternate: weights then architecture on each batch; "
+                              "split: architecture on a held-out part; joint: one backward pass for both.",
+                              choices=ARCH_UPDATES)
+    split_fraction: float = option(TrainConfig.split_fraction, "Held-out fraction of the training set for "
+                                   "architecture steps with --arch-update split.", minimum=0.01, maximum=0.99)
+    augment: bool = option(True, "Random crop and flip of training images.")
+    seed: int = option(0, "Seed of every random generator (model initialisation, data order, search).")
+    device: str = option("auto", "auto uses CUDA when available.", choices=("auto", "cpu", "cuda"))
+    from_weights: str | None = option(None, "Start from these trained weights (a state_dict of the model).")
+    baseline: bool = option(False, "Also train the original model on the same data, budget, seed and device, "
+                            "and compare the two in the report.")
+    force: bool = option(False, "Overwrite files in a non-empty output directory.")
+    onnx: bool = option(True, "Write model.onnx (checked against ONNX Runtime).")
+    progress: bool = option(True, "Progress bars and per-epoch lines.", cli=False)
 
 
 @dataclass
@@ -83,6 +82,22 @@ class Result:
     original_graph: Graph
     out: Path | None = None
     files: dict[str, str] = field(default_factory=dict)
+    baseline: nn.Module | None = None
+
+
+def split_options(method: str, options: dict[str, Any]) -> tuple[TransformOptions, methods.Method]:
+    """``options`` → (the common options, the method with its own options), each checked."""
+    common = fields_of(TransformOptions)
+    method_cls = methods.get(method)
+    own = fields_of(method_cls.Options)
+    unknown = sorted(set(options) - set(common) - set(own))
+    if unknown:
+        raise UserInputError(f"unknown option(s): {', '.join(unknown)}; method {method} takes "
+                             f"{', '.join(own) or 'no options of its own'} besides the common ones "
+                             f"({', '.join(common)})")
+    opts = build_options(TransformOptions, {k: v for k, v in options.items() if k in common}, "archir transform")
+    chosen = methods.create(method, **{k: v for k, v in options.items() if k in own})
+    return opts, chosen
 
 
 def _prepare_out(out: str | Path | None, force: bool) -> Path | None:
@@ -108,6 +123,8 @@ def _load_weights(model: nn.Module, path: str) -> None:
         raise UserInputError(f"--from-weights: cannot read {p} as a state_dict: {exc}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserInputError(f"--from-weights: {p} holds a {type(state).__name__}, not a state_dict")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -156,27 +173,32 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _train_config(opts: TransformOptions, device) -> TrainConfig:
+    return TrainConfig(epochs=opts.epochs, arch_epochs=min(opts.arch_epochs, opts.epochs),
+                       batch_size=opts.batch_size, lr=opts.lr, momentum=opts.momentum,
+                       weight_decay=opts.weight_decay, arch_lr=opts.arch_lr, arch_optimizer=opts.arch_optimizer,
+                       arch_update=opts.arch_update, split_fraction=opts.split_fraction, device=str(device),
+                       seed=opts.seed, progress=opts.progress)
+
+
 def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data=None, val_data=None,
-              out: str | Path | None = None, *, on_epoch: Callable | None = None, **options) -> Result:
+              out: str | Path | None = None, *, on_epoch: Callable | None = None, task: Task | None = None,
+              **options) -> Result:
     """Transform ``model`` with ``method`` and return the trained, slim result.
 
-    ``options`` are :class:`TransformOptions` fields (``epochs``, ``arch_epochs``, ``share``,
-    ``seed``, ``lr``, ``arch_lr``, ``data``, ``device``, ...). ``train_data``/``val_data`` (torch
-    data sets) replace ``data``; with ``epochs=0`` no data is needed. With ``out`` set, the
-    directory receives model.py, weights.pt, model.onnx, report.json, report.md, graph.svg and
-    theta.png.
+    ``options`` are :class:`TransformOptions` fields (``epochs``, ``arch_epochs``, ``seed``,
+    ``lr``, ``arch_lr``, ``data``, ``device``, ``baseline`` ...) and the method's own options (DNAT:
+    ``share``). ``train_data``/``val_data`` (torch data sets) replace ``data``; with ``epochs=0``
+    no data is needed. ``task`` (:func:`archir.task.make_task`) sets the loss and the metric
+    (default: cross-entropy and top-1 accuracy). With ``out`` set, the directory receives
+    model.py, weights.pt, model.onnx, report.json, report.md, graph.svg and arch.png.
     """
-    from archir.frontends import trace
-    from archir.passes.base import PassManager
-    from archir.passes.derive import Derive, FoldIdentities, Prune
-    from archir.passes.edge_choice import EdgeChoice, arch_parameters, edge_weights, project_thetas
+    from .search_space import Search
+    from .task import classification_task
+    from .training import resolve_device, seed_everything, train_plain, train_two_stage
 
-    from .training import TrainConfig, evaluate, resolve_device, seed_everything, train_two_stage
-
-    unknown = set(options) - {f.name for f in dataclasses.fields(TransformOptions)}
-    if unknown:
-        raise UserInputError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    opts = TransformOptions(method=method, **options)
+    opts, chosen = split_options(method, options)
+    task = task or classification_task()
     out_dir = _prepare_out(out, opts.force)
     device = resolve_device(opts.device)
     timings: dict[str, float] = {}
@@ -186,66 +208,64 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
     if opts.from_weights:
         _load_weights(model, opts.from_weights)
     seed_everything(opts.seed)
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    graph = trace(model, inputs, opts.granularity)
-    graph.verify()
-    original = graph.copy(share_root=False)
+    baseline_model = copy.deepcopy(model) if opts.baseline else None
+    search = Search(model, example_inputs, chosen, granularity=opts.granularity)
+    inputs = search.example_inputs
     timings["trace"] = time.perf_counter() - t0
 
-    PassManager([EdgeChoice(opts.share)])(graph)
-    supernet = graph.to_module()
-    thetas = arch_parameters(graph)
-
-    def log_arch() -> dict:
-        return edge_weights(graph)
-
-    decisions: dict[str, dict] = {}
-
-    def derive(_supernet: nn.Module) -> nn.Module:
-        PassManager([Derive()])(graph)
-        decisions.update({e.id: dict(e.labels) for e in graph.edges.values() if "decision" in e.labels})
-        PassManager([Prune(), FoldIdentities()])(graph)
-        return graph.to_module()
-
-    cfg = TrainConfig(epochs=opts.epochs, arch_epochs=min(opts.arch_epochs, opts.epochs),
-                      batch_size=opts.batch_size, lr=opts.lr, momentum=opts.momentum,
-                      weight_decay=opts.weight_decay, arch_lr=opts.arch_lr, arch_optimizer=opts.arch_optimizer,
-                      arch_update=opts.arch_update, split_fraction=opts.split_fraction, device=str(device),
-                      seed=opts.seed, progress=opts.progress)
-    initial_weights = edge_weights(graph)
-    val_loader = train_loader = arch_loader = net_loader = None
-    original_acc = None
+    cfg = _train_config(opts, device)
+    initial_weights = search.arch_weights()
+    loaders: dict[str, Any] = {"train": None, "val": None, "arch": None, "net": None}
     if opts.epochs > 0:
         t = time.perf_counter()
         train_ds, val_ds = _datasets(opts, train_data, val_data)
-        train_loader, val_loader, arch_loader, net_loader = _loaders(opts, train_ds, val_ds, device)
+        loaders.update(zip(("train", "val", "arch", "net"), _loaders(opts, train_ds, val_ds, device)))
+        # the trainer runs the model, loss and metric once on the first batch before any step
+        # (archir.task.check_task), so a data/model mismatch is one clear error before training
         timings["data"] = time.perf_counter() - t
-        _, original_acc = evaluate(model.to(device), val_loader, device)
-        model.cpu()
-    result = train_two_stage(supernet, thetas, train_loader, val_loader, cfg, derive=derive,
-                             arch_loader=arch_loader, net_loader=net_loader,
-                             project_arch=lambda: project_thetas(graph),
-                             on_epoch=on_epoch, checkpoint_dir=out_dir, log_arch=log_arch)
+
+    baseline = None
+    if baseline_model is not None and opts.epochs > 0:
+        t = time.perf_counter()
+        plain_cfg = dataclasses.replace(cfg, progress=opts.progress)
+        baseline = train_plain(baseline_model, loaders["train"] if opts.arch_update != "split" else loaders["net"],
+                               loaders["val"], plain_cfg, task=task)
+        timings["baseline"] = time.perf_counter() - t
+
+    has_penalty = type(chosen).extra_loss is not methods.Method.extra_loss
+    result = train_two_stage(search.supernet, search.arch_parameters(), loaders["train"], loaders["val"], cfg,
+                             derive=lambda _supernet: search.derive(in_place=True),
+                             arch_loader=loaders["arch"], net_loader=loaders["net"],
+                             extra_loss=(lambda _m: search.extra_loss()) if has_penalty else None,
+                             on_epoch=on_epoch, checkpoint_dir=out_dir, log_arch=search.arch_weights, task=task)
     slim = result.network.cpu().eval()
     timings.update({f"train_{k}": v for k, v in result.stage_seconds.items()})
 
-    for eid, labels in decisions.items():  # the original graph, with what changed marked
-        original.edges[eid].labels.update(decision=labels["decision"], changed=labels["changed"])
-    report = build_report(opts, original, graph, result, original_acc, initial_weights, timings, decisions,
-                          example_inputs=inputs)
-    res = Result(slim, graph, report, original, out_dir)
-    if out_dir is not None:
-        from .outputs import write_outputs
+    graph = search.derived_graph
+    for eid, labels in search.recorded_decisions.items():  # the original graph, with what changed marked
+        if eid in search.original.edges:
+            search.original.edges[eid].labels.update(decision=labels["decision"], changed=labels["changed"])
+    report = build_report(opts, chosen, search.original, graph, result, initial_weights, timings,
+                          search.recorded_decisions, example_inputs=inputs, baseline=baseline, task=task)
+    res = Result(slim, graph, report, search.original, out_dir,
+                 baseline=baseline.network.cpu().eval() if baseline is not None else None)
+    if baseline is not None:
+        from .comparison import compare
 
-        res.files = write_outputs(res, inputs, opts)
+        report["baseline"] = compare(res.baseline, slim, inputs, baseline, result, search.original, graph)
+    if out_dir is not None:
+        from .output_dir import write_outputs
+
+        res.files = write_outputs(res, inputs, opts.onnx)
     report["time_seconds"]["total"] = time.perf_counter() - t0
     if out_dir is not None:
         write_text(out_dir / "report.json", json.dumps(report, indent=2, default=str))
     return res
 
 
-def build_report(opts, original: Graph, graph: Graph, result, original_acc, initial_weights, timings,
-                 decisions: dict[str, dict], example_inputs: tuple = ()) -> dict[str, Any]:
+def build_report(opts: TransformOptions, method: methods.Method, original: Graph, graph: Graph, result,
+                 initial_weights, timings, decisions: dict[str, dict], example_inputs: tuple = (),
+                 baseline=None, task: Task | None = None) -> dict[str, Any]:
     edges = []
     for e in original.edges_in_order():
         labels = decisions.get(e.id, {})
@@ -258,21 +278,26 @@ def build_report(opts, original: Graph, graph: Graph, result, original_acc, init
             fate = "removed (dead after pruning)"
         edges.append({
             "edge": e.id, "from": e.src, "to": e.dst, "ops": [op.render() for op in e.ops], "group": e.group,
-            "choices": labels.get("choices", "same").split(","), "theta": labels.get("theta"),
+            "choices": labels.get("choices", "same").split(","), "param": labels.get("param"),
             "final_weights": labels.get("weights"), "decision": fate,
         })
     history = result.history
+    metric = result.metric_name
     return {
-        "method": opts.method,
+        "method": method.name,
+        "method_options": dataclasses.asdict(method.options),
         "options": dataclasses.asdict(opts),
+        "effective": {"arch_epochs": min(opts.arch_epochs, opts.epochs)},
+        "metric": metric,
         "original": {"parameters": original.total_params(), "flops_per_example": original.total_flops(),
                      "edges": len(original.edges), "junctions": len(original.junctions),
-                     "val_accuracy_before_training": original_acc},
+                     "trained": baseline is not None,
+                     f"val_{metric}": baseline.val_metric if baseline is not None else None},
         "transformed": {"parameters": graph.total_params(), "flops_per_example": graph.total_flops(),
                         "edges": len(graph.edges), "junctions": len(graph.junctions),
-                        "val_accuracy": result.val_acc, "val_loss": result.val_loss},
+                        f"val_{metric}": result.val_metric, "val_loss": result.val_loss},
         "decisions": edges,
-        "theta_history": [{"epoch": h["epoch"], "stage": h["stage"], "weights": h.get("arch")} for h in history],
+        "arch_history": [{"epoch": h["epoch"], "stage": h["stage"], "weights": h.get("arch")} for h in history],
         "initial_weights": initial_weights,
         "history": [{k: v for k, v in h.items() if k != "arch"} for h in history],
         "time_seconds": {**timings, "mean_step": result.mean_step_seconds},

@@ -5,27 +5,16 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from .ir import meta_str
-from .printer import human
+from .ir.printer import human
 
 if TYPE_CHECKING:
+    from .methods import Method
     from .ir import Graph
 
 
-def identity_candidates(g: "Graph") -> list[str]:
-    """Edges that identity could replace (the EdgeChoice rule: non-empty, same shape and dtype)."""
-    from archir.passes.edge_choice import valid_choices
-
-    return [e.id for e in g.edges.values() if "identity" in valid_choices(g, e)]
-
-
-def none_candidates(g: "Graph") -> list[str]:
-    """Edges that could be removed (the EdgeChoice rule: they end at a sum with another operand)."""
-    from archir.passes.edge_choice import valid_choices
-
-    return [e.id for e in g.edges.values() if "none" in valid_choices(g, e)]
-
-
-def summarize(g: "Graph") -> dict[str, Any]:
+def summarize(g: "Graph", method: "Method | None" = None) -> dict[str, Any]:
+    """Counts that describe ``g``; with ``method``, what that method could change (its
+    ``candidates`` line)."""
     roles = Counter(r for jid in g.junctions for r in g.roles(jid))
     joins = Counter(j.combine.kind for j in g.junctions.values() if j.combine is not None)
     return {
@@ -34,14 +23,14 @@ def summarize(g: "Graph") -> dict[str, Any]:
         "forks": roles["fork"], "joins": dict(sorted(joins.items())),
         "edges": len(g.edges), "direct_edges": sum(1 for e in g.edges.values() if not e.ops),
         "parameters": g.total_params(), "flops_per_example": g.total_flops(),
-        "identity_candidates": len(identity_candidates(g)), "none_candidates": len(none_candidates(g)),
+        "candidates": {"method": method.name, "summary": method.candidates(g)} if method is not None else None,
         "cell_groups": len({e.group for e in g.edges.values()}),
         "opaque_leaves": dict(g.leaves),
     }
 
 
-def format_summary(g: "Graph", source: str = "") -> str:
-    s = summarize(g)
+def format_summary(g: "Graph", source: str = "", method: "Method | None" = None) -> str:
+    s = summarize(g, method)
     joins = ", ".join(f"{n} {k}" for k, n in s["joins"].items()) or "none"
     lines = [
         f"{s['model']}{' (' + source + ')' if source else ''}: traced with "
@@ -50,9 +39,9 @@ def format_summary(g: "Graph", source: str = "") -> str:
         f"  edges       {s['edges']} ({s['direct_edges']} direct connections, {s['cell_groups']} cell-sharing groups)",
         f"  parameters  {s['parameters']:,}",
         f"  FLOPs       {human(s['flops_per_example'])} multiply-adds per example",
-        f"  candidates  {s['identity_candidates']} edges could become identity, "
-        f"{s['none_candidates']} could become none",
     ]
+    if s["candidates"] is not None:
+        lines.append(f"  candidates  {s['candidates']['summary']} ({s['candidates']['method']})")
     if s["opaque_leaves"]:
         lines.append(f"  opaque      {', '.join(f'{k} ({v})' for k, v in s['opaque_leaves'].items())}")
     return "\n".join(lines)
@@ -81,9 +70,9 @@ def format_table(g: "Graph", ops_width: int = 56) -> str:
     return "\n".join(out)
 
 
-def graph_json(g: "Graph") -> dict[str, Any]:
+def graph_json(g: "Graph", method: "Method | None" = None) -> dict[str, Any]:
     return {
-        "summary": summarize(g),
+        "summary": summarize(g, method),
         "junctions": [{"id": j.id, "roles": g.roles(j.id), "meta": meta_str(j.meta), "name": j.name,
                        "combine": str(j.combine) if j.combine else None,
                        "operands": [e.id for e in g.in_edges(j.id)] if j.combine else None}

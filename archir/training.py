@@ -36,17 +36,27 @@ learning rate is constant (as in DARTS).
 ``train_plain`` trains an unmodified model with the same loop, optimizer and schedule (it is the
 network stage alone), so baselines and transformed models are trained identically.
 
-Data loaders are any iterable with ``len()`` that yields ``(x, y)`` batches; each epoch iterates
+What is optimised and reported is a ``Task`` (``archir.task``): its loss (mean over the batch),
+its metric (mean over the batch, higher is better, named ``metric_name``) and how a batch splits
+into model inputs and a target. ``task=None`` is ``classification_task(cfg.label_smoothing)``:
+cross-entropy and top-1 accuracy on ``(x, y)`` batches. Losses and metrics are weighted by the
+batch size (the first dimension of the first tensor input) and accumulated on the device; they
+are read back only for the progress bar (every ``log_every`` steps) and once per epoch. Before
+the first step, ``check_task`` runs the model, the loss and the metric once on the first
+training batch (eval mode, no_grad) so that a model/data/loss mismatch is one clear
+``UserInputError``; with the classification task the training set's labels are checked too
+when the loader exposes its ``dataset``.
+
+Data loaders are any iterable with ``len()`` that yields batches in the conventions of
+``archir.task`` (``(x, y)``, ``(x1, x2, y)``, ``{"x": x, "target": y}``); each epoch iterates
 the loader once more (a loader that reshuffles on ``__iter__`` gets a new order per epoch).
-Batches are moved to the device and made contiguous only when they are not already.
+Tensors in batches are moved to the device and made contiguous only when they are not already.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import random
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -57,6 +67,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
+
+from .fileio import save_torch
+from .task import Task, batch_size, check_labels, check_task, classification_task, move_to
 
 __all__ = [
     "TrainConfig",
@@ -70,6 +83,7 @@ __all__ = [
     "split_indices",
     "carry_optimizer_state",
     "cosine_lr",
+    "format_metric",
 ]
 
 ARCH_UPDATES = ("alternate", "split", "joint")
@@ -90,7 +104,8 @@ class TrainConfig:
     ``epochs`` counts both stages; the first ``min(arch_epochs, epochs)`` are the architecture
     stage. ``batch_size`` and ``split_fraction`` are not used by the trainer itself (it gets
     ready-made loaders); they travel in the config so that callers building the loaders and
-    checkpoints recording the run see one set of numbers.
+    checkpoints recording the run see one set of numbers. ``label_smoothing`` applies to the
+    default (classification) task only; a task given to the trainer is used as it is.
     """
 
     epochs: int = 10
@@ -135,28 +150,40 @@ class TrainConfig:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
 
 
+def format_metric(name: str, value: Optional[float]) -> str:
+    """``accuracy`` in percent (``85.20%``), any other metric with 4 significant digits."""
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.2f}%" if name == "accuracy" else f"{value:.4g}"
+
+
 @dataclass
 class EpochRecord:
-    """What one epoch did. ``lr`` is ω's learning rate at the epoch's first step; ``seconds``
-    is the epoch's wall time (training + evaluation), ``train_seconds`` the training loop alone;
-    ``arch`` is ``log_arch()`` after the epoch (None without ``log_arch``)."""
+    """What one epoch did. ``train_metric``/``val_metric`` are the task's metric (named
+    ``metric_name``; top-1 accuracy in [0, 1] for the default task), ``train_loss``/``val_loss``
+    its loss, all averaged over examples. ``lr`` is ω's learning rate at the epoch's first step;
+    ``seconds`` is the epoch's wall time (training + evaluation), ``train_seconds`` the training
+    loop alone; ``arch`` is ``log_arch()`` after the epoch (None without ``log_arch``)."""
 
     epoch: int
     stage: str  # "arch" | "net"
     train_loss: float
-    train_acc: float
+    train_metric: float
     val_loss: Optional[float]
-    val_acc: Optional[float]
+    val_metric: Optional[float]
     lr: float
     steps: int
     seconds: float
     train_seconds: float
     arch: Optional[dict] = None
+    metric_name: str = "accuracy"
 
     def summary(self, epochs: int) -> str:
-        val = "" if self.val_acc is None else f" val {self.val_loss:.4f}/{100 * self.val_acc:.2f}%"
-        return (f"[{self.stage}] epoch {self.epoch + 1}/{epochs} train {self.train_loss:.4f}/"
-                f"{100 * self.train_acc:.2f}%{val} lr {self.lr:.4g} {self.seconds:.1f}s")
+        name = self.metric_name
+        val = ("" if self.val_metric is None else
+               f" val loss {self.val_loss:.4f} {name} {format_metric(name, self.val_metric)}")
+        return (f"[{self.stage}] epoch {self.epoch + 1}/{epochs} train loss {self.train_loss:.4f} "
+                f"{name} {format_metric(name, self.train_metric)}{val} lr {self.lr:.4g} {self.seconds:.1f}s")
 
 
 @dataclass
@@ -169,12 +196,15 @@ class TrainResult:
     ``eval_seconds``); a step is one training batch (two passes in "alternate"/"split" mode).
     ``optimizer`` is the last ω optimizer (the network stage's one after a derive).
     ``carried_state`` counts the parameters whose optimizer state survived the derive.
+    ``val_loss``/``val_metric`` are the final network's validation loss and metric (named
+    ``metric_name``), None without a validation loader.
     """
 
     network: nn.Module
     history: list[dict]
     val_loss: Optional[float]
-    val_acc: Optional[float]
+    val_metric: Optional[float]
+    metric_name: str
     stage_seconds: dict[str, float]
     stage_steps: dict[str, int]
     mean_step_seconds: dict[str, Optional[float]]
@@ -244,10 +274,14 @@ def carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | None = None) -> tuple[float, float]:
-    """Mean cross-entropy loss and top-1 accuracy of ``model`` over ``loader``, in eval mode
-    under ``torch.no_grad`` (the model's previous train/eval mode is restored). ``device``
-    defaults to the device of the model's first parameter (cpu for a parameterless model)."""
+def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | None = None,
+             task: Optional[Task] = None) -> tuple[float, float]:
+    """``(mean loss, mean metric)`` of ``model`` over ``loader`` for ``task`` (default: the
+    classification task, i.e. cross-entropy and top-1 accuracy), both weighted by batch size,
+    in eval mode under ``torch.no_grad`` (the model's previous train/eval mode is restored).
+    ``device`` defaults to the device of the model's first parameter (cpu for a parameterless
+    model). An empty loader gives ``(nan, nan)``."""
+    task = classification_task() if task is None else task
     if device is None:
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
@@ -255,20 +289,22 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | No
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    metric_sum = torch.zeros((), dtype=torch.float64, device=device)
     n = 0
     try:
-        for x, y in loader:
-            x, y = _to_device(x, y, device)
-            out = _logits(model(x))
-            loss_sum += nn.functional.cross_entropy(out, y, reduction="sum").double()
-            correct += (out.argmax(1) == y).sum()
-            n += y.shape[0]
+        for batch in loader:
+            args, kwargs, target = move_to(task.split_batch(batch), device)
+            out = model(*args, **kwargs)
+            n_b = batch_size(args, kwargs, target)
+            loss_b = task.total_loss(out, target, n_b, device)
+            loss_sum += loss_b
+            metric_sum += task.total_metric(out, target, n_b, device, loss_total=loss_b)
+            n += n_b
     finally:
         model.train(was_training)
     if n == 0:
         return float("nan"), float("nan")
-    return loss_sum.item() / n, correct.item() / n
+    return loss_sum.item() / n, metric_sum.item() / n
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,13 +320,15 @@ def train_plain(
     *,
     on_epoch: Optional[Callable[[EpochRecord], None]] = None,
     checkpoint_dir: Optional[Path | str] = None,
+    task: Optional[Task] = None,
 ) -> TrainResult:
     """Ordinary training of ``model`` (all its parameters are ω) with the same loop, optimizer
     and schedule as the network stage of ``train_two_stage``: a baseline run. ``arch_epochs``
-    and the θ settings of ``cfg`` are ignored; every epoch is recorded with stage "net"."""
+    and the θ settings of ``cfg`` are ignored; every epoch is recorded with stage "net".
+    ``task``: see ``train_two_stage``."""
     plain = TrainConfig(**{**asdict(cfg), "arch_epochs": 0})
     return train_two_stage(model, [], train_loader, val_loader, plain, derive=None,
-                           on_epoch=on_epoch, checkpoint_dir=checkpoint_dir)
+                           on_epoch=on_epoch, checkpoint_dir=checkpoint_dir, task=task)
 
 
 def train_two_stage(
@@ -308,6 +346,7 @@ def train_two_stage(
     on_epoch: Optional[Callable[[EpochRecord], None]] = None,
     checkpoint_dir: Optional[Path | str] = None,
     log_arch: Optional[Callable[[], dict]] = None,
+    task: Optional[Task] = None,
 ) -> TrainResult:
     """Train ``supernet`` and θ (``arch_params``) for ``min(cfg.arch_epochs, cfg.epochs)``
     epochs, call ``derive(supernet)``, and train the derived network's ω for the remaining
@@ -322,8 +361,9 @@ def train_two_stage(
             ω is every other parameter of it that requires grad.
         arch_params: θ. Moved to the device (keeping the objects) if the supernet does not hold
             them.
-        train_loader: ``(x, y)`` batches, iterated once per epoch. In "split" mode it is the
-            weight part of the training set (ω steps).
+        train_loader: batches (``(x, y)``, ``(x1, x2, y)``, ``{"x": x, "target": y}``: see
+            ``archir.task``), iterated once per epoch. In "split" mode it is the weight part of
+            the training set (ω steps).
         val_loader: evaluated after every epoch (may be None: no evaluation).
         derive: called once after the architecture stage (at the start when it has no epochs,
             and even when ``cfg.epochs == 0``); returns the network of the network stage. None:
@@ -345,6 +385,9 @@ def train_two_stage(
             network from the saved θ before loading the network-stage state).
         log_arch: returns a snapshot of θ (e.g. per edge) stored (copied: tensors are cloned to
             the cpu) in every ``EpochRecord``, and before training in ``initial_arch``.
+        task: the loss, metric and batch layout (``archir.task.Task``). None: the
+            classification task, ``classification_task(cfg.label_smoothing)`` for training; its
+            validation loss is plain cross-entropy (no label smoothing), as it always was.
     """
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
@@ -368,10 +411,13 @@ def train_two_stage(
             if p.device != device:
                 p.data = p.data.to(device)
 
-    crit = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    if task is None:
+        train_task, eval_task = classification_task(cfg.label_smoothing), classification_task()
+    else:
+        train_task = eval_task = task
     total_steps = (arch_epochs * len(train_loader) + (epochs - arch_epochs) * len(net_loader)) if epochs else 0
     clock = _Clock()
-    state = _RunState(cfg=cfg, device=device, total_steps=total_steps, crit=crit)
+    state = _RunState(cfg=cfg, device=device, total_steps=total_steps, task=train_task)
     snapshot = (lambda: _snapshot(log_arch())) if log_arch is not None else (lambda: None)
     initial_arch = snapshot()
 
@@ -412,19 +458,20 @@ def train_two_stage(
 
             t0 = time.perf_counter()
             lr0 = state.lr_at(state.global_step)
-            train_loss, train_acc, steps = _run_epoch(model, loader, step, opt_w, state,
-                                                      desc=f"{stage} {epoch + 1}/{epochs}")
+            train_loss, train_metric, steps = _run_epoch(model, loader, step, opt_w, state,
+                                                         desc=f"{stage} {epoch + 1}/{epochs}")
             train_seconds = time.perf_counter() - t0
             clock.add(stage, train_seconds, steps)
 
             t1 = time.perf_counter()
-            val_loss, val_acc = evaluate(model, val_loader, device) if val_loader is not None else (None, None)
+            val_loss, val_metric = (evaluate(model, val_loader, device, eval_task) if val_loader is not None
+                                    else (None, None))
             clock.eval += time.perf_counter() - t1
 
-            record = EpochRecord(epoch=epoch, stage=stage, train_loss=train_loss, train_acc=train_acc,
-                                 val_loss=val_loss, val_acc=val_acc, lr=lr0, steps=steps,
+            record = EpochRecord(epoch=epoch, stage=stage, train_loss=train_loss, train_metric=train_metric,
+                                 val_loss=val_loss, val_metric=val_metric, lr=lr0, steps=steps,
                                  seconds=time.perf_counter() - t0, train_seconds=train_seconds,
-                                 arch=snapshot())
+                                 arch=snapshot(), metric_name=train_task.metric_name)
             state.history.append(asdict(record))
             if cfg.progress:
                 tqdm.write(record.summary(epochs))
@@ -442,13 +489,14 @@ def train_two_stage(
     if (derived_last and derive is not None) or not state.history:
         # the returned network has not been evaluated yet
         t1 = time.perf_counter()
-        final = evaluate(model, val_loader, device) if val_loader is not None else (None, None)
+        final = evaluate(model, val_loader, device, eval_task) if val_loader is not None else (None, None)
         clock.eval += time.perf_counter() - t1
     else:
-        final = (state.history[-1]["val_loss"], state.history[-1]["val_acc"])
+        final = (state.history[-1]["val_loss"], state.history[-1]["val_metric"])
     model.eval()
     return TrainResult(
-        network=model, history=state.history, val_loss=final[0], val_acc=final[1],
+        network=model, history=state.history, val_loss=final[0], val_metric=final[1],
+        metric_name=train_task.metric_name,
         stage_seconds=dict(clock.seconds), stage_steps=dict(clock.steps),
         mean_step_seconds={k: (clock.seconds[k] / clock.steps[k] if clock.steps[k] else None)
                            for k in clock.seconds},
@@ -467,9 +515,10 @@ class _RunState:
     cfg: TrainConfig
     device: torch.device
     total_steps: int
-    crit: nn.Module
+    task: Task
     global_step: int = 0
     history: list = field(default_factory=list)
+    checked: bool = False  # check_task ran on the first training batch
 
     def lr_at(self, step: int) -> float:
         if self.cfg.schedule == "constant":
@@ -538,21 +587,6 @@ def _arch_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim
                            foreach=True)
 
 
-def _to_device(x: Tensor, y: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
-    if x.device != device:
-        x = x.to(device, non_blocking=True)
-    if not x.is_contiguous():
-        x = x.contiguous()
-    if y.device != device:
-        y = y.to(device, non_blocking=True)
-    return x, y
-
-
-def _logits(out: Any) -> Tensor:
-    """The logits of a model output; tuples (e.g. main + auxiliary heads) give their first."""
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _cycle(loader: Iterable) -> Iterator:
     while True:
         empty = True
@@ -568,16 +602,19 @@ def _clip(params: list[nn.Parameter], cfg: TrainConfig) -> None:
         nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
 
 
-StepFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+# A step gets one batch already split and on the device: (args, kwargs, target); it returns the
+# loss and the model output of its ω pass.
+StepFn = Callable[[tuple, dict, Any], tuple[Tensor, Any]]
 
 
 def _net_step(model: nn.Module, w_params: list[nn.Parameter], opt_w: torch.optim.Optimizer,
               state: _RunState) -> StepFn:
-    """One SGD step of ω; returns (loss, logits) of the batch."""
+    """One SGD step of ω; returns (loss, output) of the batch."""
+    loss_fn = state.task.loss
 
-    def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        out = _logits(model(x))
-        loss = state.crit(out, y)
+    def step(args: tuple, kwargs: dict, target: Any) -> tuple[Tensor, Any]:
+        out = model(*args, **kwargs)
+        loss = loss_fn(out, target)
         opt_w.zero_grad(set_to_none=True)
         loss.backward(inputs=w_params)
         _clip(w_params, state.cfg)
@@ -592,10 +629,11 @@ def _arch_step(model: nn.Module, w_params: list[nn.Parameter], arch_params: list
                mode: str, arch_loader: Optional[Iterable], project_arch: Optional[Callable[[], None]],
                extra_loss: Optional[Callable[[nn.Module], Tensor]]) -> StepFn:
     """One step of the architecture stage (see the module docstring for the three modes);
-    returns (loss, logits) of the ω pass."""
+    returns (loss, output) of the ω pass."""
     net_step = _net_step(model, w_params, opt_w, state)
     if opt_a is None:  # no θ: the architecture stage only trains ω
         return net_step
+    task = state.task
 
     def arch_update() -> None:
         opt_a.step()
@@ -603,8 +641,8 @@ def _arch_step(model: nn.Module, w_params: list[nn.Parameter], arch_params: list
             with torch.no_grad():
                 project_arch()
 
-    def theta_pass(x: Tensor, y: Tensor) -> None:
-        loss = state.crit(_logits(model(x)), y)
+    def theta_pass(args: tuple, kwargs: dict, target: Any) -> None:
+        loss = task.loss(model(*args, **kwargs), target)
         if extra_loss is not None:
             loss = loss + extra_loss(model)
         opt_a.zero_grad(set_to_none=True)
@@ -612,27 +650,26 @@ def _arch_step(model: nn.Module, w_params: list[nn.Parameter], arch_params: list
         arch_update()
 
     if mode == "alternate":
-        def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-            result = net_step(x, y)
-            theta_pass(x, y)
+        def step(args: tuple, kwargs: dict, target: Any) -> tuple[Tensor, Any]:
+            result = net_step(args, kwargs, target)
+            theta_pass(args, kwargs, target)
             return result
         return step
 
     if mode == "split":
         held_out = _cycle(arch_loader)
 
-        def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-            result = net_step(x, y)
-            xa, ya = _to_device(*next(held_out), state.device)
-            theta_pass(xa, ya)
+        def step(args: tuple, kwargs: dict, target: Any) -> tuple[Tensor, Any]:
+            result = net_step(args, kwargs, target)
+            theta_pass(*move_to(task.split_batch(next(held_out)), state.device))
             return result
         return step
 
     both = w_params + arch_params
 
-    def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:  # joint
-        out = _logits(model(x))
-        loss = state.crit(out, y)
+    def step(args: tuple, kwargs: dict, target: Any) -> tuple[Tensor, Any]:  # joint
+        out = model(*args, **kwargs)
+        loss = task.loss(out, target)
         total = loss + extra_loss(model) if extra_loss is not None else loss
         opt_w.zero_grad(set_to_none=True)
         opt_a.zero_grad(set_to_none=True)
@@ -644,38 +681,55 @@ def _arch_step(model: nn.Module, w_params: list[nn.Parameter], arch_params: list
     return step
 
 
+def _preflight(model: nn.Module, loader: Iterable, batch: Any, state: _RunState) -> None:
+    """``check_task`` on the run's first training batch (and, for the classification task,
+    ``check_labels`` on the loader's data set when it exposes one)."""
+    num_classes = check_task(model, batch, state.task, state.device)
+    dataset = getattr(loader, "dataset", None)
+    if num_classes is not None and dataset is not None:
+        check_labels(dataset, num_classes)
+    state.checked = True
+
+
 def _run_epoch(model: nn.Module, loader: Iterable, step: StepFn, opt_w: torch.optim.Optimizer,
                state: _RunState, desc: str) -> tuple[float, float, int]:
-    """Iterate ``loader`` once calling ``step`` per batch; returns (mean loss, accuracy, steps).
-    Loss and accuracy are accumulated on the device and read back only every ``log_every``
-    steps for the progress bar (when shown) and once at the end."""
-    cfg, device = state.cfg, state.device
+    """Iterate ``loader`` once calling ``step`` per batch; returns (mean loss, mean metric,
+    steps). Loss and metric are accumulated on the device and read back only every
+    ``log_every`` steps for the progress bar (when shown) and once at the end."""
+    cfg, device, task = state.cfg, state.device, state.task
+    name = task.metric_name
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    metric_sum = torch.zeros((), dtype=torch.float64, device=device)
     n = steps = 0
     bar = tqdm(loader, total=len(loader), desc=desc, disable=None if cfg.progress else True,
                leave=False, dynamic_ncols=True)
     try:
-        for x, y in bar:
-            x, y = _to_device(x, y, device)
+        for batch in bar:
+            if not state.checked:
+                _preflight(model, loader, batch, state)
+            args, kwargs, target = move_to(task.split_batch(batch), device)
+            n_b = batch_size(args, kwargs, target)
             lr = state.lr_at(state.global_step)
             for group in opt_w.param_groups:
                 group["lr"] = lr
-            loss, out = step(x, y)
-            loss_sum += loss.detach().double() * y.shape[0]
-            correct += (out.detach().argmax(1) == y).sum()
-            n += y.shape[0]
+            loss, out = step(args, kwargs, target)
+            loss_b = (loss.detach() if loss.dim() == 0 else loss.detach().reshape(())).double() * n_b
+            loss_sum += loss_b
+            with torch.no_grad():
+                metric_sum += task.total_metric(out, target, n_b, device, loss_total=loss_b)
+            n += n_b
             steps += 1
             state.global_step += 1
             if not bar.disable and steps % cfg.log_every == 0:
-                bar.set_postfix(loss=f"{loss_sum.item() / n:.4f}", acc=f"{100 * correct.item() / n:.2f}%",
-                                lr=f"{lr:.4g}", refresh=False)
+                bar.set_postfix({"loss": f"{loss_sum.item() / n:.4f}",
+                                 name: format_metric(name, metric_sum.item() / n), "lr": f"{lr:.4g}"},
+                                refresh=False)
     finally:
         bar.close()
     if n == 0:
         return float("nan"), float("nan"), 0
-    return loss_sum.item() / n, correct.item() / n, steps
+    return loss_sum.item() / n, metric_sum.item() / n, steps
 
 
 @contextmanager
@@ -698,10 +752,34 @@ def _deterministic(enabled: bool):
         torch.backends.cudnn.benchmark = prev_bench
 
 
+def _rng_state() -> dict:
+    """The torch, numpy and python generator states in types ``torch.load(weights_only=True)``
+    accepts: tensors, ints, floats, strings, lists (``_set_rng_state`` restores them)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": [int(version), [int(v) for v in internal], None if gauss_next is None else float(gauss_next)],
+    }
+
+
+def _set_rng_state(rng: dict) -> None:
+    """Restore the generator states saved by ``_rng_state``."""
+    torch.set_rng_state(rng["torch"])
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss_next = rng["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
 def _save_checkpoint(path: Path, *, model: nn.Module, opt_w: torch.optim.Optimizer,
                      opt_a: Optional[torch.optim.Optimizer], arch_params: list[nn.Parameter],
                      epoch: int, stage: str, cfg: TrainConfig, history: list) -> None:
-    """Write the checkpoint to a temporary file in the same folder, then ``os.replace`` it."""
+    """Write the checkpoint atomically (``archir.fileio.save_torch``). It holds tensors and
+    plain python values only, so ``torch.load(path, weights_only=True)`` reads it."""
     payload = {
         "model": model.state_dict(),
         "optimizer": opt_w.state_dict(),
@@ -711,14 +789,6 @@ def _save_checkpoint(path: Path, *, model: nn.Module, opt_w: torch.optim.Optimiz
         "stage": stage,
         "cfg": asdict(cfg),
         "history": list(history),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        "rng": _rng_state(),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_torch(payload, path)

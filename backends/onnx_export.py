@@ -59,7 +59,6 @@ import re
 import shutil
 import sys
 import tempfile
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -70,6 +69,8 @@ import torch
 import torch.nn as nn
 
 from archir.errors import ArchirError
+from archir.fileio import atomic_path
+from archir.modes import eval_mode
 
 __all__ = [
     "OnnxReport",
@@ -398,17 +399,6 @@ def _random_like(example: torch.Tensor, batch: int, generator: torch.Generator) 
 
 
 @contextlib.contextmanager
-def _eval_mode(module: nn.Module):
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-@contextlib.contextmanager
 def _quiet_loggers(*names: str):
     """Raise the given loggers to ERROR for the duration (the dynamo exporter logs 'torchvision is
     not installed' four times per export)."""
@@ -532,7 +522,7 @@ def export_onnx(
         raise ValueError(f"{len(input_names)} input names for {len(args)} inputs")
 
     notes: list[str] = []
-    with _eval_mode(module), torch.no_grad():
+    with eval_mode(module), torch.no_grad():
         flat = flatten_outputs(module(*args))
         names = list(output_names) if output_names is not None else [n for n, _ in flat]
         if len(names) != len(flat):
@@ -584,13 +574,9 @@ def export_onnx(
             if graph_outputs != names:
                 raise RuntimeError(f"exporter named the outputs {graph_outputs}, expected {names}")
 
-            tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp.onnx")
-            try:
+            with atomic_path(path) as tmp:
                 _save_model(model, tmp, path.name)
                 onnx.checker.check_model(str(tmp), full_check=True)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 

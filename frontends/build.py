@@ -19,10 +19,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from archir.costs import function_flops, module_flops
 from archir.errors import TraceError
 from archir.ir import (CONCAT_TARGETS, IN, PRODUCT_TARGETS, SUM_TARGETS, Combine, Edge, Graph, Junction,
-                       JunctionRef, Op, Operand, TensorMeta, _flatten, fetch_attr)
+                       JunctionRef, Op, Operand, TensorMeta, fetch_attr)
+from archir.ir.costs import function_flops, module_flops
+from archir.ir.graph import _flatten
+from archir.modes import eval_mode
 
 _ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
                        nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.PReLU, nn.Softplus,
@@ -53,15 +55,9 @@ class _Recorder(fx.Interpreter):
 
 
 def record(root: nn.Module, graph: fx.Graph, inputs: Sequence[torch.Tensor]) -> dict[fx.Node, Any]:
-    modes = {m: m.training for m in root.modules()}
-    try:
-        root.eval()
-        with torch.no_grad():
-            rec = _Recorder(root, graph)
-            rec.run(*inputs)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with eval_mode(root), torch.no_grad():
+        rec = _Recorder(root, graph)
+        rec.run(*inputs)
     return rec.metas
 
 
@@ -322,7 +318,7 @@ class _Builder:
                     e.in_meta = self.metas.get(src)
                 edge_no += 1
                 g.add_edge(e)
-        g._ids = iter(range(len(order) + edge_no, 10**12))
+        g._next_id = len(order) + edge_no
         g.output = self.output_template()
         assign_groups(g, {self.jid[n]: n for n in order})
         return g

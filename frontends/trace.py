@@ -12,11 +12,12 @@ from torch import nn
 from archir.errors import TraceError, UserInputError
 from archir.ir import Graph
 from archir.layers import stochastic_depth_for
+from archir.modes import eval_mode
 
 from .build import build_graph
-from .normalize import UnsafeMutation, dropout_to_modules, functionalize
-from .tracing import (export_trace, failing_modules, first_line, fx_trace, is_torch_leaf, trace_failure,
+from .capture import (export_trace, failing_modules, first_line, fx_trace, is_torch_leaf, trace_failure,
                       user_location)
+from .normalize import UnsafeMutation, dropout_to_modules, functionalize
 
 GRANULARITIES = ("layer", "block")
 MAX_AUTO_LEAVES = 64  # submodules made opaque automatically before giving up
@@ -93,18 +94,13 @@ def clone_module(model: nn.Module,
 
 def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...], name: str) -> None:
     """Run the model once (eval, no grad) so that a bad example input fails with a clear message."""
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*inputs)
     except Exception as exc:  # noqa: BLE001
         shapes = ", ".join(str(list(x.shape)) for x in inputs)
         raise UserInputError(f"{name} fails on the example input of shape {shapes}: {first_line(exc)}. "
                              "Give the shape the model expects (--input-shape or example_input()).") from exc
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def _traceable_copy(model: nn.Module) -> nn.Module:

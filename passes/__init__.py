@@ -1,0 +1,10 @@
+"""Graph passes: each rewrites an archir graph in place and reports whether it changed it.
+
+``Pass``/``PassResult``/``PassManager`` are the infrastructure (see :mod:`archir.passes.base`);
+the rest are the passes archir's methods are built from.
+"""
+from .base import Pass, PassError, PassManager, PassResult
+from .derive import Derive, FoldIdentities, Prune
+from .edge_choice import EdgeChoice
+
+__all__ = ["Pass", "PassError", "PassManager", "PassResult", "EdgeChoice", "Derive", "Prune", "FoldIdentities"]

@@ -28,12 +28,14 @@ group (edges at the same position of repeated blocks, see ``Edge.group``).
 Cost. Mixing is elementwise work over whole activations, which on a CPU is memory-bound: a naive
 mixer reads and writes every activation several more times per step. With ``fuse=True`` (the
 default), where the original path ends in an affine BatchNorm (a ReLU may follow), w_same is
-folded into γ and β (``archir.mixing.scaled_batch_norm``): the same values and gradients, and
+folded into γ and β (``archir.passes.mixing.scaled_batch_norm``): the same values and gradients, and
 ∂L/∂w_same comes out of BatchNorm's own backward instead of extra passes. (Mixing a lone ReLU
 edge as ``prelu(x, w_id)``, equal when w_id + w_same = 1, was measured slower on the CPU: its
 backward kernel costs more than the passes it saves.)
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +43,9 @@ from torch import nn
 
 from archir.errors import IRError, UserInputError
 from archir.ir import Edge, Graph, Input, Op, fetch_attr
-from archir.mixing import POSITIVELY_HOMOGENEOUS, foldable_batch_norm, mix_weights
+from archir.ir.lower import register_lowering
+
+from .mixing import POSITIVELY_HOMOGENEOUS, foldable_batch_norm, mix_weights, scaled_batch_norm
 
 from .base import Pass, PassResult
 
@@ -67,7 +71,7 @@ class WeightedSum(torch.autograd.Function):
     Autograd's version of this expression writes and re-reads temporaries in both directions; here
     the backward is ``g·w_same``, ``g·w_id`` and two dot products (∂out/∂w_same = ⟨g, o⟩,
     ∂out/∂w_id = ⟨g, x⟩). ``w_same=None`` means ``o`` is already weighted (the weight was folded
-    into a BatchNorm, see archir/mixing.py): ``out = o + w_id·x``, and ``o`` gets ``g`` itself.
+    into a BatchNorm, see passes/mixing.py): ``out = o + w_id·x``, and ``o`` gets ``g`` itself.
     On the CPU, where reading a weight costs no device sync, the common case w_same = 1, w_id = 0
     (at initialisation, and whenever the projection holds θ_none and θ_id at 0) returns ``o``
     itself and passes the gradient through untouched.
@@ -117,7 +121,7 @@ class EdgeMix(nn.Module):
     ``choices`` order (identity's ``x`` first, then ``o(x)``); ``theta`` is the 3-slot (none,
     identity, same) parameter, possibly shared by a group; ``weights``, when the lowering already
     computed them, saves computing them again. With ``folded``, ``o(x)`` arrives already scaled
-    by w_same (folded into its BatchNorm by the lowering, see archir/mixing.py). Written for few
+    by w_same (folded into its BatchNorm by the lowering, see passes/mixing.py). Written for few
     kernel launches and no host syncs on a GPU (a small network's step is launch-bound there):
     the valid slots are a mask buffer, not an index, and the weighted sum is one autograd
     function (:class:`WeightedSum`).
@@ -153,7 +157,7 @@ def _is_relu(graph: Graph, op: Op) -> bool:
 
 def _foldable_at(graph: Graph, ops: list[Op]) -> int | None:
     """Index of an affine BatchNorm that ends the path (a ReLU may follow it): w_same folds into
-    its γ and β (archir/mixing.py). None where the path ends otherwise."""
+    its γ and β (passes/mixing.py). None where the path ends otherwise."""
     for i in range(len(ops) - 1, -1, -1):
         op = ops[i]
         if op.kind == "call_module":
@@ -183,7 +187,7 @@ class EdgeChoice(Pass):
         self.share = share
         self.init = init
         # fold w_same into a closing BatchNorm: same function and gradients, fewer passes over
-        # the activations (archir/mixing.py)
+        # the activations (passes/mixing.py)
         self.fuse = fuse
 
     def run(self, graph: Graph) -> PassResult:
@@ -192,7 +196,6 @@ class EdgeChoice(Pass):
         thetas = nn.ParameterDict()
         mixers = nn.ModuleDict()
         names: dict[str, str] = {}
-        modified = False
         for e in graph.edges_in_order():
             choices = valid_choices(graph, e)
             if len(choices) < 2:
@@ -206,15 +209,52 @@ class EdgeChoice(Pass):
             mixers[e.id] = EdgeMix(choices, folded=fold is not None)
             candidates = tuple("none" if c == "none" else "identity" if c == "identity" else tuple(e.ops)
                                for c in choices)
+            meta = {"name": f"mix_{e.id}", "flops": e.flops, "out": e.out_meta}
+            if fold is not None:
+                meta.update(lowering=FOLDED_LOWERING, fold_bn=fold)
             e.ops = [Op("choice", f"{MIX_ROOT}.{e.id}", candidates,
-                        {"theta": Op("get_attr", f"{THETA_ROOT}.{name}")},
-                        meta={"name": f"mix_{e.id}", "flops": e.flops, "out": e.out_meta, "fold_bn": fold})]
-            e.labels.update(choices=",".join(choices), theta=name)
-            modified = True
+                        {"theta": Op("get_attr", f"{THETA_ROOT}.{name}")}, meta=meta)]
+            e.labels.update(choices=",".join(choices), param=name)
+        if not names:  # nothing to choose: the graph and its root stay as they were
+            return PassResult(graph, False)
         graph.root.add_module(THETA_ROOT, thetas)
         graph.root.add_module(MIX_ROOT, mixers)
         graph.root.archir_theta_keys = {v: k.split("|")[0] for k, v in names.items()}
-        return PassResult(graph, modified)
+        return PassResult(graph, True)
+
+
+FOLDED_LOWERING = "edge_choice.fold_bn"
+
+
+def _lower_folded(lowering, op: Op, inp, operands):
+    """A choice whose original path ends in an affine BatchNorm (``op.meta['fold_bn']`` = its
+    index): that BatchNorm takes w_same into its γ and β (passes/mixing.py) and the mixer gets
+    the precomputed weights."""
+    kwargs = lowering.kwargs_of(op, inp, operands)
+    fold = op.meta["fold_bn"]
+    mask = lowering.fx.get_attr(lowering.safe_target(f"{op.target}.mask"))
+    weights = lowering.fx.call_function(mix_weights, (kwargs["theta"], mask))
+    w_same = lowering.fx.call_function(operator.getitem, (weights, 2))
+    vals = []
+    for cand in op.args:
+        if cand == "none":
+            continue
+        if cand == "identity":
+            vals.append(inp)
+            continue
+        v = inp
+        for i, o in enumerate(cand):
+            if i == fold:
+                bn = lowering.fx.get_attr(lowering.safe_target(o.target))
+                v = lowering.fx.call_function(scaled_batch_norm, (v, bn, w_same))
+            else:
+                v = lowering.op(o, v)
+        vals.append(v)
+    return lowering.fx.create_node("call_module", lowering.safe_target(op.target), tuple(vals),
+                                   {**kwargs, "weights": weights}, name=op.meta.get("name"))
+
+
+register_lowering(FOLDED_LOWERING, _lower_folded)
 
 
 def arch_parameters(graph: Graph) -> list[nn.Parameter]:

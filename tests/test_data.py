@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from archir import data
+from archir.data import image_folder, loaders
 from archir.data import (
     BatchLoader,
     DataError,
@@ -215,7 +216,7 @@ def test_crop_flip_matches_per_sample_reference():
     x = torch.randint(0, 256, (16, 3, 7, 9), dtype=torch.uint8, generator=g)
     offsets = torch.randint(0, 9, (2, 16), generator=g)
     flips = torch.rand(16, generator=g) < 0.5
-    out = data._crop_flip(x, offsets, flips, padding=4)
+    out = loaders._crop_flip(x, offsets, flips, padding=4)
     for n in range(16):
         padded = F.pad(x[n], (4, 4, 4, 4))
         top, left = int(offsets[0, n]), int(offsets[1, n])
@@ -372,7 +373,7 @@ def test_decode_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded although the cache is current")
 
-    monkeypatch.setattr(data, "_decode_files", no_decoding)
+    monkeypatch.setattr(image_folder, "_decode_files", no_decoding)
     second, _ = load_dataset(str(root), cache_dir=cache_dir)
     assert torch.equal(first.images, second.images)
 
@@ -399,8 +400,8 @@ def test_process_pool_decoding_matches_serial(tmp_path, monkeypatch):
     root = tmp_path / "set"
     _make_folder(root, ["a", "b", "c"], {"train": 4, "test": 1})
     serial, _ = load_dataset(str(root), cache=False, num_workers=1)
-    monkeypatch.setattr(data, "_MIN_FILES_PER_WORKER", 1)
-    monkeypatch.setattr(data, "_DECODE_CHUNK", 3)
+    monkeypatch.setattr(image_folder, "_MIN_FILES_PER_WORKER", 1)
+    monkeypatch.setattr(image_folder, "_DECODE_CHUNK", 3)
     pooled, _ = load_dataset(str(root), cache=False, num_workers=2)
     assert torch.equal(serial.images, pooled.images)
 

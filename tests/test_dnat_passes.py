@@ -12,7 +12,7 @@ from archir.passes.base import PassManager
 from archir.passes.derive import Derive, FoldIdentities, Prune
 from archir.passes.edge_choice import (SLOTS, EdgeChoice, EdgeMix, arch_parameters, project_thetas,
                                        valid_choices)
-from zoo import MODELS, assert_same, call, load_example, random_like
+from model_patterns import MODELS, assert_same, call, load_example, random_like
 
 SEARCHABLE = ["resnet20", "mobilenetv2", "darts_cell", "mbconv"]
 
@@ -54,7 +54,7 @@ def test_every_choice_receives_gradient():
     model, x = _example("resnet20")
     g, sup = _supernet(model, x, "full")
     sup(x).square().mean().backward()
-    mixers = {e.labels["theta"]: e.labels["choices"].split(",") for e in g.edges.values() if e.ops[0].kind == "choice"}
+    mixers = {e.labels["param"]: e.labels["choices"].split(",") for e in g.edges.values() if e.ops[0].kind == "choice"}
     thetas = dict(g.root.archir_theta.items())
     for name, choices in mixers.items():
         grad = thetas[name].grad
@@ -105,10 +105,10 @@ def test_cell_sharing_ties_repeated_blocks():
     assert len(arch_parameters(gc)) < len(arch_parameters(gf))
     by_theta = {}
     for e in gc.edges.values():
-        if "theta" in e.labels:
-            by_theta.setdefault(e.labels["theta"], set()).add(e.group)
+        if "param" in e.labels:
+            by_theta.setdefault(e.labels["param"], set()).add(e.group)
     assert all(len(groups) == 1 for groups in by_theta.values())
-    assert max(len([e for e in gc.edges.values() if e.labels.get("theta") == t]) for t in by_theta) >= 7
+    assert max(len([e for e in gc.edges.values() if e.labels.get("param") == t]) for t in by_theta) >= 7
 
 
 def _derive_and_compare(name, share, seed):
@@ -127,7 +127,7 @@ def _derive_and_compare(name, share, seed):
             p.zero_()
         for e in g.edges.values():
             if "decision" in e.labels:
-                thetas[e.labels["theta"]][SLOTS.index(e.labels["decision"])] = 1.0
+                thetas[e.labels["param"]][SLOTS.index(e.labels["decision"])] = 1.0
     PassManager([Prune(), FoldIdentities()])(g)
     slim = g.to_module().eval()
     for s in (0, 1):
@@ -172,7 +172,7 @@ def test_a_sum_never_loses_every_operand():
         for p in arch_parameters(g):
             p.copy_(torch.tensor([1.0, 0.0, 0.0]))  # none wins wherever it is valid
         # make the residual branch of the first block the better non-none operand
-        g.root.archir_theta[g.edges["e2"].labels["theta"]].copy_(torch.tensor([1.0, 0.2, 0.5]))
+        g.root.archir_theta[g.edges["e2"].labels["param"]].copy_(torch.tensor([1.0, 0.2, 0.5]))
     PassManager([Derive(), Prune(), FoldIdentities()])(g)
     g.verify()
     assert g.edges["e2"].labels["decision"] == "same" and "e3" not in g.edges
@@ -249,7 +249,7 @@ def test_weighted_sum_matches_autograd_of_its_formula(has_x, convex):
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_scaled_batch_norm_is_batch_norm_at_scale_one(momentum):
     """w_same folded into γ, β: bit for bit nn.BatchNorm2d at 1, running statistics included."""
-    from archir.mixing import scaled_batch_norm
+    from archir.passes.mixing import scaled_batch_norm
 
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(4, momentum=momentum)
@@ -267,7 +267,7 @@ def test_scaled_batch_norm_is_batch_norm_at_scale_one(momentum):
 
 
 def test_scaled_batch_norm_gradients_are_those_of_scaling_the_output():
-    from archir.mixing import scaled_batch_norm
+    from archir.passes.mixing import scaled_batch_norm
 
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(4).double()

@@ -6,7 +6,7 @@ import torch
 
 import archir
 from archir.errors import TraceError
-from zoo import EXAMPLE_NAMES, MODELS, ValueBranch, assert_same, call, load_example, random_like
+from model_patterns import EXAMPLE_NAMES, MODELS, ValueBranch, assert_same, call, load_example, random_like
 
 
 def _roundtrip(model, inputs, frontend="auto", granularity="layer", mode="eval"):
@@ -89,9 +89,9 @@ def test_value_branch_raises_trace_error_with_location():
     with pytest.raises(TraceError) as info:
         archir.trace(ValueBranch(), torch.randn(2, 4))
     err = info.value
-    assert err.location is not None and err.location.startswith(str(__import__("zoo").__file__))
+    assert err.location is not None and err.location.startswith(str(__import__("model_patterns").__file__))
     line = int(err.location.rsplit(":", 1)[1])
-    source = open(__import__("zoo").__file__).read().splitlines()[line - 1]
+    source = open(__import__("model_patterns").__file__).read().splitlines()[line - 1]
     assert "y.sum() > 0" in source
     assert "torch.fx" in str(err) and "torch.export" in str(err)
 

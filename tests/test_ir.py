@@ -11,7 +11,7 @@ import archir
 from archir.errors import IRError
 from archir.ir import Edge, JunctionRef
 from archir.passes.base import Pass, PassManager, PassResult
-from zoo import MODELS, load_example
+from model_patterns import MODELS, load_example
 
 GOLDEN = Path(__file__).parent / "golden"
 

@@ -26,7 +26,7 @@ from archir.cli import main
 from archir.passes.base import PassManager
 from archir.passes.derive import Derive, FoldIdentities, Prune
 from archir.passes.edge_choice import EdgeChoice
-from zoo import EXAMPLE_NAMES, MODELS, load_example
+from model_patterns import EXAMPLE_NAMES, MODELS, load_example
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -249,7 +249,7 @@ def test_archir_export_writes_a_verified_model(run_dir, tmp_path):
     assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 18
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx"]
     # the file computes what the emitted model.py + weights.pt compute
-    from archir.export_cmd import load_output_dir
+    from archir.reexport import load_output_dir
 
     loaded = load_output_dir(run_dir)
     x = torch.randn(4, 3, 16, 16)

@@ -27,7 +27,7 @@ from archir.backends import standalone
 from archir.backends.standalone import StandaloneError, emit_standalone
 from archir.errors import ArchirError
 from archir.frontends.normalize import functional_setitem
-from zoo import MODELS, assert_same, load_example, random_like
+from model_patterns import MODELS, assert_same, load_example, random_like
 
 ZOO = ["residual", "dense", "squeeze_excite", "two_in_dict_out", "chunk_split", "transformer",
        "name_clash", "functional_dropout", "setitem", "shape_branch"]
@@ -49,7 +49,7 @@ for i, d in enumerate(sys.argv[1:]):
     inputs = torch.load(d + "/inputs.pt", weights_only=True)
     with torch.no_grad():
         torch.save(model(*inputs), d + "/outputs.pt")
-ours = ("archir", "zoo", "backends", "frontends", "passes")
+ours = ("archir", "model_patterns", "backends", "frontends", "passes")
 report["foreign"] = sorted(m for m in sys.modules if m.split(".")[0] in ours)
 print(json.dumps(report))
 """
@@ -319,8 +319,8 @@ def test_shared_and_tied_parameters_stay_shared(tmp_path):
 def test_verification_failure_raises(tmp_path, monkeypatch):
     model, inputs = _model_and_inputs("dense")
     gm = archir.trace(model, inputs).to_module()
-    real = standalone.save_torch
-    monkeypatch.setattr(standalone, "save_torch",
+    real = standalone.emit.save_torch
+    monkeypatch.setattr(standalone.emit, "save_torch",
                         lambda w, p: real({k: torch.zeros_like(v) for k, v in w.items()}, p))
     with pytest.raises(StandaloneError, match="does not reproduce"):
         emit_standalone(gm, tmp_path, example_inputs=(inputs,))

@@ -167,7 +167,7 @@ def test_theta_moves_in_arch_stage_then_frozen_and_weights_keep_training(data):
     assert res.stage_steps == {"arch": 16, "net": 16}
     assert res.mean_step_seconds["arch"] > 0 and res.mean_step_seconds["net"] > 0
     assert res.carried_state == len(list(res.network.parameters()))
-    assert res.val_acc == h[-1]["val_acc"]
+    assert res.val_metric == h[-1]["val_metric"]
 
 
 def test_arch_log_is_a_copy(data):
@@ -181,7 +181,7 @@ def test_arch_log_is_a_copy(data):
     assert all(type(t) is torch.Tensor and not t.requires_grad for t in snaps)
     assert not torch.equal(snaps[0], snaps[1]) and not torch.equal(snaps[1], snaps[2])
     assert torch.equal(snaps[0], torch.ones(2)) and torch.equal(snaps[2], net.theta.detach())
-    assert res.val_acc is None and res.history[0]["val_acc"] is None  # no val_loader: no evaluation
+    assert res.val_metric is None and res.history[0]["val_metric"] is None  # no val_loader: no evaluation
 
 
 def test_network_stage_optimizer_covers_only_derived_weights(data):
@@ -233,7 +233,7 @@ def test_epochs_zero_derives_without_training(data):
     assert res.history == [] and res.stage_steps == {"arch": 0, "net": 0}
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert res.val_acc is not None  # the derived network is evaluated once
+    assert res.val_metric is not None  # the derived network is evaluated once
 
 
 def test_arch_epochs_zero_derives_first(data):
@@ -298,7 +298,7 @@ def test_loss_goes_down_and_beats_chance(data):
     net, res = run(data, cfg(epochs=6, arch_epochs=2))
     h = res.history
     assert h[-1]["train_loss"] < 0.7 * h[0]["train_loss"]
-    assert res.val_acc > 0.6  # chance is 0.25
+    assert res.val_metric > 0.6  # chance is 0.25
 
 
 def test_train_plain_reuses_loop(data):
@@ -308,7 +308,7 @@ def test_train_plain_reuses_loop(data):
     res = train_plain(model, Loader(x, y), Loader(xv, yv), cfg(epochs=3, arch_epochs=2))
     assert [r["stage"] for r in res.history] == ["net"] * 3
     assert res.network is model and res.history[-1]["train_loss"] < res.history[0]["train_loss"]
-    assert res.val_acc > 0.6
+    assert res.val_metric > 0.6
 
 
 def test_cosine_schedule_continues_across_switch(data):
@@ -324,12 +324,40 @@ def test_checkpoint_written_atomically_and_loadable(data, tmp_path):
     net, res = run(data, cfg(epochs=2, arch_epochs=1), checkpoint_dir=tmp_path / "ck")
     files = sorted(p.name for p in (tmp_path / "ck").iterdir())
     assert files == ["checkpoint.pt"]
-    ck = torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=False)
+    ck = torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=True)
     assert ck["epoch"] == 1 and ck["stage"] == "net"
     assert ck["model"].keys() == res.network.state_dict().keys()  # the derived network after the switch
     assert torch.equal(ck["arch_params"][0], net.theta.detach())
     assert ck["cfg"]["epochs"] == 2 and len(ck["history"]) == 2
     assert ck["arch_optimizer"] is None and ck["optimizer"]["state"]
+    assert ck["history"][-1]["metric_name"] == "accuracy" and "val_metric" in ck["history"][-1]
+
+
+def test_checkpoint_rng_state_is_plain_and_restores(tmp_path):
+    import random
+
+    import numpy as np
+
+    from archir.training import _rng_state, _set_rng_state
+
+    torch.save({"rng": _rng_state()}, tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    rng = torch.load(tmp_path / "rng.pt", weights_only=True)["rng"]
+    assert isinstance(rng["python"], list) and all(isinstance(v, int) for v in rng["python"][1])
+    _set_rng_state(rng)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert [random.random() for _ in range(3)] == expected[2]
+
+
+def test_history_and_summary_name_the_metric(data):
+    net, res = run(data, cfg(epochs=1, arch_epochs=1))
+    rec = res.history[0]
+    assert res.metric_name == rec["metric_name"] == "accuracy"
+    assert {"train_metric", "val_metric"} <= rec.keys() and not {"train_acc", "val_acc"} & rec.keys()
+    line = EpochRecord(**rec).summary(1)
+    assert f"accuracy {100 * rec['train_metric']:.2f}%" in line
+    assert f"val loss {rec['val_loss']:.4f} accuracy {100 * rec['val_metric']:.2f}%" in line
 
 
 def test_evaluate_restores_mode_and_moves_batches(data):

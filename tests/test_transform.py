@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import archir
 from archir.cli import main
-from zoo import load_example
+from model_patterns import load_example
 
 TINY_MODEL = textwrap.dedent('''
     import torch
@@ -80,14 +80,14 @@ def test_user_model_untouched_and_weights_deterministic(tiny):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert [d["decision"] for d in a.report["decisions"]] == [d["decision"] for d in b.report["decisions"]]
     assert a.report["history"] == b.report["history"] or all(
-        x["val_acc"] == y["val_acc"] for x, y in zip(a.report["history"], b.report["history"]))
+        x["val_metric"] == y["val_metric"] for x, y in zip(a.report["history"], b.report["history"]))
 
 
 @pytest.mark.parametrize("mode", ["alternate", "split", "joint"])
 def test_arch_update_modes_run(tiny, mode):
     _, spec = tiny
     res = archir.transform(spec.model, spec.example_inputs, arch_update=mode, share="full", **FAST)
-    hist = res.report["theta_history"]
+    hist = res.report["arch_history"]
     assert hist[0]["stage"] == "arch" and hist[0]["weights"]
     assert res.report["transformed"]["val_accuracy"] is not None
 
@@ -118,11 +118,11 @@ def test_cli_transform_writes_every_output(tiny, tmp_path):
             "--batch-size", "64", "--arch-lr", "0.2", "--quiet", "--share", "full"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    for name in ("model.py", "weights.pt", "model.onnx", "report.json", "report.md", "graph.svg", "theta.png",
+    for name in ("model.py", "weights.pt", "model.onnx", "report.json", "report.md", "graph.svg", "arch.png",
                  "checkpoint.pt"):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
-    assert report["options"]["share"] == "full" and report["seed"] == 0
+    assert report["method_options"]["share"] == "full" and report["seed"] == 0
     assert report["versions"]["torch"] == torch.__version__
     assert report["time_seconds"]["total"] > 0 and report["onnx"]["passed"]
     assert "edges changed" in res.output

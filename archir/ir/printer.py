@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .ir import JunctionRef, Op, _render_value, meta_str
+from .graph import JunctionRef, Op, _render_value, meta_str
 
 if TYPE_CHECKING:
-    from .ir import Edge, Graph, Junction
+    from .graph import Edge, Graph, Junction
 
 
 def human(n: float) -> str:

@@ -3,21 +3,26 @@
 Every operation is re-emitted as the call it was traced from (same targets, same arguments), so a
 traced-then-lowered model gives bit-identical outputs. Modules and parameters are the graph root's
 own objects, not copies: training the lowered module trains the graph's weights.
+
+A ``choice`` operation lowers generically: each candidate path from the same input, then a call of
+its mixer module on the values of the candidates other than ``"none"`` (with its kwargs). A pass
+that needs another lowering (DNAT folds a weight into a BatchNorm) names a hook in
+``op.meta["lowering"]`` and registers it with :func:`register_lowering`; the core knows no method.
 """
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.fx as fx
 
-from .errors import IRError
-from .ir import Input, JunctionRef, Op, Operand, fetch_attr, map_refs
-from .mixing import mix_weights, scaled_batch_norm
+from archir.errors import IRError
+
+from .graph import Input, JunctionRef, Op, Operand, fetch_attr, map_refs
 
 if TYPE_CHECKING:
-    from .ir import Combine, Graph
+    from .graph import Combine, Graph
 
 
 def _reserved(atom: str) -> bool:
@@ -26,7 +31,9 @@ def _reserved(atom: str) -> bool:
     return atom == "meta" or hasattr(fx.GraphModule, atom)
 
 
-class _Emitter:
+class Lowering:
+    """Emits one graph into a ``torch.fx.Graph`` (``self.fx``); lowering hooks use its helpers."""
+
     def __init__(self, graph: "Graph"):
         self.ir = graph
         self.fx = fx.Graph()
@@ -69,31 +76,29 @@ class _Emitter:
         target = self.safe_target(op.target) if op.kind in ("call_module", "get_attr") else op.target
         return self.fx.create_node(op.kind, target, args, kwargs, name=op.meta.get("name"))
 
+    def kwargs_of(self, op: Op, inp: fx.Node | None, operands: list[fx.Node] | None = None) -> dict:
+        """``op``'s keyword arguments lowered (nested operations emitted)."""
+        return map_refs(op.kwargs, lambda r: self.op(r, inp, operands))
+
+    def path(self, ops, inp: fx.Node | None) -> fx.Node | None:
+        """A candidate path (a tuple of operations, or ``"identity"``) applied to ``inp``."""
+        v = inp
+        if ops != "identity":
+            for o in ops:
+                v = self.op(o, v)
+        return v
+
     def choice(self, op: Op, inp: fx.Node | None, operands: list[fx.Node] | None) -> fx.Node:
-        """Candidates, then the mixer. With ``meta['fold_bn'] = i`` the i-th operation of the
-        original path (an affine BatchNorm) takes w_same into its γ and β (archir/mixing.py)."""
-        kwargs = map_refs(op.kwargs, lambda r: self.op(r, inp, operands))
-        fold = op.meta.get("fold_bn")
-        if fold is not None:
-            mask = self.fx.get_attr(self.safe_target(f"{op.target}.mask"))
-            weights = self.fx.call_function(mix_weights, (kwargs["theta"], mask))
-            w_same = self.fx.call_function(operator.getitem, (weights, 2))
-            kwargs = {**kwargs, "weights": weights}
-        vals = []
-        for cand in op.args:
-            if cand == "none":
-                continue
-            v = inp
-            if cand != "identity":
-                for i, o in enumerate(cand):
-                    if i == fold:
-                        bn = self.fx.get_attr(self.safe_target(o.target))
-                        v = self.fx.call_function(scaled_batch_norm, (v, bn, w_same))
-                    else:
-                        v = self.op(o, v)
-            vals.append(v)
-        return self.fx.create_node("call_module", self.safe_target(op.target), tuple(vals), kwargs,
-                                   name=op.meta.get("name"))
+        """Candidates, then the mixer; or the lowering hook named by ``op.meta['lowering']``."""
+        hook = op.meta.get("lowering")
+        if hook is not None:
+            if hook not in _LOWERINGS:
+                raise IRError(f"lowering: {op.render()} needs the lowering hook {hook!r}, which is not "
+                              "registered (import the pass that made this operation)")
+            return _LOWERINGS[hook](self, op, inp, operands)
+        vals = tuple(self.path(cand, inp) for cand in op.args if cand != "none")
+        return self.fx.create_node("call_module", self.safe_target(op.target), vals,
+                                   self.kwargs_of(op, inp, operands), name=op.meta.get("name"))
 
     def combine(self, c: "Combine", operands: list[fx.Node]) -> fx.Node:
         if c.op is not None:
@@ -137,6 +142,18 @@ def _class_name(name: str) -> str:
     return cleaned if cleaned[0].isalpha() else "M" + cleaned
 
 
+LoweringHook = Callable[["Lowering", Op, "fx.Node | None", "list[fx.Node] | None"], fx.Node]
+_LOWERINGS: dict[str, LoweringHook] = {}
+
+
+def register_lowering(name: str, hook: LoweringHook) -> LoweringHook:
+    """Make ``hook(lowering, op, inp, operands) -> fx.Node`` the lowering of every ``choice``
+    operation with ``op.meta["lowering"] == name``. The hook emits into ``lowering.fx`` with the
+    helpers of :class:`Lowering` (``op``, ``path``, ``kwargs_of``, ``safe_target``)."""
+    _LOWERINGS[name] = hook
+    return hook
+
+
 def lower(graph: "Graph") -> fx.GraphModule:
     """Emit ``graph`` as a GraphModule sharing the graph root's modules and parameters."""
-    return _Emitter(graph).run()
+    return Lowering(graph).run()

@@ -8,11 +8,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 import networkx as nx
-from .errors import IRError
-from .ir import Input, JunctionRef, Operand, TensorMeta, _flatten
+from archir.errors import IRError
+from .graph import Input, JunctionRef, Operand, TensorMeta, _flatten
 
 if TYPE_CHECKING:
-    from .ir import Graph
+    from .graph import Graph
 
 
 def _fail(invariant: str, detail: str) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -31,7 +30,7 @@ import networkx as nx
 import torch
 from torch import nn
 
-from .errors import IRError
+from archir.errors import IRError
 
 # --------------------------------------------------------------------------------------------
 # Symbolic references used inside Op templates
@@ -327,7 +326,20 @@ class Edge:
 
 
 class Graph:
-    """Junctions and edges over one ``root`` module. Mutate only through the methods below."""
+    """Junctions and edges over one ``root`` module. Mutate only through the methods below.
+
+    Public attributes:
+
+    - ``root``: the ``nn.Module`` holding every module and parameter the operations name.
+    - ``junctions``: ``{id: Junction}``, the tensor values where paths fork or join.
+    - ``edges``: ``{id: Edge}``, the chains of single-input operations between two junctions.
+    - ``inputs``: ids of the input junctions, in the model's argument order.
+    - ``output``: the model's output, a nested tuple/list/dict of ``JunctionRef``, ``Op`` and constants.
+    - ``name``: the model's name (used in messages and emitted files).
+    - ``frontend``: the tracer that built the graph (``"fx"`` or ``"export"``).
+    - ``granularity``: the junction granularity it was traced at (``"layer"`` or ``"block"``).
+    - ``leaves``: ``{module path: reason}`` for submodules kept opaque (one ``call_module``).
+    """
 
     def __init__(self, root: nn.Module, *, name: str = "model", granularity: str = "layer",
                  frontend: str = "fx"):
@@ -342,12 +354,13 @@ class Graph:
         self.leaves: dict[str, str] = {}  # module path -> why it was kept opaque
         self._in: dict[str, list[str]] = {}
         self._out: dict[str, list[str]] = {}
-        self._ids = itertools.count()
+        self._next_id = 0  # next number new_id tries
 
     # ---- construction and mutation -------------------------------------------------------
     def new_id(self, prefix: str) -> str:
         while True:
-            i = f"{prefix}{next(self._ids)}"
+            i = f"{prefix}{self._next_id}"
+            self._next_id += 1
             if i not in self.junctions and i not in self.edges:
                 return i
 
@@ -593,7 +606,6 @@ class Graph:
         g.leaves = dict(self.leaves)
         g._in = {k: list(v) for k, v in self._in.items()}
         g._out = {k: list(v) for k, v in self._out.items()}
-        g._ids = itertools.count(next(copy.copy(self._ids)))
         g.__dict__.pop("_numel_cache", None)
         return g
 

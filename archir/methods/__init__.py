@@ -1,0 +1,146 @@
+"""Search methods, registered by name: the one door through which every method enters archir.
+
+A method is one class (a subclass of :class:`Method`, decorated with :func:`register`) in one
+file. It declares
+
+* ``Options``: a dataclass of its options (fields made with :func:`archir.options.option`); the
+  CLI turns each field into an ``archir transform`` flag, ``archir.search(..., **options)`` takes
+  them as keywords;
+* :meth:`Method.search_passes`: the passes that turn a traced graph into its search space;
+* :meth:`Method.arch_parameters`: the architecture parameters those passes created;
+* :meth:`Method.after_arch_step`: what must run after every optimiser step of those parameters
+  (DNAT's projection θ ≥ 0; a proximal step). :class:`archir.search_space.Search` runs it from an
+  optimiser hook, so a user's own loop with any ``torch.optim`` optimiser cannot skip it;
+* :meth:`Method.extra_loss`: a penalty added to the architecture loss (None: none);
+* :meth:`Method.arch_weights`: per searchable edge, the current weight of each choice (logged
+  each epoch, plotted, reported);
+* :meth:`Method.derive_passes`: the passes that fix each choice and shrink the network;
+* :meth:`Method.candidates`: what ``archir inspect`` says about a plain graph for this method.
+
+Label conventions shared with the report: a search pass labels each searchable edge with
+``choices`` (comma-separated names) and ``param`` (the name of its architecture parameter, equal
+for edges that share one); a derive pass labels it with ``decision``, ``changed`` and ``weights``.
+Method-specific lowering goes through :func:`archir.ir.lower.register_lowering`.
+
+Built-in methods are the modules of this package (found with ``pkgutil``, so adding a file adds
+a method); other packages register theirs through the ``archir.methods`` entry-point group.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from archir.errors import UserInputError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from archir.ir import Graph
+    from archir.passes import Pass
+
+_REGISTRY: dict[str, type["Method"]] = {}
+_DISCOVERED = False
+
+
+@dataclass
+class NoOptions:
+    """A method without options."""
+
+
+class Method:
+    """Base class of a search method (see the module docstring for what each hook means)."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line for ``--help`` and the README
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None):
+        self.options = options if options is not None else self.Options()
+
+    # -- building the search space ---------------------------------------------------------
+    def search_passes(self) -> list["Pass"]:
+        raise NotImplementedError
+
+    def arch_parameters(self, graph: "Graph") -> list["nn.Parameter"]:
+        raise NotImplementedError
+
+    # -- training --------------------------------------------------------------------------
+    def after_arch_step(self, graph: "Graph") -> None:
+        """Runs (under no_grad) after every optimiser step that updated the arch parameters."""
+
+    def extra_loss(self, graph: "Graph") -> "torch.Tensor | None":
+        return None
+
+    def arch_weights(self, graph: "Graph") -> dict[str, dict[str, float]]:
+        """``{edge id: {choice: weight}}`` for every searchable edge (JSON-able floats)."""
+        raise NotImplementedError
+
+    # -- deriving --------------------------------------------------------------------------
+    def derive_passes(self) -> list["Pass"]:
+        raise NotImplementedError
+
+    # -- inspecting ------------------------------------------------------------------------
+    def candidates(self, graph: "Graph") -> str:
+        """One line for ``archir inspect``: what this method could change in ``graph``."""
+        return ""
+
+    def describe(self) -> str:
+        """The method and its options, for report headers."""
+        opts = ", ".join(f"{k}={v}" for k, v in vars(self.options).items())
+        return f"{self.name}" + (f" ({opts})" if opts else "")
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available as ``method=cls.name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no name")
+    known = _REGISTRY.get(cls.name)
+    if known is not None and known.__qualname__ != cls.__qualname__:
+        raise ValueError(f"method {cls.name!r} is already registered by {known.__module__}.{known.__qualname__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def _discover() -> None:
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="archir.methods"):
+        register(ep.load())
+
+
+def available() -> dict[str, type[Method]]:
+    """Every registered method by name (built-in ones first)."""
+    _discover()
+    return dict(_REGISTRY)
+
+
+def get(name: str) -> type[Method]:
+    methods = available()
+    if name not in methods:
+        raise UserInputError(f"unknown method {name!r}; available: {', '.join(sorted(methods))}")
+    return methods[name]
+
+
+def create(name: str, **options) -> Method:
+    """The method ``name`` with ``options`` checked against its ``Options`` dataclass."""
+    from archir.options import build_options
+
+    cls = get(name)
+    return cls(build_options(cls.Options, options, f"method {name}"))
+
+
+__all__ = ["Method", "NoOptions", "register", "unregister", "available", "get", "create"]

@@ -1,0 +1,166 @@
+"""The files of a transform's output directory (each written atomically).
+
+model.py + weights.pt (standalone slim module), model.onnx (checked against ONNX Runtime),
+graph.svg (the original graph, changed edges in colour), arch.png (the architecture weights of
+every searchable edge per epoch), report.md. report.json is written by
+:func:`archir.pipeline.transform` last, with the total time.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from .drawing import write_svg
+from .fileio import atomic_path, write_text
+from .ir.printer import human
+
+if TYPE_CHECKING:
+    from .pipeline import Result
+
+
+def emit_model(module: nn.Module, out: Path, inputs: tuple, *, onnx: bool, class_name: str, header: str
+               ) -> tuple[dict[str, str], Any]:
+    """model.py + weights.pt (checked in a fresh namespace against ``module``) and, with ``onnx``,
+    model.onnx (checked against ONNX Runtime). Returns (files, the ONNX report or None)."""
+    from archir.backends.standalone import emit_standalone
+
+    emitted = emit_standalone(module, out, class_name=class_name, example_inputs=inputs, header=header)
+    files = {"model.py": str(emitted.model_py), "weights.pt": str(emitted.weights)}
+    onnx_report = None
+    if onnx:
+        from archir.backends.onnx_export import export_onnx
+
+        onnx_report = export_onnx(module, inputs, out / "model.onnx")
+        files["model.onnx"] = str(out / "model.onnx")
+    return files, onnx_report
+
+
+def write_outputs(res: "Result", inputs: tuple, onnx: bool = True) -> dict[str, str]:
+    out, report = res.out, res.report
+    header = (f"Emitted by archir {report['versions']['archir']} ({report['method']}, "
+              f"{_options_text(report['method_options'])}seed={report['seed']}) from {res.graph.name}.")
+    files, onnx_report = emit_model(res.module, out, inputs, onnx=onnx, class_name=f"Slim{res.graph.name}",
+                                    header=header)
+    if onnx_report is not None:
+        report["onnx"] = onnx_report.to_dict()
+    report["graph_svg_drawn_with"] = write_svg(res.original_graph, out / "graph.svg")
+    files["graph.svg"] = str(out / "graph.svg")
+    if plot_arch_weights(report, out / "arch.png"):
+        files["arch.png"] = str(out / "arch.png")
+    write_text(out / "report.md", report_markdown(report))
+    files["report.md"] = str(out / "report.md")
+    files["report.json"] = str(out / "report.json")
+    return files
+
+
+def _options_text(options: dict[str, Any]) -> str:
+    return "".join(f"{k}={v}, " for k, v in options.items())
+
+
+def plot_arch_weights(report: dict[str, Any], path: Path) -> bool:
+    """One panel per choice name (DNAT: none / identity / same): the weight of that choice on each
+    architecture parameter's first edge, per epoch of the architecture stage. False (nothing
+    written) when the method has no searchable edge."""
+    points = [(0, report.get("initial_weights") or {})]
+    points += [(h["epoch"] + 1, h["weights"] or {}) for h in report["arch_history"] if h["stage"] == "arch"]
+    params: dict[str, str] = {}
+    for d in report["decisions"]:
+        if d.get("param") and d["param"] not in params:
+            params[d["param"]] = d["edge"]
+    choices: list[str] = []
+    for _, weights in points:
+        for w in weights.values():
+            choices += [c for c in w if c not in choices]
+    if not params or not choices:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(choices), figsize=(4 * len(choices), 3.4), sharey=True, squeeze=False)
+    axes = axes[0]
+    colors = plt.get_cmap("tab20")
+    for ax, choice in zip(axes, choices):
+        for i, (name, edge) in enumerate(params.items()):  # one colour per parameter in every panel
+            xs = [x for x, w in points if edge in w and choice in w[edge]]
+            ys = [w[edge][choice] for x, w in points if edge in w and choice in w[edge]]
+            if xs:
+                ax.plot(xs, ys, marker="o", markersize=2, linewidth=1, color=colors(i % 20),
+                        label=f"{name} ({edge})")
+        ax.set_title(f"weight of '{choice}'")
+        ax.set_xlabel("epoch")
+    axes[0].set_ylabel("weight")
+    if 0 < len(params) <= 20:
+        axes[-1].legend(fontsize=6, loc="lower left")
+    fig.suptitle(f"{report['method']}: architecture weights during the architecture stage")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+def format_metric(metric: str, value) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.2f}%" if metric == "accuracy" else f"{value:.4g}"
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    from .comparison import comparison_markdown
+
+    o, t, opts, metric = report["original"], report["transformed"], report["options"], report["metric"]
+    changed = [d for d in report["decisions"] if d["decision"] != "same"]
+    lines = [
+        f"# archir transform: {report['method']} ({_options_text(report['method_options']).rstrip(', ')})",
+        "",
+    ]
+    if "baseline" in report:
+        lines += comparison_markdown(report["baseline"])
+    else:
+        lines += [
+            "| | original | transformed |",
+            "|---|---|---|",
+            f"| parameters | {o['parameters']:,} | {t['parameters']:,} |",
+            f"| FLOPs (multiply-adds per example) | {human(o['flops_per_example'])} | "
+            f"{human(t['flops_per_example'])} |",
+            f"| edges | {o['edges']} | {t['edges']} |",
+            f"| validation {metric} | not trained (run with `--baseline` to compare) | "
+            f"{format_metric(metric, t['val_' + metric])} |",
+        ]
+    lines += [
+        "",
+        f"Data: `{opts['data']}`; {opts['epochs']} epochs, of which {report['effective']['arch_epochs']} "
+        f"architecture epochs ({opts['arch_update']} updates, architecture learning rate {opts['arch_lr']}); "
+        f"seed {opts['seed']}; device {report['device']}.",
+        "",
+        "![graph](graph.svg)",
+        "",
+        "The original graph; edges whose choice changed are drawn in red (dashed: removed).",
+        "",
+        f"## Decisions ({len(changed)} of {len(report['decisions'])} edges changed)",
+        "",
+        "| edge | operations | choices | decision | final weights |",
+        "|---|---|---|---|---|",
+    ]
+    for d in report["decisions"]:
+        if d["choices"] == ["same"]:
+            continue
+        weights = ", ".join(f"{k} {v:.3f}" for k, v in (d["final_weights"] or {}).items())
+        ops = " · ".join(d["ops"]) or "(direct)"
+        lines.append(f"| {d['edge']} | {ops} | {', '.join(d['choices'])} | **{d['decision']}** | {weights} |")
+    lines += ["", "![architecture weights](arch.png)", "", "## Training", "",
+              f"| epoch | stage | train loss | train {metric} | val {metric} | seconds |",
+              "|---|---|---|---|---|---|"]
+    for h in report["history"]:
+        lines.append(f"| {h['epoch'] + 1} | {h['stage']} | {h['train_loss']:.4f} | "
+                     f"{format_metric(metric, h.get('train_metric'))} | {format_metric(metric, h.get('val_metric'))} "
+                     f"| {h['seconds']:.1f} |")
+    if "onnx" in report:
+        lines += ["", f"ONNX: `model.onnx` verified against ONNX Runtime: {report['onnx'].get('passed')}."]
+    lines += ["", "Files: `model.py` + `weights.pt` (standalone slim module, needs only torch), `model.onnx`, "
+              "`report.json` (everything above, architecture weights per epoch, timings, versions).", ""]
+    return "\n".join(lines)

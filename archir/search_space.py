@@ -1,0 +1,206 @@
+"""``archir.search`` (defined here): a method's search space as a Python object, for any training loop.
+
+::
+
+    s = archir.search(model, example_inputs, method="dnat", share="full")
+    opt_w = torch.optim.SGD(s.weight_parameters(), lr=0.05, momentum=0.9)
+    opt_a = torch.optim.Adam(s.arch_parameters(), lr=0.05)
+    for x, y in loader:                       # any loop, any loss
+        loss = F.cross_entropy(s.supernet(x), y)
+        opt_w.zero_grad(); opt_a.zero_grad(); loss.backward()
+        opt_w.step(); opt_a.step()            # the method's own step (DNAT: θ ≥ 0) runs by itself
+    slim = s.derive()                         # argmax, prune, fold: a plain, smaller nn.Module
+    s.emit("out/")                            # model.py + weights.pt (+ model.onnx)
+
+What a method must do after each architecture step (:meth:`archir.methods.Method.after_arch_step`)
+runs from a ``torch.optim`` step post-hook whenever an optimiser that holds any of this search's
+architecture parameters steps, so a hand-written loop cannot silently skip it.
+"""
+from __future__ import annotations
+
+import copy
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UserInputError
+from .ir import Graph
+
+
+def _as_inputs(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs:
+        return tuple(example_inputs)
+    raise UserInputError("example_inputs must be a tensor or a non-empty tuple of tensors, not "
+                         f"{type(example_inputs).__name__}")
+
+
+class Search:
+    """A traced model turned into a method's search space.
+
+    Attributes:
+        method: the :class:`archir.methods.Method` (with its options).
+        graph: the search space's IR (the original graph rewritten by the method's passes).
+        original: the original model's IR (its own copy of the weights, untouched by training).
+        supernet: the ``nn.Module`` to train; at initialisation it computes the original function.
+        example_inputs: the tuple of example inputs the model was traced with.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs, method, *, granularity: str = "layer",
+                 leaf_modules=()):
+        from archir.frontends import trace
+        from archir.passes import PassManager
+
+        if not isinstance(model, nn.Module):
+            raise UserInputError(f"archir.search needs an nn.Module, not {type(model).__name__}")
+        self.method = method
+        self.example_inputs = _as_inputs(example_inputs)
+        model = copy.deepcopy(model)  # the user's model is never trained in place
+        self.graph: Graph = trace(model, self.example_inputs, granularity, leaf_modules=list(leaf_modules))
+        self.graph.verify()
+        self.original: Graph = self.graph.copy(share_root=False)
+        PassManager(method.search_passes())(self.graph)
+        self.supernet: nn.Module = self.graph.to_module()
+        self._arch = list(method.arch_parameters(self.graph))
+        self._arch_ids = frozenset(id(p) for p in self._arch)
+        self.derived_graph: Graph | None = None
+        self.recorded_decisions: dict[str, dict[str, Any]] = {}
+        self._install_step_hook()
+
+    # -- parameters ------------------------------------------------------------------------
+    def arch_parameters(self) -> list[nn.Parameter]:
+        """The method's architecture parameters (θ, λ, α ...)."""
+        return list(self._arch)
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """Every trainable parameter of the supernet that is not an architecture parameter."""
+        seen, out = set(), []
+        for p in self.supernet.parameters():
+            if p.requires_grad and id(p) not in self._arch_ids and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    # -- the method's step -----------------------------------------------------------------
+    def _install_step_hook(self) -> None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        ref = weakref.ref(self)
+
+        def after_step(optimizer, args, kwargs):
+            search = ref()
+            if search is None or not search._arch_ids:
+                return
+            if any(id(p) in search._arch_ids for group in optimizer.param_groups for p in group["params"]):
+                search.after_arch_step()
+
+        handle = register_optimizer_step_post_hook(after_step)
+        self._finalizer = weakref.finalize(self, handle.remove)
+
+    def after_arch_step(self) -> None:
+        """The method's step after an architecture update; runs by itself after ``optimizer.step()``."""
+        if self.derived_graph is None:
+            with torch.no_grad():
+                self.method.after_arch_step(self.graph)
+
+    def close(self) -> None:
+        """Remove the optimiser hook now (it also goes when the Search is garbage-collected)."""
+        self._finalizer()
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """The method's penalty on the architecture (None for most methods)."""
+        return self.method.extra_loss(self.graph)
+
+    # -- decisions -------------------------------------------------------------------------
+    def arch_weights(self) -> dict[str, dict[str, float]]:
+        """Per searchable edge, the current weight of each of its choices (after an in-place
+        derive: the weights it derived from)."""
+        if self.derived_graph is not None:
+            return self._derived_from
+        return self.method.arch_weights(self.graph)
+
+    def decisions(self) -> dict[str, dict[str, Any]]:
+        """Per searchable edge: its ``choices``, their current ``weights`` and the leading
+        ``choice`` (ties go to the choice listed last, by convention the original operations).
+        The derive passes may still override a choice to keep the graph valid (a sum keeps one
+        operand); after :meth:`derive` the decisions it took are in ``recorded_decisions``."""
+        out = {}
+        for eid, weights in self.arch_weights().items():
+            order = list(weights)
+            best = max(order, key=lambda c: (weights[c], order.index(c)))
+            out[eid] = {"choices": order, "weights": dict(weights), "choice": best}
+        return out
+
+    # -- derive and emit -------------------------------------------------------------------
+    def derive(self, *, in_place: bool = False) -> nn.Module:
+        """The slim network: the method's derive passes (argmax, prune, fold) on the current
+        architecture, lowered to a ``GraphModule`` with the trained weights.
+
+        By default this works on a copy (weights copied too) and the search can go on. With
+        ``in_place=True`` the search's own graph is derived and the returned module shares the
+        supernet's surviving parameter objects (so an optimiser's state carries over, as the
+        built-in trainer does); the search is over after that.
+        """
+        from archir.passes import PassManager
+
+        if self.derived_graph is not None:
+            raise UserInputError("this search was already derived in place; derive() again needs a new search")
+        graph = self.graph if in_place else self.graph.copy(share_root=False)
+        weights = self.arch_weights()
+        decided: dict[str, dict[str, Any]] = {}
+
+        def record(_pass, g: Graph) -> None:  # Prune drops none edges: keep what Derive decided
+            for e in g.edges.values():
+                if "decision" in e.labels and e.id not in decided:
+                    decided[e.id] = dict(e.labels)
+
+        PassManager(self.method.derive_passes(), instruments=[record])(graph)
+        self.recorded_decisions = decided
+        module = graph.to_module()
+        if in_place:
+            self._derived_from = weights
+            self.derived_graph = graph
+            self._arch_ids = frozenset()
+            self.close()
+        return module
+
+    def emit(self, out_dir: str | Path, *, onnx: bool = True, module: nn.Module | None = None,
+             class_name: str | None = None) -> dict[str, str]:
+        """Write the derived network to ``out_dir``: ``model.py`` + ``weights.pt`` (standalone,
+        needs only torch) and, with ``onnx``, ``model.onnx`` checked against ONNX Runtime.
+        ``module`` defaults to :meth:`derive` now. Returns ``{file name: path}``."""
+        from .output_dir import emit_model
+
+        module = self.derive() if module is None else module
+        files, _ = emit_model(module, Path(out_dir), self.example_inputs, onnx=onnx,
+                              class_name=class_name or f"Slim{self.graph.name}",
+                              header=f"Emitted by archir ({self.method.describe()}) from {self.graph.name}.")
+        return files
+
+    def __repr__(self) -> str:
+        return (f"Search({self.graph.name}, method={self.method.describe()}, "
+                f"{len(self.arch_weights())} searchable edges, {len(self._arch)} architecture parameters)")
+
+
+def search(model: nn.Module, example_inputs, method: str = "dnat", *, granularity: str = "layer",
+           leaf_modules=(), seed: int | None = None, **method_options) -> Search:
+    """Trace ``model`` and build ``method``'s search space; returns a :class:`Search`.
+
+    ``method_options`` are the fields of the method's options dataclass (for DNAT: ``share``).
+    ``seed`` seeds every random generator first (methods that initialise randomly repeat).
+    The user's ``model`` is not changed: the search works on a copy.
+    """
+    from . import methods
+
+    if seed is not None:
+        from .training import seed_everything
+
+        seed_everything(seed)
+    return Search(model, example_inputs, methods.create(method, **method_options), granularity=granularity,
+                  leaf_modules=leaf_modules)
+
+
