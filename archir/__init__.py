@@ -1,6 +1,7 @@
 """archir: a graph-IR model transformation compiler for PyTorch."""
 from .errors import ArchirError, IRError, TraceError, UserInputError
 from .ir import Combine, Edge, Graph, Junction, Op, TensorMeta
+from .task import Task, make_task
 
 __version__ = "0.1.0"
 
@@ -38,4 +39,4 @@ def export_onnx(module, example_inputs, path, **options):
 
 
 __all__ = ["ArchirError", "IRError", "TraceError", "UserInputError", "Graph", "Edge", "Junction",
-           "Combine", "Op", "TensorMeta", "trace", "search", "transform", "export_onnx", "__version__"]
+           "Combine", "Op", "TensorMeta", "Task", "make_task", "trace", "search", "transform", "export_onnx", "__version__"]

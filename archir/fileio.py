@@ -36,18 +36,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically; return ``path`` as a Path."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; return ``path`` as a Path."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
 
 def save_torch(obj, path: str | Path) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically; return ``path`` as a Path."""
     import torch
 
     with atomic_path(path) as tmp:

@@ -88,6 +88,10 @@ def _call(fn: Callable, what: str, path: Path):
 
 
 def load_model_file(path: str | Path, input_shape: str | tuple[int, ...] | None = None) -> ModelSpec:
+    """Import MODEL.py and build its :class:`ModelSpec` (see the module docstring). Example inputs
+    come from ``input_shape`` (random normal), else ``example_input()``, else a random
+    :data:`DEFAULT_INPUT_SHAPE` tensor. Raises UserInputError for a missing file, an error while
+    importing it or calling its functions, no model, or a return value of the wrong type."""
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise UserInputError(f"model file not found: {path}")

@@ -31,6 +31,7 @@ def option(default: Any, help: str, *, choices: Iterable[str] | None = None, cli
 
 
 def fields_of(cls: type) -> dict[str, dataclasses.Field]:
+    """The fields of dataclass ``cls`` by name, in declaration order."""
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
@@ -46,6 +47,7 @@ def _base_type(cls: type, name: str) -> type:
 
 
 def flag_name(f: dataclasses.Field) -> str:
+    """The field's CLI flag: ``--`` + its ``flag`` metadata, or its name with ``_`` → ``-``."""
     return "--" + (f.metadata.get("flag") or f.name.replace("_", "-"))
 
 
@@ -99,10 +101,10 @@ def click_params(classes: Iterable[type], owners: dict[type, str] | None = None)
                              for c, fd in decls)
         choices = f.metadata.get("choices")
         flag = flag_name(f)
-        if typ is bool:
-            decl = f"{flag}/--no-{flag[2:]}"
-            params.append(click.Option([decl, name], default=bool(default), show_default=default is not None,
-                                       help=help_text))
+        if typ is bool:  # False by default: a plain flag; True: --x/--no-x
+            decl = f"{flag}/--no-{flag[2:]}" if default is not False else flag
+            params.append(click.Option([decl, name], is_flag=True, default=bool(default),
+                                       show_default=default is True, help=help_text))
             continue
         ctype = click.Choice(list(choices)) if choices else {int: int, float: float}.get(typ, str)
         params.append(click.Option([flag, name], type=ctype, default=default,

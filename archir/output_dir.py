@@ -38,6 +38,9 @@ def emit_model(module: nn.Module, out: Path, inputs: tuple, *, onnx: bool, class
 
 
 def write_outputs(res: "Result", inputs: tuple, onnx: bool = True) -> dict[str, str]:
+    """Write model.py, weights.pt, model.onnx (with ``onnx``), graph.svg, arch.png (if any edge was
+    searchable) and report.md into ``res.out``, adding ``onnx`` and ``graph_svg_drawn_with`` to
+    ``res.report``. Returns ``{file name: path}``, report.json included (written later by the caller)."""
     out, report = res.out, res.report
     header = (f"Emitted by archir {report['versions']['archir']} ({report['method']}, "
               f"{_options_text(report['method_options'])}seed={report['seed']}) from {res.graph.name}.")
@@ -104,12 +107,15 @@ def plot_arch_weights(report: dict[str, Any], path: Path) -> bool:
 
 
 def format_metric(metric: str, value) -> str:
+    """``accuracy`` in percent (``85.20%``), any other metric with 4 significant digits, None as ``–``."""
     if value is None:
         return "–"
     return f"{100 * value:.2f}%" if metric == "accuracy" else f"{value:.4g}"
 
 
 def report_markdown(report: dict[str, Any]) -> str:
+    """report.md's text: the original-vs-transformed table (or the baseline comparison), the run's
+    settings, the decisions of every searchable edge, the training history and the files."""
     from .comparison import comparison_markdown
 
     o, t, opts, metric = report["original"], report["transformed"], report["options"], report["metric"]

@@ -227,11 +227,17 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
     baseline = None
     if baseline_model is not None and opts.epochs > 0:
         t = time.perf_counter()
-        plain_cfg = dataclasses.replace(cfg, progress=opts.progress)
-        baseline = train_plain(baseline_model, loaders["train"] if opts.arch_update != "split" else loaders["net"],
-                               loaders["val"], plain_cfg, task=task)
+        _say(opts, f"baseline: training the original {search.graph.name} alone ({opts.epochs} epochs)")
+        # loaders of its own with the same seeds: the transformed run then sees the same batches
+        # in the same order (and augmentation) as it would without a baseline
+        train, val, _, net = _loaders(opts, train_ds, val_ds, device)
+        baseline = train_plain(baseline_model, net or train, val, cfg, task=task)
+        del train, val, net
         timings["baseline"] = time.perf_counter() - t
 
+    if opts.epochs > 0:
+        _say(opts, f"{chosen.describe()}: {len(initial_weights)} searchable edges, {cfg.arch_epochs} architecture "
+                   f"then {cfg.epochs - cfg.arch_epochs} network epochs")
     has_penalty = type(chosen).extra_loss is not methods.Method.extra_loss
     result = train_two_stage(search.supernet, search.arch_parameters(), loaders["train"], loaders["val"], cfg,
                              derive=lambda _supernet: search.derive(in_place=True),
@@ -263,9 +269,21 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
     return res
 
 
+def _say(opts: TransformOptions, line: str) -> None:
+    if opts.progress:
+        from tqdm import tqdm
+
+        tqdm.write(line)
+
+
 def build_report(opts: TransformOptions, method: methods.Method, original: Graph, graph: Graph, result,
                  initial_weights, timings, decisions: dict[str, dict], example_inputs: tuple = (),
                  baseline=None, task: Task | None = None) -> dict[str, Any]:
+    """The transform report (report.json less what :func:`transform` adds afterwards: ``baseline``,
+    the output files' entries and the total time): method and options, parameters and FLOPs
+    (multiply-adds per example) of the original and transformed graphs, each original edge's fate
+    (same, identity, none or removed as dead), architecture weights and training history per
+    epoch, timings, seed, example-input specs, device and versions."""
     edges = []
     for e in original.edges_in_order():
         labels = decisions.get(e.id, {})

@@ -30,6 +30,8 @@ def summarize(g: "Graph", method: "Method | None" = None) -> dict[str, Any]:
 
 
 def format_summary(g: "Graph", source: str = "", method: "Method | None" = None) -> str:
+    """What ``archir inspect`` prints first: a header line (model, ``source``, tracer, granularity),
+    then the :func:`summarize` counts, one indented line each (FLOPs are multiply-adds per example)."""
     s = summarize(g, method)
     joins = ", ".join(f"{n} {k}" for k, n in s["joins"].items()) or "none"
     lines = [
@@ -71,6 +73,8 @@ def format_table(g: "Graph", ops_width: int = 56) -> str:
 
 
 def graph_json(g: "Graph", method: "Method | None" = None) -> dict[str, Any]:
+    """The :func:`summarize` counts, every junction (in topological order), every edge (in
+    ``edges_in_order``) and the output, as plain dicts and lists for ``archir inspect``'s JSON file."""
     return {
         "summary": summarize(g, method),
         "junctions": [{"id": j.id, "roles": g.roles(j.id), "meta": meta_str(j.meta), "name": j.name,

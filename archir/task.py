@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .errors import UserInputError
+from .modes import eval_mode
 
 __all__ = [
     "Task",
@@ -389,38 +390,32 @@ def check_task(model: nn.Module, batch: Any, task: Task, device: str | torch.dev
     """
     device = torch.device(device)
     args, kwargs, target = move_to(task.split_batch(batch), device)
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            try:
-                output = model(*args, **kwargs)
-            except UserInputError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - user code: one clear line
-                raise UserInputError(f"the model cannot take the batch's inputs ({_describe_inputs(args, kwargs)}): "
-                                     f"{_first_line(exc)}") from exc
-            num_classes = _check_classification(output, target, num_outputs_hint) if task.classification else None
-            loss = _call_user(task.loss, "loss", output, target)
-            if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
-                raise UserInputError(f"the loss function {fn_name(task.loss)} must return a scalar floating-point "
-                                     f"tensor (the mean over the batch), got {describe(loss)}")
-            value = float(loss)
-            if not math.isfinite(value):
-                raise UserInputError(f"the loss is {value} at initialisation (before any training step) on the "
-                                     f"first batch: check the loss function {fn_name(task.loss)}, the inputs and "
-                                     "the model's initial weights")
-            metric = _call_user(task.metric, "metric", output, target)
-            if isinstance(metric, Tensor):
-                if metric.numel() != 1:
-                    raise UserInputError(f"the metric function {fn_name(task.metric)} must return a scalar (the "
-                                         f"mean over the batch), got {describe(metric)}")
-            elif isinstance(metric, (str, bytes)) or not hasattr(metric, "__float__"):
-                raise UserInputError(f"the metric function {fn_name(task.metric)} must return a scalar tensor or "
-                                     f"a number, got {describe(metric)}")
-    finally:
-        for module, training in flags:
-            module.training = training
+    with eval_mode(model), torch.no_grad():
+        try:
+            output = model(*args, **kwargs)
+        except UserInputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - user code: one clear line
+            raise UserInputError(f"the model cannot take the batch's inputs ({_describe_inputs(args, kwargs)}): "
+                                 f"{_first_line(exc)}") from exc
+        num_classes = _check_classification(output, target, num_outputs_hint) if task.classification else None
+        loss = _call_user(task.loss, "loss", output, target)
+        if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+            raise UserInputError(f"the loss function {fn_name(task.loss)} must return a scalar floating-point "
+                                 f"tensor (the mean over the batch), got {describe(loss)}")
+        value = float(loss)
+        if not math.isfinite(value):
+            raise UserInputError(f"the loss is {value} at initialisation (before any training step) on the "
+                                 f"first batch: check the loss function {fn_name(task.loss)}, the inputs and "
+                                 "the model's initial weights")
+        metric = _call_user(task.metric, "metric", output, target)
+        if isinstance(metric, Tensor):
+            if metric.numel() != 1:
+                raise UserInputError(f"the metric function {fn_name(task.metric)} must return a scalar (the "
+                                     f"mean over the batch), got {describe(metric)}")
+        elif isinstance(metric, (str, bytes)) or not hasattr(metric, "__float__"):
+            raise UserInputError(f"the metric function {fn_name(task.metric)} must return a scalar tensor or "
+                                 f"a number, got {describe(metric)}")
     return num_classes
 
 

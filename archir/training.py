@@ -69,6 +69,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .fileio import save_torch
+from .modes import eval_mode
 from .task import Task, batch_size, check_labels, check_task, classification_task, move_to
 
 __all__ = [
@@ -179,6 +180,7 @@ class EpochRecord:
     metric_name: str = "accuracy"
 
     def summary(self, epochs: int) -> str:
+        """One log line: stage, 1-based epoch of ``epochs``, train (and val) loss and metric, lr, seconds."""
         name = self.metric_name
         val = ("" if self.val_metric is None else
                f" val loss {self.val_loss:.4f} {name} {format_metric(name, self.val_metric)}")
@@ -286,12 +288,10 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | No
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
-    was_training = model.training
-    model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     metric_sum = torch.zeros((), dtype=torch.float64, device=device)
     n = 0
-    try:
+    with eval_mode(model):
         for batch in loader:
             args, kwargs, target = move_to(task.split_batch(batch), device)
             out = model(*args, **kwargs)
@@ -300,8 +300,6 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | No
             loss_sum += loss_b
             metric_sum += task.total_metric(out, target, n_b, device, loss_total=loss_b)
             n += n_b
-    finally:
-        model.train(was_training)
     if n == 0:
         return float("nan"), float("nan")
     return loss_sum.item() / n, metric_sum.item() / n

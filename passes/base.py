@@ -40,6 +40,7 @@ class Pass:
     name: str = ""
 
     def run(self, graph: Graph) -> PassResult:  # pragma: no cover - interface
+        """Rewrite ``graph`` in place; return it with ``modified`` true iff anything changed."""
         raise NotImplementedError
 
     def __call__(self, graph: Graph) -> PassResult:

@@ -39,6 +39,9 @@ class Derive(Pass):
         self.fixed = decisions  # optional: impose decisions (edge id -> choice) instead of argmax
 
     def run(self, graph: Graph) -> PassResult:
+        """Fix every choice edge to its decision (imposed, else the argmax of its normalised weights,
+        ties to same, then identity; a sum junction keeps one operand) and label it with ``decision``,
+        ``changed`` and ``weights``. Unmodified when the graph has no choice edge."""
         weights, candidates = {}, {}
         for e in graph.edges.values():
             if len(e.ops) == 1 and e.ops[0].kind == "choice":
@@ -71,6 +74,9 @@ class Prune(Pass):
     """Remove none edges, dead junctions and edges, single-operand sums, and unused parameters."""
 
     def run(self, graph: Graph) -> PassResult:
+        """Drop the edges labelled ``decision == "none"``, then dead code; a sum left with one operand
+        becomes a plain junction, one left with another count emits the canonical n-ary sum; unused
+        modules, parameters and buffers go."""
         modified = False
         touched = set()
         for e in list(graph.edges.values()):
@@ -163,6 +169,9 @@ class FoldIdentities(Pass):
     """Identity edges become direct connections; identity operations disappear."""
 
     def run(self, graph: Graph) -> PassResult:
+        """Drop identity operations, then merge the ``dst`` of each empty edge into its ``src`` where
+        ``dst`` is neither a join nor an input and has no other in-edge (and ``src`` is not a tuple
+        value); unused modules, parameters and buffers go."""
         modified = False
         for e in graph.edges.values():
             kept = [op for op in e.ops if not _is_identity_op(graph, op)]

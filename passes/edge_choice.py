@@ -55,6 +55,8 @@ MIX_ROOT = "archir_mix"
 
 
 def valid_choices(graph: Graph, edge: Edge) -> tuple[str, ...]:
+    """The choices open to ``edge``, in :data:`SLOTS` order: none where it ends at a sum junction with
+    two or more operands, identity where it has operations and keeps shape and dtype, same always."""
     dst = graph.junctions[edge.dst]
     choices = []
     if dst.combine is not None and dst.combine.kind == "sum" and len(graph.in_edges(dst.id)) >= 2:
@@ -136,6 +138,8 @@ class EdgeMix(nn.Module):
         self.register_buffer("mask", torch.tensor([float(s in self.choices) for s in SLOTS]), persistent=False)
 
     def forward(self, *values: torch.Tensor, theta: torch.Tensor, weights: torch.Tensor | None = None):
+        """``w_id·x + w_same·o(x)`` (``w_same·o(x)`` without an identity choice), with w = θ / Σθ over the
+        valid slots unless ``weights`` is given; with ``folded``, ``o(x)`` arrives already scaled by w_same."""
         w = mix_weights(theta, self.mask) if weights is None else weights
         w_same = None if self.folded else w[2]
         if self.has_identity:
@@ -145,6 +149,7 @@ class EdgeMix(nn.Module):
         return o if self.folded else WeightedSum.apply(o, w_same, None, None)
 
     def extra_repr(self) -> str:
+        """The valid choices, and whether w_same is folded into a BatchNorm (for ``print(module)``)."""
         return f"choices={self.choices}" + (", folded into BatchNorm" if self.folded else "")
 
 
@@ -191,6 +196,10 @@ class EdgeChoice(Pass):
         self.fuse = fuse
 
     def run(self, graph: Graph) -> PassResult:
+        """Replace the operations of every edge with two or more valid choices by one ``choice`` op
+        mixing them with a θ (``init``, one per edge or per cell group and choice set) held in
+        ``graph.root.archir_theta``, mixers in ``graph.root.archir_mix``; label the edge with
+        ``choices`` and ``param``. Raise IRError if the graph already has θ; unmodified if no edge has a choice."""
         if hasattr(graph.root, THETA_ROOT):
             raise IRError("EdgeChoice already ran on this graph (it has architecture weights)")
         thetas = nn.ParameterDict()
@@ -258,6 +267,7 @@ register_lowering(FOLDED_LOWERING, _lower_folded)
 
 
 def arch_parameters(graph: Graph) -> list[nn.Parameter]:
+    """The θ parameters :class:`EdgeChoice` added to ``graph.root`` (empty if it added none)."""
     thetas = getattr(graph.root, THETA_ROOT, None)
     return list(thetas.values()) if thetas is not None else []
 

@@ -250,16 +250,23 @@ def test_as_loader_for_generic_datasets():
     assert isinstance(as_loader(_tiny(), 8), BatchLoader)
 
 
-def test_generic_dataset_must_yield_pairs():
+def test_generic_dataset_batches_keep_their_structure():
+    """Several inputs plus a target, or dicts, arrive as the data set made them (archir.task reads them)."""
     class Triples(torch.utils.data.Dataset):
         def __len__(self):
             return 4
 
         def __getitem__(self, i):
-            return torch.zeros(3), 0, 1
+            return torch.full((3,), float(i)), torch.ones(2), i
 
-    with pytest.raises(DataError, match=r"\(input, label\) pairs"):
-        next(iter(as_loader(Triples(), 2)))
+    class Dicts(Triples):
+        def __getitem__(self, i):
+            return {"x": torch.full((3,), float(i)), "target": i}
+
+    x1, x2, y = next(iter(as_loader(Triples(), 2, augment=True)))
+    assert x1.shape == (2, 3) and x2.shape == (2, 2) and y.tolist() == [0, 1]
+    batch = next(iter(as_loader(Dicts(), 2)))
+    assert set(batch) == {"x", "target"} and batch["target"].tolist() == [0, 1]
 
 
 # ---- splits ---------------------------------------------------------------------------------

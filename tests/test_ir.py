@@ -164,6 +164,54 @@ def test_pass_manager_names_the_pass_that_broke_the_graph():
     assert PassManager([_NoOp()])(_graph()).modified is False
 
 
+class _Boom(Pass):
+    def run(self, graph):
+        raise ValueError("no such edge")
+
+
+class _SilentModuleAdder(Pass):
+    """Adds a module to the root but claims it changed nothing (a broken promise)."""
+
+    def run(self, graph):
+        graph.root.add_module("extra", torch.nn.Identity())
+        return PassResult(graph, False)
+
+
+def test_pass_manager_names_the_pass_chain_for_any_exception():
+    from archir.passes import PassError
+
+    with pytest.raises(PassError, match=r"in pass _Boom \(passes run: _NoOp, _Boom\): ValueError: no such edge"):
+        PassManager([_NoOp(), _Boom()])(_graph())
+
+
+def test_a_pass_must_report_root_changes_as_modified():
+    with pytest.raises(IRError, match="_SilentModuleAdder changed the root module.*modified=False"):
+        PassManager([_SilentModuleAdder()])(_graph())
+
+
+def test_edge_choice_without_choices_leaves_the_root_alone():
+    from archir.passes import EdgeChoice
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    g = archir.trace(model, torch.randn(2, 3), granularity="block")
+    names = {n for n, _ in g.root.named_modules()}
+    assert PassManager([EdgeChoice()])(g).modified is False
+    assert {n for n, _ in g.root.named_modules()} == names
+
+
+def test_ir_core_imports_no_application_layer():
+    import ast
+    from pathlib import Path
+
+    core = Path(archir.__file__).parent / "ir"
+    for path in core.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                name = node.module if node.level == 0 else f"archir.ir.{node.module}"
+                assert not name.startswith(("archir.passes", "archir.frontends", "archir.backends",
+                                            "archir.pipeline", "archir.methods", "archir.search")), (path, name)
+
+
 def test_costs(resnet20):
     model, x = resnet20
     g = archir.trace(model, x)

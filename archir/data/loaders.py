@@ -183,13 +183,14 @@ class BatchLoader:
 
 
 class DeviceDataLoader:
-    """A :class:`torch.utils.data.DataLoader` over any data set of ``(tensor, label)`` pairs,
-    with the :class:`BatchLoader` interface: ``len()`` batches of ``(x, y)`` on ``device``.
+    """A :class:`torch.utils.data.DataLoader` over any data set, with the :class:`BatchLoader`
+    interface: ``len()`` batches on ``device``, in any structure the samples have (``(x, y)``,
+    ``(x1, x2, y)``, dicts; see :mod:`archir.task` for how the trainer reads them).
 
     Runs in the main process (``num_workers=0``) with a CPU generator seeded by ``seed``, so
-    the batch order is reproducible. Inputs are made contiguous NCHW; ``augment`` applies
-    :func:`augment_batch` to 4-D inputs on the device (padding value 0 in the data set's own
-    value space).
+    the batch order is reproducible. ``augment`` applies :func:`augment_batch` on the device to
+    ``(x, y)`` batches whose ``x`` is a 4-D float image batch (padding value 0 in the data set's
+    own value space); other batches are left as they are.
     """
 
     def __init__(
@@ -222,25 +223,17 @@ class DeviceDataLoader:
         return (f"DeviceDataLoader({type(self.dataset).__name__}, batch_size={self.batch_size}, "
                 f"augment={self.augment}, device={self.device})")
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator:
+        from archir.task import move_to
+
         for batch in self.loader:
-            if not isinstance(batch, (list, tuple)) or len(batch) != 2:
-                raise DataError(
-                    f"{type(self.dataset).__name__} must return (input, label) pairs; a batch "
-                    f"came as {type(batch).__name__}"
-                    + (f" of {len(batch)} items" if isinstance(batch, (list, tuple)) else "")
-                )
-            x, y = batch
-            if not isinstance(x, Tensor):
-                raise DataError(f"{type(self.dataset).__name__} must return tensor inputs, got "
-                                f"{type(x).__name__}")
-            y = torch.as_tensor(y)
-            non_blocking = self.device.type == "cuda"
-            x = x.to(self.device, non_blocking=non_blocking)
-            y = y.to(self.device, non_blocking=non_blocking)
-            if self.augment and x.dim() == 4:
-                x = augment_batch(x, padding=self.padding, generator=self.generator)
-            yield x.contiguous(), y
+            batch = move_to(batch, self.device)  # any structure: (x, y), (x1, x2, y), dicts
+            if (self.augment and isinstance(batch, (list, tuple)) and len(batch) == 2
+                    and isinstance(batch[0], Tensor) and batch[0].dim() == 4 and batch[0].is_floating_point()):
+                x, y = batch
+                yield augment_batch(x, padding=self.padding, generator=self.generator).contiguous(), y
+            else:
+                yield batch
 
 
 def as_loader(

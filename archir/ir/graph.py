@@ -85,13 +85,15 @@ class TensorMeta:
 _DTYPE_SHORT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
                 torch.int64: "i64", torch.int32: "i32", torch.bool: "b8", torch.uint8: "u8"}
 
-# A value's meta: one tensor, or a tuple of tensors (operations with several outputs).
-Meta = TensorMeta | tuple[TensorMeta, ...] | None
+# A value's meta: one tensor, or a tuple of tensors (operations with several outputs), possibly
+# nested (``nn.LSTM`` returns ``(out, (h, c))``) and with None items (values that are None).
+Meta = TensorMeta | tuple["Meta", ...] | None
 
 
 def meta_str(meta: Meta) -> str:
+    """A value's meta as text: ``f32[1,3,32,32]``, tuples in parentheses, ``?`` for no meta."""
     if isinstance(meta, tuple):
-        return "(" + ", ".join(str(m) for m in meta) + ")"
+        return "(" + ", ".join(meta_str(m) if isinstance(m, tuple) else str(m) for m in meta) + ")"
     return str(meta) if meta is not None else "?"
 
 
@@ -134,6 +136,7 @@ class Op:
                 yield a
 
     def junction_refs(self) -> set[str]:
+        """Ids of the junctions this op (nested ops included) reads through :class:`JunctionRef`."""
         return {r.id for r in self.refs() if isinstance(r, JunctionRef)}
 
     def attr_targets(self) -> set[str]:
@@ -145,9 +148,12 @@ class Op:
         return out
 
     def replace(self, **changes) -> "Op":
+        """A copy with the given fields changed (Op is frozen)."""
         return dataclasses.replace(self, **changes)
 
     def render(self) -> str:
+        """The op as short text: ``target(args)`` for a module or attribute, ``name(args)`` otherwise
+        (the chain input ``x`` and ``inplace=False`` left out), ``target{a | b}`` for a choice."""
         if self.kind == "choice":
             cands = [c if isinstance(c, str) else "·".join(o.render() for o in c) or "identity"
                      for c in self.args]
@@ -164,6 +170,8 @@ class Op:
 
 
 def target_name(kind: str, target: Any) -> str:
+    """A readable name for a call target: module paths, attributes and method names as they are, a
+    function's ``__name__``, an ATen overload as ``add.Tensor`` (``add`` for the default one)."""
     if kind in ("call_module", "get_attr", "call_method"):
         return str(target)
     name = getattr(target, "__name__", None) or str(target)
@@ -318,6 +326,7 @@ class Edge:
         return isinstance(self.in_meta, TensorMeta) and self.in_meta == self.out_meta
 
     def render_ops(self) -> str:
+        """The edge's ops rendered and joined by `` · ``, or ``(direct)`` for an empty edge."""
         return " · ".join(op.render() for op in self.ops) if self.ops else "(direct)"
 
 
@@ -358,6 +367,7 @@ class Graph:
 
     # ---- construction and mutation -------------------------------------------------------
     def new_id(self, prefix: str) -> str:
+        """A fresh id ``prefix<n>`` that no junction or edge has (n from a graph-wide counter)."""
         while True:
             i = f"{prefix}{self._next_id}"
             self._next_id += 1
@@ -365,6 +375,7 @@ class Graph:
                 return i
 
     def add_junction(self, j: Junction) -> Junction:
+        """Add ``j`` (an input junction is appended to ``inputs``) and return it; IRError if its id is taken."""
         if j.id in self.junctions:
             raise IRError(f"junction {j.id} already exists")
         self.junctions[j.id] = j
@@ -375,6 +386,8 @@ class Graph:
         return j
 
     def add_edge(self, e: Edge) -> Edge:
+        """Add ``e`` (``dst``'s in-edges stay sorted by ``dst_index``) and return it; IRError if its id
+        is taken or an endpoint is not in the graph."""
         if e.id in self.edges:
             raise IRError(f"edge {e.id} already exists")
         for end in (e.src, e.dst):
@@ -387,12 +400,15 @@ class Graph:
         return e
 
     def remove_edge(self, eid: str) -> Edge:
+        """Remove edge ``eid`` and return it (KeyError if there is none)."""
         e = self.edges.pop(eid)
         self._out[e.src].remove(eid)
         self._in[e.dst].remove(eid)
         return e
 
     def remove_junction(self, jid: str) -> Junction:
+        """Remove junction ``jid`` and return it; IRError while an edge starts or ends there, it is a
+        graph output, or an edge's operation reads its size."""
         if self._in[jid] or self._out[jid]:
             raise IRError(f"cannot remove junction {jid}: edges {self._in[jid] + self._out[jid]} still use it")
         if jid in self.output_junctions():
@@ -440,12 +456,15 @@ class Graph:
 
     # ---- queries ----------------------------------------------------------------------------
     def in_edges(self, jid: str) -> list[Edge]:
+        """The edges into ``jid``, in operand order (``dst_index``)."""
         return [self.edges[i] for i in self._in[jid]]
 
     def out_edges(self, jid: str) -> list[Edge]:
+        """The edges out of ``jid``, in the order they were attached."""
         return [self.edges[i] for i in self._out[jid]]
 
     def output_junctions(self) -> list[str]:
+        """Ids of the junctions the output expression reads (directly or in its ops), first use first."""
         out: dict[str, None] = {}
         for r in _flatten(self.output):
             if isinstance(r, JunctionRef):
@@ -469,6 +488,8 @@ class Graph:
         return readers
 
     def roles(self, jid: str) -> list[str]:
+        """What junction ``jid`` is, from ``input``, its combine kind (``sum``...), ``multi`` (a tuple
+        value), ``fork`` (two or more out-edges) and ``output``, in that order."""
         j = self.junctions[jid]
         roles = []
         if j.is_input:
@@ -484,6 +505,8 @@ class Graph:
         return roles
 
     def to_networkx(self) -> nx.MultiDiGraph:
+        """A networkx view: one node per junction (roles, meta, name), one edge per edge keyed by its
+        id (rendered ops, flops, params, group, labels)."""
         g = nx.MultiDiGraph(name=self.name)
         for j in self.junctions.values():
             g.add_node(j.id, roles=self.roles(j.id), meta=meta_str(j.meta), name=j.name)
@@ -508,6 +531,8 @@ class Graph:
         return g
 
     def topo_order(self) -> list[str]:
+        """Junction ids in topological order of :meth:`dependency_graph`, ties in insertion order;
+        IRError naming the junctions of a cycle."""
         order = {jid: i for i, jid in enumerate(self.junctions)}
         try:
             return list(nx.lexicographical_topological_sort(self.dependency_graph(), key=order.__getitem__))
@@ -542,12 +567,17 @@ class Graph:
         return names
 
     def edge_params(self, e: Edge) -> int:
+        """Number of parameter elements the operations of ``e`` use (each parameter counted once)."""
         numels = self._param_numels()
         names = set().union(*(self.op_params(op) for op in e.ops)) if e.ops else set()
         return sum(numels[n] for n in names)
 
     def total_params(self) -> int:
-        """Parameters of the modules the graph uses (shared weights counted once)."""
+        """Parameters of the modules the graph uses (shared weights counted once).
+
+        An opaque leaf (a module called as one operation: ``nn.LSTM``, ``nn.MultiheadAttention``,
+        a user module in ``leaf_modules``) counts every parameter it holds, its submodules' too;
+        operations anywhere count (edges, joins and the output expression)."""
         numels = self._param_numels()
         names: set[str] = set()
         for op in self.all_ops():
@@ -555,18 +585,25 @@ class Graph:
         return sum(numels[n] for n in names)
 
     def total_flops(self) -> int:
+        """FLOPs in multiply-adds per example: every edge's operations plus the joins' traced ops."""
         return sum(e.flops for e in self.edges.values()) + sum(
             j.combine.op.meta.get("flops", 0) for j in self.junctions.values()
             if j.combine is not None and j.combine.op is not None)
 
     def all_ops(self) -> Iterator[Op]:
+        """Every top-level operation: the edges', the joins' and those of the output expression
+        (nested operations are reached through :meth:`Op.refs`)."""
         for e in self.edges.values():
             yield from e.ops
         for j in self.junctions.values():
             if j.combine is not None and j.combine.op is not None:
                 yield j.combine.op
+        for r in _flatten(self.output):
+            if isinstance(r, Op):
+                yield r
 
     def invalidate_costs(self) -> None:
+        """Forget the cached parameter sizes (after a change to ``root``'s modules or parameters)."""
         self.__dict__.pop("_numel_cache", None)
 
     # ---- checks -----------------------------------------------------------------------------
@@ -584,11 +621,13 @@ class Graph:
         return format_graph(self)
 
     def to_dot(self) -> str:
+        """Graphviz DOT text of the graph (:func:`archir.ir.printer.format_dot`)."""
         from .printer import format_dot
 
         return format_dot(self)
 
     def to_module(self) -> nn.Module:
+        """The graph lowered to a ``torch.fx.GraphModule`` sharing ``root``'s modules and parameters."""
         from .lower import lower
 
         return lower(self)
@@ -597,7 +636,11 @@ class Graph:
     def copy(self, *, share_root: bool = True) -> "Graph":
         """A structural copy; the root module is shared unless ``share_root=False``."""
         g = copy.copy(self)
-        g.root = self.root if share_root else copy.deepcopy(self.root)
+        if share_root:
+            g.root = self.root
+        else:
+            g.root = copy.deepcopy(self.root)
+            refresh_flat_weights(g.root)
         g.junctions = {k: dataclasses.replace(v, labels=dict(v.labels),
                                               combine=copy.copy(v.combine)) for k, v in self.junctions.items()}
         g.edges = {k: dataclasses.replace(v, ops=list(v.ops), labels=copy.deepcopy(v.labels))
@@ -608,6 +651,18 @@ class Graph:
         g._out = {k: list(v) for k, v in self._out.items()}
         g.__dict__.pop("_numel_cache", None)
         return g
+
+
+def refresh_flat_weights(root: nn.Module) -> None:
+    """Point every recurrent layer's ``_flat_weights`` (the list of parameter objects its forward
+    reads) at its own parameters again, after a copy made new parameter objects.
+
+    ``copy.deepcopy`` keeps ``_flat_weight_refs`` (weak references) to the original's
+    parameters, so the copy would rebuild that list inside its first forward, which torch.export
+    (the ONNX exporter) reports as an attribute assigned during export."""
+    for m in root.modules():
+        if isinstance(m, nn.RNNBase):
+            m._init_flat_weights()
 
 
 def fetch_attr(obj: Any, target: str) -> Any:

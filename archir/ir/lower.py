@@ -42,6 +42,8 @@ class Lowering:
         self.rename: dict[str, str] = {}
 
     def safe_target(self, target: str) -> str:
+        """``target`` with its first atom renamed (suffixed ``_``) where GraphModule reserves it, its
+        object recorded for the GraphModule; raise IRError if ``graph.root`` has no such attribute."""
         head, _, rest = target.partition(".")
         if head not in self.rename:
             new = head
@@ -57,6 +59,9 @@ class Lowering:
         return safe
 
     def op(self, op: Op, inp: fx.Node | None, operands: list[fx.Node] | None = None) -> fx.Node:
+        """Emit ``op`` (a ``choice`` through :meth:`choice`) with :class:`Input` bound to ``inp``,
+        :class:`Operand` ``i`` to ``operands[i]``, junction references to their values and nested ops
+        emitted first; return its node."""
         if op.kind == "choice":
             return self.choice(op, inp, operands)
 
@@ -101,6 +106,7 @@ class Lowering:
                                    self.kwargs_of(op, inp, operands), name=op.meta.get("name"))
 
     def combine(self, c: "Combine", operands: list[fx.Node]) -> fx.Node:
+        """Emit a join: its traced op, or (``c.op`` None) the canonical n-ary sum, product or concat."""
         if c.op is not None:
             return self.op(c.op, None, operands)
         if c.kind == "concat":
@@ -112,6 +118,9 @@ class Lowering:
         return acc
 
     def run(self) -> fx.GraphModule:
+        """Emit every junction in topological order and the output; return the GraphModule (same
+        training mode as ``graph.root``; ``archir_renamed`` maps each renamed top-level attribute to its
+        new name)."""
         g = self.ir
         for jid in g.topo_order():
             j = g.junctions[jid]

@@ -62,9 +62,11 @@ class Method:
 
     # -- building the search space ---------------------------------------------------------
     def search_passes(self) -> list["Pass"]:
+        """The passes that turn a traced graph into this method's search space (run in order, in place)."""
         raise NotImplementedError
 
     def arch_parameters(self, graph: "Graph") -> list["nn.Parameter"]:
+        """The architecture parameters that :meth:`search_passes` created in ``graph``."""
         raise NotImplementedError
 
     # -- training --------------------------------------------------------------------------
@@ -72,6 +74,7 @@ class Method:
         """Runs (under no_grad) after every optimiser step that updated the arch parameters."""
 
     def extra_loss(self, graph: "Graph") -> "torch.Tensor | None":
+        """A scalar penalty added to the architecture loss, or None (the default) for none."""
         return None
 
     def arch_weights(self, graph: "Graph") -> dict[str, dict[str, float]]:
@@ -80,6 +83,7 @@ class Method:
 
     # -- deriving --------------------------------------------------------------------------
     def derive_passes(self) -> list["Pass"]:
+        """The passes that fix each choice of a searched graph and shrink it to the plain network."""
         raise NotImplementedError
 
     # -- inspecting ------------------------------------------------------------------------
@@ -105,6 +109,7 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def unregister(name: str) -> None:
+    """Forget the method ``name`` (no error if it is not registered)."""
     _REGISTRY.pop(name, None)
 
 
@@ -129,6 +134,7 @@ def available() -> dict[str, type[Method]]:
 
 
 def get(name: str) -> type[Method]:
+    """The method class registered as ``name``; raise UserInputError listing the available ones if none is."""
     methods = available()
     if name not in methods:
         raise UserInputError(f"unknown method {name!r}; available: {', '.join(sorted(methods))}")

@@ -27,26 +27,34 @@ class DNATOptions:
 
 @register
 class DNAT(Method):
+    """DNAT as a :class:`Method`: θ-weighted none / identity / same choice per edge, argmax derive."""
+
     name = "dnat"
     summary = "every edge chooses none / identity / its original operations (θ per edge or per cell)"
     Options = DNATOptions
 
     def search_passes(self):
+        """One :class:`EdgeChoice` pass with the ``share`` and ``fuse`` options."""
         return [EdgeChoice(self.options.share, fuse=self.options.fuse)]
 
     def arch_parameters(self, graph):
+        """The θ parameters (3 slots: none, identity, same) that EdgeChoice added to ``graph.root``."""
         return arch_parameters(graph)
 
     def after_arch_step(self, graph):
+        """Project every θ onto θ ≥ 0."""
         project_thetas(graph)  # θ ≥ 0: the folded BatchNorm and the mixture need it
 
     def arch_weights(self, graph):
+        """Per choice edge, θ normalised over its valid choices (θ_k / Σθ)."""
         return edge_weights(graph)
 
     def derive_passes(self):
+        """Argmax (:class:`Derive`), then :class:`Prune`, then :class:`FoldIdentities`."""
         return [Derive(), Prune(), FoldIdentities()]
 
     def candidates(self, graph):
+        """How many edges could become identity and how many could become none."""
         choices = [valid_choices(graph, e) for e in graph.edges.values()]
         identity = sum("identity" in c for c in choices)
         none = sum("none" in c for c in choices)
