@@ -17,11 +17,14 @@ pays host/device copies.
 Models are pluggable:
 
 * by default **original vs slim** for ResNet20 and MBConv (:func:`slim_cases`): the original is the
-  example's own module; the slim one is what archir's DNAT passes derive from it with fixed,
-  seeded decisions (``trace -> EdgeChoice("full")``, every θ set to ``torch.rand(3)`` from
-  ``--slim-seed``, ``Derive`` (argmax) ``-> Prune -> FoldIdentities -> to_module``: the same
-  random-θ derivation as ``tests/test_dnat_passes.py``), so some edges become none (pruned) and
-  some identity. No training: the weights are the initial ones, which does not change latency.
+  example's own module; the slim one is what a search method (``--method``, default DNAT with
+  ``share=full``; ``--method-option`` for others) derives from it with fixed, seeded decisions
+  (``s = archir.search(model, x, method, **options)``, every architecture parameter set to
+  ``torch.rand`` of its shape from ``--slim-seed`` (DNAT: θ = ``torch.rand(3)``), the method's own
+  step after an update (DNAT: θ ≥ 0), then ``s.derive()`` (DNAT: argmax, prune, fold identities):
+  the same random-θ derivation as ``tests/test_dnat_passes.py``), so some edges become none
+  (pruned) and some identity. No training: the weights are the initial ones, which does not change
+  latency.
   The JSON's ``summary`` gives, per model and batch size, ORT vs torch eager for each variant
   and slim / original for each runtime;
 * ``--all-examples``: every ``examples/*.py`` that defines ``build_model()`` and ``example_input()``;
@@ -58,6 +61,12 @@ import torch
 import torch.nn as nn
 
 from archir.backends.onnx_export import OnnxVerificationError, export_onnx, ort_session
+from archir.fileio import write_text
+
+try:
+    from bench.method_args import add_method_arguments, method_options
+except ImportError:  # run as a script: bench/ is on sys.path
+    from method_args import add_method_arguments, method_options
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES_DIR = ROOT / "examples"
@@ -105,35 +114,53 @@ def _load_example(name: str, examples_dir: Path = EXAMPLES_DIR):
     return module
 
 
-def derive_slim(model: nn.Module, example: torch.Tensor, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
-    """``model`` through archir's DNAT passes with seeded random θ (no training): the slim module and
-    what was decided (counts of none / identity / same, parameter and FLOP ratios)."""
-    import archir
-    from archir.passes.base import PassManager
-    from archir.passes.derive import Derive, FoldIdentities, Prune
-    from archir.passes.edge_choice import EdgeChoice, project_thetas
+def _choice_order(lists: Iterable[Iterable[str]]) -> list[str]:
+    """Every choice name of ``lists`` once, keeping the order each list gives them (DNAT: none,
+    identity, same)."""
+    order: list[str] = []
+    for names in lists:
+        names = list(names)
+        for i, c in enumerate(names):
+            if c in order:
+                continue
+            later = next((order.index(n) for n in names[i + 1:] if n in order), len(order))
+            order.insert(later, c)
+    return order
 
-    graph = archir.trace(model, example)
-    flops, params = graph.total_flops(), graph.total_params()
-    PassManager([EdgeChoice("full")])(graph)
+
+def derive_slim(model: nn.Module, example: torch.Tensor, seed: int = 0, method: str = "dnat",
+                **options) -> tuple[nn.Module, dict[str, Any]]:
+    """``model`` through ``archir.search(model, example, method, **options)`` (default DNAT,
+    ``share=full``) with seeded random architecture parameters (no training), derived: the slim
+    module and what was decided (count of each choice, parameter and FLOP ratios)."""
+    import archir
+
+    if method == "dnat" and not options:
+        options = {"share": "full"}
+    search = archir.search(model, example, method, **options)
+    flops, params = search.original.total_flops(), search.original.total_params()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for theta in graph.root.archir_theta.values():
-            theta.copy_(torch.rand(3, generator=generator))
-    project_thetas(graph)
-    PassManager([Derive()])(graph)
-    decided = [e.labels["decision"] for e in graph.edges.values() if "decision" in e.labels]
-    PassManager([Prune(), FoldIdentities()])(graph)
-    info = {"derivation": f"random theta, seed {seed}, share=full, argmax",
-            "decisions": {c: decided.count(c) for c in ("none", "identity", "same")},
+        for theta in search.arch_parameters():
+            theta.copy_(torch.rand(theta.shape, generator=generator))
+    search.after_arch_step()  # what follows every architecture step (DNAT: θ ≥ 0)
+    slim = search.derive(in_place=True)
+    graph = search.derived_graph
+    decided = [labels["decision"] for labels in search.recorded_decisions.values()]
+    names = _choice_order(labels["choices"].split(",") for labels in search.recorded_decisions.values())
+    opts = ", ".join(f"{k}={v}" for k, v in options.items())
+    what = "random theta" if method == "dnat" else f"{method}, random architecture parameters"
+    info = {"derivation": f"{what}, seed {seed}{', ' + opts if opts else ''}, argmax",
+            "decisions": {c: decided.count(c) for c in names},
             "flops_ratio": graph.total_flops() / flops, "params_ratio": graph.total_params() / params}
-    return graph.to_module().eval(), info
+    return slim.eval(), info
 
 
 SLIM_MODELS = ("resnet20", "mbconv")
 
 
-def slim_cases(names: Iterable[str] = SLIM_MODELS, seed: int = 0) -> list[BenchCase]:
+def slim_cases(names: Iterable[str] = SLIM_MODELS, seed: int = 0, method: str = "dnat",
+               **options) -> list[BenchCase]:
     """Per example: the original module and the slim one :func:`derive_slim` makes (one group each)."""
     cases = []
     for name in names:
@@ -141,7 +168,7 @@ def slim_cases(names: Iterable[str] = SLIM_MODELS, seed: int = 0) -> list[BenchC
         torch.manual_seed(0)
         model = example.build_model().eval()
         x = example.example_input()
-        slim, info = derive_slim(model, x, seed)
+        slim, info = derive_slim(model, x, seed, method, **options)
         cases.append(BenchCase(name, model, x, group=name, variant="original"))
         cases.append(BenchCase(f"{name}-slim", slim, x, group=name, variant="slim", info=info))
     return cases
@@ -324,10 +351,7 @@ def benchmark(cases: Iterable[BenchCase | tuple], *, batch_sizes: Iterable[int] 
 
 
 def _write_json(result: dict[str, Any], output: Path) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = output.with_name(output.name + ".tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_out, output)
+    write_text(output, json.dumps(result, indent=2) + "\n")
 
 
 def _loadavg() -> list[float] | None:
@@ -359,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="time every examples/*.py (originals only) instead of original vs slim")
     parser.add_argument("--slim-seed", type=int, default=0, help="seed of the slim models' random θ")
     parser.add_argument("--note", help="free text stored in the JSON's meta (e.g. how the machine was loaded)")
+    add_method_arguments(parser)
     args = parser.parse_args(argv)
+    options = method_options(parser, args, defaults={"share": "full"})
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -369,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.all_examples:
         cases = example_cases() or fallback_cases()
     else:
-        cases = slim_cases(seed=args.slim_seed)
+        cases = slim_cases(seed=args.slim_seed, method=args.method, **options)
     result = benchmark(cases, batch_sizes=args.batch_sizes, warmup=args.warmup, runs=args.runs,
                        device=args.device, output=None, onnx_dir=args.keep_onnx, ort_threads=args.ort_threads)
     if args.note:

@@ -15,9 +15,13 @@ For every model (random weights, eval mode, batch 1) and each step's wall time:
 1. **trace**: ``archir.trace(model, x)`` (torch.fx, torch.export fallback, automatic leaves) and
    ``graph.verify()``: which frontend, how many opaque leaves and why;
 2. **round trip**: the lowered GraphModule against the model (max abs error; exact = ``torch.equal``);
-3. **EdgeChoice parity**: the supernet at initialisation (θ = (0, 0, 1)) against the model;
-4. **emit**: ``archir.transform(model, x, epochs=0, onnx=False, out=tmp)`` writes model.py +
-   weights.pt (backends/standalone.py); the emitted module, loaded from disk, against the model;
+3. **supernet parity** (``edgechoice`` in the JSON): ``archir.search(model, x, method=--method)``
+   (default DNAT with its default ``share=cell``; ``--method-option`` for others), its supernet at
+   initialisation (DNAT: θ = (0, 0, 1)) against the model, and how many searchable edges it has.
+   Its time includes the search's own trace of a copy of the model (records from before
+   ``archir.search`` reused step 1's graph and leave that trace out);
+4. **emit**: ``archir.transform(model, x, method, epochs=0, onnx=False, out=tmp)`` writes model.py +
+   weights.pt (backends/standalone/); the emitted module, loaded from disk, against the model;
 5. **onnx**: ``archir.export_onnx`` of the emitted module (the lowered module where emitting
    failed) checked against ONNX Runtime; skipped, and recorded as skipped, over ``--onnx-max-params``.
 
@@ -39,7 +43,6 @@ import contextlib
 import fcntl
 import importlib.util
 import json
-import os
 import re
 import signal
 import sys
@@ -50,6 +53,13 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from archir.fileio import write_text
+
+try:
+    from bench.method_args import add_method_arguments, method_options
+except ImportError:  # run as a script: bench/ is on sys.path
+    from method_args import add_method_arguments, method_options
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "zoo.json"
@@ -79,9 +89,7 @@ def update(path: Path, fn) -> dict:
     with _locked(path):
         data = load(path)
         fn(data)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
-        os.replace(tmp, path)
+        write_text(path, json.dumps(data, indent=1, sort_keys=True, default=str))
         return data
 
 
@@ -204,9 +212,8 @@ def _load_emitted(directory: Path) -> torch.nn.Module:
 
 def run_model(sel: dict, args) -> dict:
     import archir
-    from archir.passes.base import PassManager
-    from archir.passes.edge_choice import EdgeChoice
 
+    method, options = getattr(args, "method", "dnat"), getattr(args, "options", {})
     rec = {k: sel[k] for k in ("suite", "name", "family", "input", "params") if k in sel}
     rec.update(status="ok", times={}, steps={})
     times, steps = rec["times"], rec["steps"]
@@ -250,23 +257,24 @@ def run_model(sel: dict, args) -> dict:
             except Exception as exc:  # noqa: BLE001
                 steps["roundtrip"] = {"ok": False, "error": _first(exc)}
 
-        with timed("edgechoice"):
+        with timed("edgechoice"):  # the JSON keeps the step's old name
             try:
-                g2 = graph.copy(share_root=False)
-                PassManager([EdgeChoice("cell")])(g2)
-                choices = sum(1 for e in g2.edges.values() if "choices" in e.labels)
-                sup = g2.to_module().eval()
+                search = archir.search(model, x, method, **options)
+                choices = len(search.arch_weights())  # searchable edges
+                sup = search.supernet.eval()
                 with torch.no_grad():
                     steps["edgechoice"] = {"ok": None, "choice_edges": choices, **compare(ref, sup(x))}
                 steps["edgechoice"]["ok"] = steps["edgechoice"]["exact"]
-                del g2, sup
+                search.close()
+                del search, sup
             except Exception as exc:  # noqa: BLE001
                 steps["edgechoice"] = {"ok": False, "error": _first(exc)}
 
         onnx_module = lowered
         with tempfile.TemporaryDirectory() as tmp, timed("emit"):
             try:
-                res = archir.transform(model, x, epochs=0, onnx=False, out=Path(tmp) / "out", progress=False)
+                res = archir.transform(model, x, method, epochs=0, onnx=False, out=Path(tmp) / "out",
+                                       progress=False, **options)
                 emitted = _load_emitted(Path(tmp) / "out")
                 with torch.no_grad():
                     steps["emit"] = {"ok": None, **compare(ref, emitted(x))}
@@ -453,17 +461,17 @@ def report(args) -> None:
              f"({', '.join(f'{k} {v}' for k, v in data.get('meta', {}).items())}). Random weights, eval mode, "
              "batch 1, CPU. See `bench/zoo.py` for how models are chosen.", "", "## Totals", "",
              "| suite | selected | run | traced | exact round trip | fx | export | with opaque leaves | "
-             "EdgeChoice parity | emitted model.py parity | ONNX parity (run) | excluded (> 60M) |",
+             "supernet parity | emitted model.py parity | ONNX parity (run) | excluded (> 60M) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for suite, t in totals.items():
         lines.append(f"| {suite} | {t['selected']} | {t['run']} | {t['traced']} | {t['exact']} | {t['fx']} | "
                      f"{t['export']} | {t['with_leaves']} | {t['edgechoice']} | {t['emit']} | "
                      f"{t['onnx']} / {t['onnx_run']} | {t['excluded']} |")
     lines += ["", "## Models", "",
-              "Round trip, EdgeChoice and emitted: `exact` is bit-identical output (`torch.equal`), otherwise "
+              "Round trip, supernet and emitted: `exact` is bit-identical output (`torch.equal`), otherwise "
               "the max abs error; ONNX: ONNX Runtime within tolerance. Times in seconds: trace / round trip / "
-              "EdgeChoice / transform+emit / ONNX.", "",
-              "| suite | model | params | input | frontend | leaves | round trip | EdgeChoice | emitted | ONNX | "
+              "supernet (archir.search) / transform+emit / ONNX.", "",
+              "| suite | model | params | input | frontend | leaves | round trip | supernet | emitted | ONNX | "
               "time (s) |", "|---|---|---|---|---|---|---|---|---|---|---|", *rows, "",
               "## Errors and opaque leaves", "", *(errors or ["None."]), ""]
     if args.limits:
@@ -489,7 +497,9 @@ def main(argv=None) -> None:
     p.add_argument("--report", action="store_true", help="write docs/zoo.md from the results")
     p.add_argument("--limits", default=str(ROOT / "bench" / "zoo_limits.md"),
                    help="markdown appended to docs/zoo.md (documented limits)")
+    add_method_arguments(p)
     args = p.parse_args(argv)
+    args.options = method_options(p, args)
     if args.limits and not Path(args.limits).exists():
         args.limits = None
     if args.report:
