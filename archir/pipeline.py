@@ -183,14 +183,16 @@ def _train_config(opts: TransformOptions, device) -> TrainConfig:
 
 def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data=None, val_data=None,
               out: str | Path | None = None, *, on_epoch: Callable | None = None, task: Task | None = None,
-              **options) -> Result:
+              leaf_modules=(), **options) -> Result:
     """Transform ``model`` with ``method`` and return the trained, slim result.
 
     ``options`` are :class:`TransformOptions` fields (``epochs``, ``arch_epochs``, ``seed``,
     ``lr``, ``arch_lr``, ``data``, ``device``, ``baseline`` ...) and the method's own options (DNAT:
     ``share``). ``train_data``/``val_data`` (torch data sets) replace ``data``; with ``epochs=0``
     no data is needed. ``task`` (:func:`archir.task.make_task`) sets the loss and the metric
-    (default: cross-entropy and top-1 accuracy). With ``out`` set, the directory receives
+    (default: cross-entropy and top-1 accuracy). ``leaf_modules``: submodule paths to keep whole
+    (opaque) when tracing; with ``out`` set, one that model.py cannot rebuild is refused before
+    any training. With ``out`` set, the directory receives
     model.py, weights.pt, model.onnx, report.json, report.md, graph.svg and arch.png.
     """
     from .search_space import Search
@@ -209,8 +211,17 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
         _load_weights(model, opts.from_weights)
     seed_everything(opts.seed)
     baseline_model = copy.deepcopy(model) if opts.baseline else None
-    search = Search(model, example_inputs, chosen, granularity=opts.granularity)
+    search = Search(model, example_inputs, chosen, granularity=opts.granularity, leaf_modules=leaf_modules)
     inputs = search.example_inputs
+    if out_dir is not None:  # refuse what model.py or model.onnx cannot hold before any training
+        from .backends.standalone import check_emittable
+
+        original_module = search.original.to_module()  # what derive keeps comes from here, for any method
+        check_emittable(original_module)
+        if opts.onnx:
+            from .backends.onnx_export import check_onnx_exportable
+
+            check_onnx_exportable(original_module)
     timings["trace"] = time.perf_counter() - t0
 
     cfg = _train_config(opts, device)

@@ -76,6 +76,8 @@ __all__ = [
     "OnnxReport",
     "OutputError",
     "OnnxVerificationError",
+    "OnnxExportError",
+    "check_onnx_exportable",
     "CleanupStats",
     "export_onnx",
     "clean_graph",
@@ -88,6 +90,30 @@ __all__ = [
 # Models whose weights exceed this are saved with external data (protobuf's hard limit is 2 GiB).
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 _BATCH_EXTRA = 3  # the second verification batch size is B + 3
+
+
+class OnnxExportError(ArchirError):
+    """The module holds something ONNX cannot express; raised before anything is exported."""
+
+
+def check_onnx_exportable(module: nn.Module) -> None:
+    """Raise :class:`OnnxExportError` (one line, naming the submodule and what to do) for what
+    the exporter is known to get wrong, before any file is written; quick, runs nothing.
+
+    * ``nn.LSTM`` with ``proj_size > 0``: ONNX's ``LSTM`` operator has no projection, and the
+      dynamo exporter (torch 2.14 / onnxscript 0.7) still maps it there, writing a model whose
+      ``initial_c`` has the projected size, which ONNX Runtime refuses to run (the TorchScript
+      exporter refuses LSTMs with projections outright).
+
+    Other recurrent layers (``nn.RNN``, ``nn.GRU``, ``nn.LSTM`` without projection, several
+    layers, bidirectional) export to ONNX's ``RNN``/``GRU``/``LSTM`` operators and verify.
+    """
+    for path, m in module.named_modules():
+        if isinstance(m, nn.LSTM) and m.proj_size > 0:
+            raise OnnxExportError(
+                f"cannot export to ONNX: nn.LSTM '{path or type(module).__name__}' has proj_size={m.proj_size}, "
+                "which ONNX's LSTM operator cannot express; skip the ONNX model (--no-onnx, or onnx=False) "
+                "or use an LSTM without proj_size")
 
 
 class OnnxVerificationError(ArchirError, AssertionError):
@@ -155,6 +181,7 @@ class OnnxReport:
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as a plain dict (``dataclasses.asdict``: each :class:`OutputError` becomes a dict too)."""
         return dataclasses.asdict(self)
 
     def worst(self) -> OutputError | None:
@@ -433,6 +460,12 @@ def _export_dynamo(module, args, f, input_names, output_names, opset, dynamic_ba
     with _quiet_loggers("torch.onnx._internal.exporter._registration"), warnings.catch_warnings():
         # several inputs share the one batch Dim, which is what we want; torch warns about it anyway
         warnings.filterwarnings("ignore", message=".*shares the same shape constraints", category=UserWarning)
+        # nn.LSTM/GRU/RNN: torch.export swaps in its own parameter objects, so the layer rebuilds
+        # its ``_flat_weights`` list inside forward (harmless: it reads the swapped parameters),
+        # and torch's RNN decomposition calls the deprecated ``_check_is_size``; neither is news
+        warnings.filterwarnings("ignore", message=r"(?s).*_flat_weights.*were assigned during export",
+                                category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*_check_is_size will be removed", category=FutureWarning)
         torch.onnx.export(module, args, str(f), dynamo=True, input_names=input_names,
                           output_names=output_names, opset_version=opset,
                           dynamic_shapes=dynamic_shapes, verbose=False, optimize=True,
@@ -511,6 +544,7 @@ def export_onnx(
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if not args or not all(isinstance(a, torch.Tensor) for a in args):
         raise TypeError("example_inputs must be a tensor or a non-empty tuple of tensors")
+    check_onnx_exportable(module)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     unverified = path.with_name(f"{path.stem}.unverified.onnx")
@@ -594,6 +628,18 @@ def export_onnx(
 
         try:
             _verify(module, args, path, report, seed, providers)
+        except _OtherBatchFailed as exc:
+            # The exporter declared a symbolic batch axis but fixed it inside the graph (torch 2.14
+            # does so for the time axis of a batch_first=False nn.LSTM, on the first export of
+            # a process only): ONNX Runtime cannot run it at another batch size. Export again
+            # with the batch size fixed, as the exporter itself does on later exports.
+            again = export_onnx(module, args, path, opset=opset, dynamic_batch=False, verify=verify,
+                                rtol=rtol, atol=atol, output_names=output_names, input_names=input_names,
+                                exporter=exporter, seed=seed, providers=providers)
+            again.notes[:0] = notes + [
+                f"ONNX Runtime could not run the model exported with a dynamic batch at batch {exc.batch} "
+                f"({exc.reason}); exported with the batch size fixed at {int(args[0].shape[0])}"]
+            return again
         except BaseException:
             os.replace(path, unverified)
             report.path = str(unverified)
@@ -634,6 +680,14 @@ def _static_batch(model: onnx.ModelProto) -> bool:
     return bool(dims) and dims[0].HasField("dim_value")
 
 
+class _OtherBatchFailed(Exception):
+    """ONNX Runtime ran the model at the example's batch size but failed at another one."""
+
+    def __init__(self, batch: int, reason: str):
+        super().__init__(reason)
+        self.batch, self.reason = batch, reason
+
+
 def _verify(module, args, path, report: OnnxReport, seed: int, providers) -> None:
     session = ort_session(path, providers)
     report.providers = list(session.get_providers())
@@ -645,7 +699,18 @@ def _verify(module, args, path, report: OnnxReport, seed: int, providers) -> Non
         inputs = tuple(_random_like(a, b, generator) if a.dim() else a for a in args)
         ref = [t.detach().cpu().numpy() for _, t in flatten_outputs(module(*inputs))]
         feed = {n: x.detach().cpu().numpy() for n, x in zip(report.input_names, inputs) if n in feed_names}
-        got = session.run(report.output_names, feed)
+        if b == batch:
+            got = session.run(report.output_names, feed)
+        else:
+            import onnxruntime as ort
+
+            quiet = ort.RunOptions()
+            quiet.log_severity_level = 4  # a failure here is reported (and handled) by the caller
+            try:
+                got = session.run(report.output_names, feed, quiet)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+                reason = _first_line(exc)
+                raise _OtherBatchFailed(b, reason if len(reason) <= 200 else reason[:199] + "…") from exc
         for name, g, r in zip(report.output_names, got, ref):
             report.errors.append(_compare(name, b, np.asarray(g), r, report.rtol, report.atol))
     report.verified = True

@@ -22,7 +22,7 @@ from torch import nn
 from archir.errors import TraceError
 from archir.ir import (CONCAT_TARGETS, IN, PRODUCT_TARGETS, SUM_TARGETS, Combine, Edge, Graph, Junction,
                        JunctionRef, Op, Operand, TensorMeta, fetch_attr)
-from archir.ir.costs import function_flops, module_flops
+from archir.ir.costs import ATEN_RNN, function_flops, module_flops, rnn_flops
 from archir.ir.graph import _flatten
 from archir.modes import eval_mode
 
@@ -36,10 +36,25 @@ _WEIGHTED_NAMES = {"conv1d", "conv2d", "conv3d", "convolution", "linear", "conv_
 
 
 def _describe(value: Any):
+    """A value's :data:`~archir.ir.Meta`: a tensor, or a (possibly nested) tuple of tensors.
+
+    Nested tuples are what recurrent layers return (``nn.LSTM``: ``(out, (h, c))``); ``None``
+    items (``nn.MultiheadAttention(..., need_weights=False)``: ``(out, None)``) are allowed as long
+    as the tuple holds a tensor. Anything else (sizes, Python numbers) is not dataflow: None.
+    """
     if isinstance(value, torch.Tensor):
         return TensorMeta.of(value)
-    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
-        return tuple(TensorMeta.of(v) for v in value)
+    if isinstance(value, (tuple, list)) and value and not isinstance(value, torch.Size):
+        items = []
+        for v in value:
+            if v is None:
+                items.append(None)
+                continue
+            m = _describe(v)
+            if m is None:
+                return None
+            items.append(m)
+        return tuple(items) if any(m is not None for m in items) else None
     return None
 
 
@@ -277,9 +292,28 @@ class _Builder:
                     shapes.append(m.shape if isinstance(m, TensorMeta) else None)
         out_shape = out.shape if isinstance(out, TensorMeta) else None
         mod = self._module(n)
-        flops = module_flops(mod, shapes[0] if shapes else None, out_shape) if mod is not None else \
-            function_flops(n.target, n.op, shapes, out_shape)
+        if mod is not None:
+            flops = module_flops(mod, shapes[0] if shapes else None, out_shape, shapes)
+        elif n.op == "call_function" and n.target in ATEN_RNN:
+            flops = self._aten_rnn_flops(n)
+        else:
+            flops = function_flops(n.target, n.op, shapes, out_shape)
         return {"name": n.name, "out": out, "flops": int(flops) // self.batch, "scope": _stack(n)}
+
+    def _aten_rnn_flops(self, n: fx.Node) -> int:
+        """``aten.lstm.input(input, hx, params, ...)`` (and gru, rnn_*): what torch.export leaves of
+        a recurrent layer it could not collapse back into a module call (see archir.ir.costs)."""
+        params = n.args[2] if len(n.args) > 2 else None
+        inp = self.metas.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+        if not isinstance(params, (list, tuple)) or not params or not isinstance(inp, TensorMeta):
+            return 0
+        shapes = []
+        for p in params:
+            v = fetch_attr(self.root, p.target) if isinstance(p, fx.Node) and p.op == "get_attr" else None
+            shapes.append(tuple(v.shape) if isinstance(v, torch.Tensor) else None)
+        if not shapes[0] or len(shapes[0]) != 2:
+            return 0
+        return rnn_flops(inp.shape, shapes[0][1], shapes)
 
     # -- assembly ------------------------------------------------------------------------------
     def build(self) -> Graph:

@@ -94,7 +94,12 @@ def export_trace(root: nn.Module, example_inputs: Sequence[torch.Tensor],
     Returns the graph (targets are qualified names in ``root``) and the output pytree spec.
     A dynamic batch dimension is asked for first; if the model pins it, a static export follows.
     """
-    with _quiet_torch():
+    extra = set(leaves)
+
+    def is_leaf(path: str, m: nn.Module) -> bool:
+        return path in extra or is_torch_leaf(m)
+
+    with _quiet_torch(), _leaf_calls(root, is_leaf) as simple:
         ep = _export(root, tuple(example_inputs))
     gm = ep.module()
     out_spec = gm.graph._codegen.pytree_info.out_spec if hasattr(gm.graph._codegen, "pytree_info") else None
@@ -104,10 +109,9 @@ def export_trace(root: nn.Module, example_inputs: Sequence[torch.Tensor],
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target.startswith("_guards"):
             graph.erase_node(node)
-    extra = set(leaves)
     _adopt_constants(graph, gm, root)
     _drop_buffer_writebacks(graph)
-    _collapse_leaf_calls(graph, root, lambda path, m: path in extra or is_torch_leaf(m))
+    _collapse_leaf_calls(graph, root, is_leaf, simple)
     _remove_unused(graph)
     return graph, out_spec
 
@@ -192,8 +196,40 @@ def _is_tensor_node(n: fx.Node) -> bool:
     return isinstance(n.meta.get("val"), torch.Tensor)
 
 
-def _collapse_leaf_calls(graph: fx.Graph, root: nn.Module, is_leaf) -> None:
-    """Replace the ATen nodes of each single-input, single-output leaf call by ``call_module``."""
+@contextlib.contextmanager
+def _leaf_calls(root: nn.Module, is_leaf):
+    """While exporting, record how each leaf module is called: yields ``{path: simple}``, where
+    ``simple`` is True when every call of the module took one tensor (no other arguments,
+    positional or keyword) and returned one tensor, the only calls :func:`_collapse_leaf_calls` can rebuild as
+    ``call_module(path, (x,))``. (An ``nn.LSTM`` returns ``(out, (h, c))`` and an
+    ``nn.MultiheadAttention`` takes three tensors: their ATen operations stay as they are.)
+    The hooks only look at Python types, so they add nothing to the exported graph."""
+    simple: dict[str, bool] = {}
+    handles = []
+
+    def make_hook(path: str):
+        def hook(_mod, args, kwargs, output):
+            given = [*args, *kwargs.values()]  # ``conv(input=x)`` too: rebuilt as ``conv(x)``
+            ok = len(given) == 1 and isinstance(given[0], torch.Tensor) and isinstance(output, torch.Tensor)
+            simple[path] = simple.get(path, True) and ok
+        return hook
+
+    try:
+        for path, mod in root.named_modules():
+            if path and is_leaf(path, mod):
+                handles.append(mod.register_forward_hook(make_hook(path), with_kwargs=True))
+        yield simple
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _collapse_leaf_calls(graph: fx.Graph, root: nn.Module, is_leaf, simple: dict[str, bool] | None = None
+                         ) -> None:
+    """Replace the ATen nodes of each single-input, single-output leaf call by ``call_module``.
+
+    ``simple`` (from :func:`_leaf_calls`): leaves not marked True there are left as ATen
+    operations (their parameters are read with ``get_attr``, so they still count and train)."""
     runs: list[tuple[str, list[fx.Node]]] = []
     for node in graph.nodes:
         if node.op != "call_function":
@@ -202,6 +238,8 @@ def _collapse_leaf_calls(graph: fx.Graph, root: nn.Module, is_leaf) -> None:
         if leaf is None:
             continue
         key, path = leaf
+        if simple is not None and not simple.get(path, False):
+            continue
         if runs and runs[-1][0] == key and runs[-1][1][-1].next is node:
             runs[-1][1].append(node)
         else:

@@ -87,6 +87,10 @@ def clone_module(model: nn.Module,
                 # Hooks, and caches a forward fills in (timm's attention_bias_cache): what tracing
                 # stores there (fx proxies) must stay on the copy, not leak into the user's model.
                 new.__dict__[k] = copy.copy(v)
+        if isinstance(new, nn.RNNBase):
+            # its forward reads ``_flat_weights``, a list of the parameter objects: point it at
+            # the copy's own parameters (else it would run, and train, the user's tensors)
+            new._init_flat_weights()
         return new
 
     return module(model)

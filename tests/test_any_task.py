@@ -203,3 +203,18 @@ def test_baseline_does_not_change_the_transformed_run():
     assert with_baseline.report["original"]["trained"] and not without.report["original"]["trained"]
     a, b = with_baseline.module.state_dict(), without.module.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_model_that_cannot_be_emitted_is_refused_before_training(tmp_path):
+    class Gate(nn.Module):  # a user module kept whole: model.py could not rebuild it
+        def forward(self, x):
+            return x * torch.sigmoid(x)
+
+    model = nn.Sequential(nn.Linear(5, 8), Gate(), nn.Linear(8, 2))
+    x = torch.randn(16, 5)
+    ds = torch.utils.data.TensorDataset(x, torch.arange(16) % 2)
+    epochs = []
+    with pytest.raises(archir.ArchirError, match="cannot emit a standalone model.py.*'1'"):
+        archir.transform(model, x[:2], train_data=ds, val_data=ds, out=tmp_path / "out", epochs=1, arch_epochs=1,
+                         progress=False, leaf_modules=["1"], on_epoch=epochs.append)
+    assert epochs == [] and not (tmp_path / "out" / "checkpoint.pt").exists()

@@ -572,6 +572,15 @@ class Graph:
         names = set().union(*(self.op_params(op) for op in e.ops)) if e.ops else set()
         return sum(numels[n] for n in names)
 
+    def junction_params(self, jid: str) -> int:
+        """Parameters of a join's own call (an opaque leaf with several tensor operands, such as
+        ``nn.MultiheadAttention(q, k, v)`` or ``lstm(x, (h, c))``); 0 for other junctions."""
+        j = self.junctions[jid]
+        if j.combine is None or j.combine.op is None:
+            return 0
+        numels = self._param_numels()
+        return sum(numels[n] for n in self.op_params(j.combine.op))
+
     def total_params(self) -> int:
         """Parameters of the modules the graph uses (shared weights counted once).
 
@@ -654,12 +663,13 @@ class Graph:
 
 
 def refresh_flat_weights(root: nn.Module) -> None:
-    """Point every recurrent layer's ``_flat_weights`` (the list of parameter objects its forward
-    reads) at its own parameters again, after a copy made new parameter objects.
+    """Make every recurrent layer's ``_flat_weights`` (the list of parameter objects its forward
+    reads) and the weak references torch checks it by name its own parameters, after a copy.
 
-    ``copy.deepcopy`` keeps ``_flat_weight_refs`` (weak references) to the original's
-    parameters, so the copy would rebuild that list inside its first forward, which torch.export
-    (the ONNX exporter) reports as an attribute assigned during export."""
+    ``copy.deepcopy`` copies the list along with the parameters but keeps the weak references to
+    the original's, so torch would find the list stale and rebuild it inside the copy's first
+    forward (a copy that sets ``_parameters`` by hand, as ``clone_module`` does, would otherwise
+    run and train the original's tensors)."""
     for m in root.modules():
         if isinstance(m, nn.RNNBase):
             m._init_flat_weights()

@@ -17,15 +17,19 @@ idea as ``GraphModule.to_folder()``, minus the pickled modules: nothing user-def
 
 How submodules are rebuilt
 --------------------------
-A ``torch.nn`` built-in is written as its ``repr()``, which for leaf modules is its class name and
-constructor arguments (``Conv2d(3, 8, kernel_size=(3, 3), ..., bias=False)``); where the repr is
-not a literal call or drops arguments (``padding=same``, ``AvgPool2d``'s ``ceil_mode``), as a call
-passing each ``__init__`` parameter the instance attribute of the same name. ``nn.Sequential`` is
-rebuilt from its children, and :mod:`archir.layers` classes have their source copied into the
-file. Every rebuilt leaf is constructed in-process and checked against the original: same ``repr()``, same public plain attributes (``p``, ``eps``, ``inplace``...),
-same parameter and buffer names, shapes and dtypes. A module that fails this (a user-defined
-class, an archir search-time module, a torch module with hooks, or one with submodules other than
-``nn.Sequential``) raises :class:`StandaloneError` naming its path, its type and why.
+A ``torch.nn`` built-in (``nn.LSTM``, ``nn.GRU``, ``nn.MultiheadAttention`` included) is written
+as its ``repr()``, which for leaf modules is its class name and constructor arguments
+(``Conv2d(3, 8, kernel_size=(3, 3), ..., bias=False)``); where the repr is not a literal call or
+drops arguments (``padding=same``, ``AvgPool2d``'s ``ceil_mode``, ``nn.RNN``'s
+``nonlinearity``), as a call passing each ``__init__`` parameter the instance attribute of the same
+name. ``nn.Sequential`` is rebuilt from its children; a built-in whose constructor makes its own
+submodules (``nn.MultiheadAttention``'s ``out_proj``) by that constructor; :mod:`archir.layers`
+classes have their source copied into the file. Every rebuilt module is constructed in-process
+and checked against the original: same ``repr()``, same public plain attributes (``p``, ``eps``,
+``inplace``...) of it and of each submodule, same parameter and buffer names, shapes and dtypes.
+A module that fails this (a user-defined class, an archir search-time module, a torch module with
+hooks, or one with submodules that neither ``nn.Sequential`` nor its constructor rebuilds)
+raises :class:`StandaloneError` naming its path, its type and why.
 
 Other details
 -------------
@@ -46,8 +50,14 @@ its source. Anything else raises :class:`StandaloneError`.
 
 With ``example_inputs``, the written file is imported in-process and its outputs (eval mode,
 weights loaded from ``weights.pt``) must equal the GraphModule's bit for bit (``torch.equal``).
+
+Checking ahead
+--------------
+:func:`check_emittable` raises the same :class:`StandaloneError` (one line, naming the module and
+what to do) without writing anything, so a pipeline can refuse a model before training it; it
+accepts a supernet (skipping archir's search-time modules, which deriving removes).
 """
 from .base import StandaloneError, StandaloneFiles
-from .emit import emit_standalone
+from .emit import check_emittable, emit_standalone
 
-__all__ = ["StandaloneError", "StandaloneFiles", "emit_standalone"]
+__all__ = ["StandaloneError", "StandaloneFiles", "check_emittable", "emit_standalone"]

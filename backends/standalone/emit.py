@@ -1,6 +1,8 @@
-"""The entry point: :func:`emit_standalone`."""
+"""The entry points: :func:`emit_standalone`, and :func:`check_emittable` (the same refusals,
+ahead of time, writing nothing)."""
 from __future__ import annotations
 
+import ast
 import keyword
 from pathlib import Path
 
@@ -8,11 +10,16 @@ import torch
 import torch.fx as fx
 
 from archir.fileio import save_torch, write_text
+from archir.ir import fetch_attr
+from archir.layers import STANDALONE_CLASSES
 
 from .base import _FILE_NAMES, StandaloneError, StandaloneFiles
 from .checks import _check_built, _exec_source, _verify
+from .forward import _free_names, _resolve_global
+from .naming import _display_path
 from .plan import _plan
 from .source import _source
+from .submodules import _module_expr
 
 
 def emit_standalone(module: fx.GraphModule, out_dir: Path | str, *, class_name: str = "SlimModel",
@@ -49,3 +56,62 @@ def emit_standalone(module: fx.GraphModule, out_dir: Path | str, *, class_name: 
         _verify(module, model_py, weights_pt, class_name, tuple(example_inputs))
     return StandaloneFiles(model_py=model_py, weights=weights_pt, class_name=class_name,
                            num_parameters=num_parameters, module_names=dict(plan.targets))
+
+
+def _search_time(obj) -> bool:
+    """archir's own search-time modules and helpers (EdgeMix, mix_weights...): derive removes them."""
+    mod = type(obj).__module__ if isinstance(obj, torch.nn.Module) else getattr(obj, "__module__", "") or ""
+    if isinstance(obj, torch.nn.Module) and type(obj) in STANDALONE_CLASSES:
+        return False
+    return mod.startswith(("archir.passes", "archir.methods")) or (
+        isinstance(obj, torch.nn.Module) and mod.split(".")[0] == "archir")
+
+
+def check_emittable(module: fx.GraphModule) -> None:
+    """Raise :class:`StandaloneError` now if :func:`emit_standalone` could not write the network
+    that ``module`` derives to; write nothing.
+
+    Meant to run right after a search is built, before any training: ``module`` may be the
+    supernet (archir's own search-time modules and functions, which deriving removes, are
+    skipped) or the original model's lowered graph. Every other module the graph calls or reads
+    is rebuilt in-process and checked as the emitter does (a user-defined module kept opaque with
+    ``leaf_modules=[...]`` is refused), and every function ``forward`` calls must come from torch,
+    the standard library, or be a small plain function model.py can copy. The error is one line:
+    ``cannot emit a standalone model.py: cannot rebuild submodule 'gate' (pkg.Gate): ... <what to do>``.
+    """
+    if not isinstance(module, fx.GraphModule):
+        raise StandaloneError(f"check_emittable needs a torch.fx.GraphModule, got {type(module).__name__}")
+    try:
+        _check_modules(module)
+        _check_globals(module)
+    except StandaloneError as exc:
+        raise StandaloneError(f"cannot emit a standalone model.py: {exc}") from exc
+
+
+def _check_modules(gm: fx.GraphModule) -> None:
+    checked: list[str] = []
+    seen: set[int] = set()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        obj = fetch_attr(gm, node.target)
+        if not isinstance(obj, torch.nn.Module) or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if _search_time(obj) or any(node.target.startswith(t + ".") for t in checked):
+            continue  # removed by derive, or inside a module checked whole
+        _module_expr(obj, _display_path(gm, node.target))
+        checked.append(node.target)
+
+
+def _check_globals(gm: fx.GraphModule) -> None:
+    codegen = gm.graph._codegen
+    if type(codegen) is not fx.graph.CodeGen:
+        raise StandaloneError(f"the GraphModule uses a custom fx code generator ({type(codegen).__name__}); "
+                              "only plain graphs can be emitted")
+    code = gm.graph.python_code(root_module="self")
+    tree = ast.parse(code.src)
+    fdef = next(st for st in tree.body if isinstance(st, ast.FunctionDef) and st.name == "forward")
+    for name in sorted(_free_names(fdef)):
+        if name in code.globals and not _search_time(code.globals[name]):
+            _resolve_global(name, code.globals[name])

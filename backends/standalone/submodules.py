@@ -65,8 +65,10 @@ def _module_expr(mod: nn.Module, path: str) -> str:
     """A constructor expression rebuilding ``mod``: each leaf is checked by building it
     (:func:`_construct`); an ``nn.Sequential`` is rebuilt from its checked children."""
     cls = type(mod)
-    if mod._forward_hooks or mod._forward_pre_hooks or getattr(mod, "_backward_hooks", None):
-        raise _why_not(path, mod, "it has hooks, which a rebuilt module would not run")
+    for sub, m in mod.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None):
+            where = f"its submodule '{sub}' has hooks" if sub else "it has hooks"
+            raise _why_not(path, mod, f"{where}, which a rebuilt module would not run")
     qual = cls.__name__ if cls in STANDALONE_CLASSES else _class_expr(cls)
     if qual is None:
         if cls.__module__.split(".")[0] == "archir":
@@ -86,12 +88,25 @@ def _module_expr(mod: nn.Module, path: str) -> str:
             return f"{qual}(collections.OrderedDict({{{', '.join(parts)}}}))"
         return f"{qual}({', '.join(parts)})"
     if children:
-        raise _why_not(path, mod, "it has submodules, and only nn.Sequential is rebuilt from its "
-                                  "children (its repr is not a constructor call)")
+        # A torch.nn built-in whose constructor makes its own submodules (nn.MultiheadAttention's
+        # out_proj, nn.TransformerEncoderLayer's linear1...): rebuilt by its constructor like a
+        # leaf, and checked submodule by submodule (:func:`_construct`). Submodules that are not
+        # torch's (a user's module assigned into it) cannot come out of the constructor.
+        foreign = [(sub, m) for sub, m in mod.named_modules() if sub and _class_expr(type(m)) is None]
+        if qual is None or cls in STANDALONE_CLASSES or foreign:
+            detail = (f" ('{foreign[0][0]}' is a {type(foreign[0][1]).__module__}."
+                      f"{type(foreign[0][1]).__qualname__})") if foreign else ""
+            raise _why_not(path, mod, "it has submodules that its constructor does not make"
+                           f"{detail}; only nn.Sequential is rebuilt from its children")
     # The repr reads best (it is what print(model) shows), but some reprs drop arguments
     # (AvgPool2d's ceil_mode) or are not Python (padding=same): then read the arguments back.
-    candidates = [e for e in (_repr_expr(mod, qual), _signature_expr(mod, qual)) if e is not None]
+    candidates = [e for e in (_repr_expr(mod, qual), _signature_expr(mod, qual), _rnn_expr(mod, qual))
+                  if e is not None]
     if not candidates:
+        if children:
+            raise _why_not(path, mod, "it has submodules, and neither its repr nor its attributes give "
+                                      "the arguments of its constructor (only nn.Sequential is rebuilt "
+                                      "from its children)")
         raise _why_not(path, mod, f"neither its repr {repr(mod)!r} nor its attributes give the "
                                   "arguments of its constructor")
     first_error = None
@@ -117,6 +132,16 @@ def _repr_expr(mod: nn.Module, qual: str) -> str | None:
     return qual + text[len(name):]
 
 
+# Constructor arguments that a torch.nn class does not keep as an attribute of the same name,
+# read back from what they made (the rebuilt module is checked against the original anyway).
+_DERIVED_ARGS = {
+    nn.MultiheadAttention: {
+        "bias": lambda m: m.out_proj.bias is not None,
+        "add_bias_kv": lambda m: m.bias_k is not None,
+    },
+}
+
+
 def _signature_expr(mod: nn.Module, qual: str) -> str | None:
     """A call passing each ``__init__`` parameter the value of the instance attribute of the same
     name (torch.nn modules keep their arguments so); ``bias`` becomes whether a bias exists.
@@ -127,14 +152,18 @@ def _signature_expr(mod: nn.Module, qual: str) -> str | None:
     except (TypeError, ValueError):
         return None
     args = []
+    derived = next((d for c, d in _DERIVED_ARGS.items() if isinstance(mod, c)), {})
     for p in params:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype"):
             continue
-        if not hasattr(mod, p.name):
+        if p.name in derived:
+            value = derived[p.name](mod)
+        elif not hasattr(mod, p.name):
             if p.default is p.empty:
                 return None
             continue
-        value = getattr(mod, p.name)
+        else:
+            value = getattr(mod, p.name)
         if isinstance(value, torch.Tensor) or (value is None and p.name == "bias"):
             value = value is not None
         text = repr(value)
@@ -147,6 +176,19 @@ def _signature_expr(mod: nn.Module, qual: str) -> str | None:
             continue
         args.append(f"{p.name}={text}")
     return f"{qual}({', '.join(args)})"
+
+
+def _rnn_expr(mod: nn.Module, qual: str) -> str | None:
+    """Every argument of a recurrent layer by keyword: ``nn.RNN`` takes ``*args, **kwargs`` and
+    its repr leaves out ``nonlinearity``."""
+    if not isinstance(mod, nn.RNNBase):
+        return None
+    names = ["input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional"]
+    if isinstance(mod, nn.LSTM):
+        names.append("proj_size")
+    if isinstance(mod, nn.RNN):
+        names.append("nonlinearity")
+    return f"{qual}({', '.join(f'{n}={getattr(mod, n)!r}' for n in names)})"
 
 
 def _float_dtypes(mod: nn.Module) -> set[torch.dtype]:
