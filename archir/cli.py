@@ -108,7 +108,7 @@ def _run_transform(model_file: Path, method: str, input_shape, out, quiet, **fla
     """Transform MODEL_FILE: search, train, derive, and write the slim model to --out."""
     from . import methods
     from .model_file import load_model_file
-    from .options import fields_of, flag_name, given_on_command_line
+    from .options import fields_of, given_on_command_line
     from .pipeline import TransformOptions, transform as run_transform
     from .training import seed_everything
 
@@ -119,8 +119,8 @@ def _run_transform(model_file: Path, method: str, input_shape, out, quiet, **fla
     for name in given:
         if name not in own and name not in common:
             owners = [n for n, cls in methods.available().items() if name in fields_of(cls.Options)]
-            raise UserInputError(f"{flag_name(_field(name, owners))} is an option of {', '.join(owners)}, "
-                                 f"not of --method {method}")
+            flag = next(p.opts[0] for p in ctx.command.params if p.name == name)
+            raise UserInputError(f"{flag} is an option of {', '.join(owners)}, not of --method {method}")
     options = dict(given)
     seed_everything(options.get("seed", TransformOptions.seed))  # the model file's initialisation follows --seed
     spec = load_model_file(model_file, input_shape)
@@ -135,13 +135,6 @@ def _run_transform(model_file: Path, method: str, input_shape, out, quiet, **fla
     res = run_transform(spec.model, spec.example_inputs, method, train_data, val_data, out, task=spec.task,
                         progress=not quiet, **options)
     click.echo(transform_summary(res))
-
-
-def _field(name: str, owners: list[str]):
-    from . import methods
-    from .options import fields_of
-
-    return fields_of(methods.get(owners[0]).Options)[name]
 
 
 def transform_summary(res) -> str:

@@ -245,9 +245,9 @@ def as_loader(
     augment: bool = False,
     drop_last: bool = False,
 ) -> BatchLoader | DeviceDataLoader:
-    """A loader with one interface for any data set: ``len()`` and ``(x, y)`` batches on
-    ``device``. An :class:`ImageTensorDataset` gets the fast :class:`BatchLoader`; any other
-    ``torch`` data set returning ``(tensor, label)`` is wrapped in a :class:`DeviceDataLoader`.
+    """A loader with one interface for any data set: ``len()`` and batches on ``device``. An
+    :class:`ImageTensorDataset` gets the fast :class:`BatchLoader`; any other ``torch`` data set
+    (samples of any structure, see :mod:`archir.task`) is wrapped in a :class:`DeviceDataLoader`.
     """
     if isinstance(dataset, ImageTensorDataset):
         return BatchLoader(dataset, batch_size, shuffle=shuffle, augment=augment, device=device,
