@@ -73,21 +73,27 @@ def main(debug: bool) -> None:
               help="Write the IR's full text form.")
 @click.option("--method", default="dnat", show_default=True,
               help="Say what this method could change (see `archir transform --help` for the methods).")
-def inspect(model_file: Path, input_shape, granularity, dot_path, svg_path, json_path, text_path, method) -> None:
+@click.option("--groups", "show_groups", is_flag=True,
+              help="Also list the cell-sharing groups (edges that share one θ with --share cell).")
+def inspect(model_file: Path, input_shape, granularity, dot_path, svg_path, json_path, text_path, method,
+            show_groups) -> None:
     """Trace MODEL_FILE and print a summary and its IR table."""
     from . import methods, trace
     from .drawing import GRAPHVIZ_HINT, write_svg
     from .fileio import write_text
     from .model_file import load_model_file
-    from .summary import format_summary, format_table, graph_json
+    from .summary import format_groups, format_summary, format_table, graph_json
 
     chosen = methods.create(method)
     spec = load_model_file(model_file, input_shape)
-    graph = trace(spec.model, spec.example_inputs, granularity)
+    graph = trace(spec.model, spec.example_inputs, granularity, groups=spec.groups)
     graph.verify()
     click.echo(format_summary(graph, str(model_file), chosen))
     click.echo()
-    click.echo(format_table(graph))
+    click.echo(format_table(graph, searchable=chosen.searchable(graph) or None))
+    if show_groups:
+        click.echo()
+        click.echo(format_groups(graph))
     if dot_path:
         write_text(dot_path, graph.to_dot())
         click.echo(f"\nwrote {dot_path}")
@@ -133,7 +139,7 @@ def _run_transform(model_file: Path, method: str, input_shape, out, quiet, **fla
             raise UserInputError(f"{model_file}: data() must return (train_dataset, val_dataset)")
         train_data, val_data = datasets
     res = run_transform(spec.model, spec.example_inputs, method, train_data, val_data, out, task=spec.task,
-                        progress=not quiet, **options)
+                        groups=spec.groups, progress=not quiet, **options)
     click.echo(transform_summary(res))
 
 

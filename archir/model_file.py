@@ -10,7 +10,11 @@ MODEL.py defines ``build_model()`` or ``model()`` returning the ``nn.Module`` (o
   (default: cross-entropy of the logits, a classifier);
 - ``metric(output, target)`` returning a scalar tensor or a number, the mean over the batch,
   higher is better, reported under the function's name (default: top-1 accuracy with the
-  default loss, and ``neg_loss``, the negative loss, when ``loss`` is defined).
+  default loss, and ``neg_loss``, the negative loss, when ``loss`` is defined);
+- ``groups``: explicit cell-sharing groups, a dict ``{group name: [module path prefix, ...]}``
+  (or a function returning one), e.g. ``{"stage1": ["layer1.0", "layer1.1", "layer1.2"]}``: the
+  k-th edges under each prefix of a group share one key (``share="cell"``: one θ), overriding
+  the automatic keys of those edges (``archir.frontends.build.assign_groups``).
 
 ``loss`` and ``metric`` become ``ModelSpec.task`` (``archir.task.make_task``); the batch
 conventions (``(x, y)``, ``(x1, x2, y)``, ``{"x": x, "target": y}``) are those of
@@ -42,6 +46,7 @@ class ModelSpec:
     example_inputs: tuple[torch.Tensor, ...]
     data: Callable | None
     task: Task = field(default_factory=classification_task)
+    groups: dict | None = None  # explicit cell-sharing groups ({name: [module path prefix, ...]})
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -120,7 +125,20 @@ def load_model_file(path: str | Path, input_shape: str | tuple[int, ...] | None 
     else:
         example = (torch.randn(DEFAULT_INPUT_SHAPE),)
     data = getattr(module, "data", None)
-    return ModelSpec(path, model, example, data if callable(data) else None, _task(module, path))
+    return ModelSpec(path, model, example, data if callable(data) else None, _task(module, path),
+                     _groups(module, path))
+
+
+def _groups(module, path: Path) -> dict | None:
+    """MODEL.py's optional ``groups``: a dict, or a function returning one (checked further, against
+    the traced model, by ``archir.trace(..., groups=...)``)."""
+    value = getattr(module, "groups", None)
+    if callable(value):
+        value = _call(value, "groups()", path)
+    if value is not None and not isinstance(value, dict):
+        raise UserInputError(f"{path}: groups must be a dict {{group name: [module path prefix, ...]}}, "
+                             f"not {type(value).__name__}")
+    return value or None
 
 
 def _task(module, path: Path) -> Task:

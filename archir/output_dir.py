@@ -158,13 +158,23 @@ def report_markdown(report: dict[str, Any]) -> str:
         weights = ", ".join(f"{k} {v:.3f}" for k, v in (d["final_weights"] or {}).items())
         ops = " · ".join(d["ops"]) or "(direct)"
         lines.append(f"| {d['edge']} | {ops} | {', '.join(d['choices'])} | **{d['decision']}** | {weights} |")
-    lines += ["", "![architecture weights](arch.png)", "", "## Training", "",
-              f"| epoch | stage | train loss | train {metric} | val {metric} | seconds |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "![architecture weights](arch.png)", "", "## Training", ""]
+    recipe = report.get("recipe")
+    if recipe:
+        supplied = ", ".join(f"{k} {v}" for k, v in recipe["applied"].items()) or "nothing"
+        lines += [f"Recipe `{recipe['name']}`: it set {supplied}; the other options were given explicitly "
+                  "or left at their defaults.", ""]
+    lines += ["Changed: searchable edges whose leading choice is no longer the original, after each "
+              "architecture epoch; warm-up epochs train the weights only.", "",
+              f"| epoch | stage | train loss | train {metric} | val {metric} | changed | seconds |",
+              "|---|---|---|---|---|---|---|"]
     for h in report["history"]:
-        lines.append(f"| {h['epoch'] + 1} | {h['stage']} | {h['train_loss']:.4f} | "
+        stage = f"{h['stage']} (warm-up)" if h.get("warmup") else h["stage"]
+        changed = ("" if h.get("changed_edges") is None else
+                   f"{len(h['changed_edges'])}/{h.get('searchable_edges')}")
+        lines.append(f"| {h['epoch'] + 1} | {stage} | {h['train_loss']:.4f} | "
                      f"{format_metric(metric, h.get('train_metric'))} | {format_metric(metric, h.get('val_metric'))} "
-                     f"| {h['seconds']:.1f} |")
+                     f"| {changed} | {h['seconds']:.1f} |")
     if "onnx" in report:
         lines += ["", f"ONNX: `model.onnx` verified against ONNX Runtime: {report['onnx'].get('passed')}."]
     lines += ["", "Files: `model.py` + `weights.pt` (standalone slim module, needs only torch), `model.onnx`, "

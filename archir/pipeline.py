@@ -34,6 +34,23 @@ from .training import ARCH_OPTIMIZERS, ARCH_UPDATES, TrainConfig
 
 DEFAULT_OUT = "archir-out"
 
+#: Training presets for ``--recipe``. A recipe fills the options the user did not give (see
+#: :func:`apply_recipe`); the report records the recipe and the effective options.
+#:
+#: ``dnat-cifar10``: the CIFAR-10 settings of the DNAT paper (Kim & Lee, sec. 4.1: SGD, learning
+#: rate 0.025, 600 epochs, cutout for NAS models), for a GPU (600 epochs of a CIFAR-10 model).
+#: What the paper leaves out is taken from DARTS (Liu et al. 2019), whose training setup it
+#: follows: momentum 0.9, weight decay 3e-4, batch size 96, cutout 16, the cosine schedule
+#: (archir's only schedule for ``archir transform``, over both stages), gradient clipping at 5
+#: (archir's default). The paper does not say how the 600 epochs split between the architecture
+#: and network stages: 300/300 is archir's choice, not the paper's. θ's optimiser and learning
+#: rate, and the data (``--data cifar10``), stay the user's (or archir's defaults); there is no
+#: weight warm-up (DNAT has none).
+RECIPES: dict[str, dict[str, Any]] = {
+    "dnat-cifar10": {"epochs": 600, "arch_epochs": 300, "warmup_epochs": 0, "batch_size": 96, "lr": 0.025,
+                     "momentum": 0.9, "weight_decay": 3e-4, "augment": True, "cutout": 16},
+}
+
 
 @dataclass
 class TransformOptions:
@@ -46,9 +63,16 @@ class TransformOptions:
     data: str = option("digits", "digits (bundled, offline), cifar10 (from --data-dir), or an image-folder path.")
     data_dir: str | None = option(None, "Where cifar10 lives (default ~/.cache/archir-data or $ARCHIR_DATA_DIR).")
     subset: int | None = option(None, "Use only this many training examples (stratified).", minimum=1)
+    recipe: str | None = option(None, "A training preset; options given explicitly win over it. dnat-cifar10: "
+                                "the DNAT paper's CIFAR-10 settings (SGD lr 0.025, momentum 0.9, weight decay "
+                                "3e-4, 600 epochs of which 300 architecture (archir's choice), cosine, batch "
+                                "96, cutout 16); meant for a GPU.", choices=tuple(RECIPES))
     epochs: int = option(TrainConfig.epochs, "Total epochs (both stages).", minimum=0)
     arch_epochs: int = option(TrainConfig.arch_epochs, "Epochs of the architecture stage (at most --epochs).",
                               minimum=0)
+    warmup_epochs: int = option(TrainConfig.warmup_epochs, "The first epochs of the architecture stage train "
+                                "only the weights (the architecture parameters do not move); at most "
+                                "--arch-epochs. 0: DNAT as published.", minimum=0)
     batch_size: int = option(TrainConfig.batch_size, "Batch size.", minimum=1)
     lr: float = option(TrainConfig.lr, "SGD learning rate of the weights (cosine schedule).", minimum=0.0)
     momentum: float = option(TrainConfig.momentum, "SGD momentum of the weights.", minimum=0.0)
@@ -62,6 +86,9 @@ class TransformOptions:
     split_fraction: float = option(TrainConfig.split_fraction, "Held-out fraction of the training set for "
                                    "architecture steps with --arch-update split.", minimum=0.01, maximum=0.99)
     augment: bool = option(True, "Random crop and flip of training images.")
+    cutout: int = option(0, "Cutout (DeVries & Taylor 2017): zero a square of this side in pixels at a random "
+                         "centre of each training image (after normalisation: the data set mean); 0: off.",
+                         minimum=0)
     seed: int = option(0, "Seed of every random generator (model initialisation, data order, search).")
     device: str = option("auto", "auto uses CUDA when available.", choices=("auto", "cpu", "cuda"))
     from_weights: str | None = option(None, "Start from these trained weights (a state_dict of the model).")
@@ -85,6 +112,32 @@ class Result:
     baseline: nn.Module | None = None
 
 
+def apply_recipe(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``options`` with ``options["recipe"]``'s settings (:data:`RECIPES`) filled in for every
+    option not in ``options``, and the settings the recipe supplied. An option given explicitly
+    wins, even when its value equals the dataclass default (``--lr 0.1`` and ``lr=0.1`` beat the
+    recipe's 0.025): from the CLI the pipeline receives only the flags that were typed, from
+    Python only the keywords that were passed. No recipe (or ``recipe=None``): unchanged."""
+    options = dict(options)
+    if options.get("recipe", 0) is None:
+        del options["recipe"]
+    name = options.get("recipe")
+    if name is None:
+        return options, {}
+    from .options import check_value
+
+    check_value(TransformOptions, "recipe", name)
+    applied = {k: v for k, v in RECIPES[name].items() if k not in options}
+    return {**options, **applied}, applied
+
+
+def check_transform_options(opts: TransformOptions) -> None:
+    """The checks between options: ``--warmup-epochs`` at most ``--arch-epochs``."""
+    if opts.warmup_epochs > opts.arch_epochs:
+        raise UserInputError(f"--warmup-epochs ({opts.warmup_epochs}) must be at most --arch-epochs "
+                             f"({opts.arch_epochs}): the warm-up is the start of the architecture stage")
+
+
 def split_options(method: str, options: dict[str, Any]) -> tuple[TransformOptions, methods.Method]:
     """``options`` → (the common options, the method with its own options), each checked."""
     common = fields_of(TransformOptions)
@@ -96,6 +149,7 @@ def split_options(method: str, options: dict[str, Any]) -> tuple[TransformOption
                              f"{', '.join(own) or 'no options of its own'} besides the common ones "
                              f"({', '.join(common)})")
     opts = build_options(TransformOptions, {k: v for k, v in options.items() if k in common}, "archir transform")
+    check_transform_options(opts)
     chosen = methods.create(method, **{k: v for k, v in options.items() if k in own})
     return opts, chosen
 
@@ -145,17 +199,19 @@ def _datasets(opts: TransformOptions, train_data, val_data):
 def _loaders(opts: TransformOptions, train_data, val_data, device):
     from .data import as_loader, split_train
 
-    def loader(ds, shuffle, seed, augment=False):
-        return as_loader(ds, opts.batch_size, shuffle=shuffle, device=device, seed=seed, augment=augment)
+    def loader(ds, shuffle, seed, augment=False, cutout=0):
+        return as_loader(ds, opts.batch_size, shuffle=shuffle, device=device, seed=seed, augment=augment,
+                         cutout=cutout)
 
-    train = loader(train_data, True, opts.seed, opts.augment)
+    # every training loader (the held-out architecture part too) gets the same augmentation
+    train = loader(train_data, True, opts.seed, opts.augment, opts.cutout)
     val = loader(val_data, False, opts.seed)
     arch = net = None
     if opts.arch_update == "split":
         weight_part, arch_part = split_train(train_data, opts.split_fraction, seed=opts.seed)
         net = train
-        train = loader(weight_part, True, opts.seed, opts.augment)
-        arch = loader(arch_part, True, opts.seed + 1, opts.augment)
+        train = loader(weight_part, True, opts.seed, opts.augment, opts.cutout)
+        arch = loader(arch_part, True, opts.seed + 1, opts.augment, opts.cutout)
     return train, val, arch, net
 
 
@@ -174,31 +230,36 @@ def _versions() -> dict[str, str]:
 
 
 def _train_config(opts: TransformOptions, device) -> TrainConfig:
-    return TrainConfig(epochs=opts.epochs, arch_epochs=min(opts.arch_epochs, opts.epochs),
-                       batch_size=opts.batch_size, lr=opts.lr, momentum=opts.momentum,
-                       weight_decay=opts.weight_decay, arch_lr=opts.arch_lr, arch_optimizer=opts.arch_optimizer,
-                       arch_update=opts.arch_update, split_fraction=opts.split_fraction, device=str(device),
-                       seed=opts.seed, progress=opts.progress)
+    arch_epochs = min(opts.arch_epochs, opts.epochs)  # the warm-up is cut short with the stage
+    return TrainConfig(epochs=opts.epochs, arch_epochs=arch_epochs,
+                       warmup_epochs=min(opts.warmup_epochs, arch_epochs), batch_size=opts.batch_size,
+                       lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay, arch_lr=opts.arch_lr,
+                       arch_optimizer=opts.arch_optimizer, arch_update=opts.arch_update,
+                       split_fraction=opts.split_fraction, device=str(device), seed=opts.seed,
+                       progress=opts.progress)
 
 
 def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data=None, val_data=None,
               out: str | Path | None = None, *, on_epoch: Callable | None = None, task: Task | None = None,
-              leaf_modules=(), **options) -> Result:
+              leaf_modules=(), groups: dict | None = None, **options) -> Result:
     """Transform ``model`` with ``method`` and return the trained, slim result.
 
     ``options`` are :class:`TransformOptions` fields (``epochs``, ``arch_epochs``, ``seed``,
     ``lr``, ``arch_lr``, ``data``, ``device``, ``baseline`` ...) and the method's own options (DNAT:
     ``share``). ``train_data``/``val_data`` (torch data sets) replace ``data``; with ``epochs=0``
-    no data is needed. ``task`` (:func:`archir.task.make_task`) sets the loss and the metric
-    (default: cross-entropy and top-1 accuracy). ``leaf_modules``: submodule paths to keep whole
-    (opaque) when tracing; with ``out`` set, one that model.py cannot rebuild is refused before
-    any training. With ``out`` set, the directory receives
-    model.py, weights.pt, model.onnx, report.json, report.md, graph.svg and arch.png.
+    no data is needed. ``recipe="dnat-cifar10"`` (:data:`RECIPES`) fills in every option not
+    passed here (an option passed explicitly wins, whatever its value). ``task``
+    (:func:`archir.task.make_task`) sets the loss and the metric (default: cross-entropy and
+    top-1 accuracy). ``leaf_modules``: submodule paths to keep whole (opaque) when tracing; with
+    ``out`` set, one that model.py cannot rebuild is refused before any training. ``groups``:
+    explicit cell-sharing groups, ``{name: [module path prefix, ...]}`` (see :func:`archir.trace`).
+    With ``out`` set, the directory receives model.py, weights.pt, model.onnx, report.json, report.md, graph.svg and arch.png.
     """
     from .search_space import Search
     from .task import classification_task
     from .training import resolve_device, seed_everything, train_plain, train_two_stage
 
+    options, from_recipe = apply_recipe(options)
     opts, chosen = split_options(method, options)
     task = task or classification_task()
     out_dir = _prepare_out(out, opts.force)
@@ -211,7 +272,8 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
         _load_weights(model, opts.from_weights)
     seed_everything(opts.seed)
     baseline_model = copy.deepcopy(model) if opts.baseline else None
-    search = Search(model, example_inputs, chosen, granularity=opts.granularity, leaf_modules=leaf_modules)
+    search = Search(model, example_inputs, chosen, granularity=opts.granularity, leaf_modules=leaf_modules,
+                    groups=groups)
     inputs = search.example_inputs
     if out_dir is not None:  # refuse what model.py or model.onnx cannot hold before any training
         from .backends.standalone import check_emittable
@@ -247,14 +309,17 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
         timings["baseline"] = time.perf_counter() - t
 
     if opts.epochs > 0:
-        _say(opts, f"{chosen.describe()}: {len(initial_weights)} searchable edges, {cfg.arch_epochs} architecture "
-                   f"then {cfg.epochs - cfg.arch_epochs} network epochs")
+        warmup = f" ({cfg.warmup_epochs} weight warm-up)" if cfg.warmup_epochs else ""
+        recipe = f" (recipe {opts.recipe})" if opts.recipe else ""
+        _say(opts, f"{chosen.describe()}: {len(initial_weights)} searchable edges, {cfg.arch_epochs} architecture"
+                   f"{warmup} then {cfg.epochs - cfg.arch_epochs} network epochs{recipe}")
     has_penalty = type(chosen).extra_loss is not methods.Method.extra_loss
     result = train_two_stage(search.supernet, search.arch_parameters(), loaders["train"], loaders["val"], cfg,
                              derive=lambda _supernet: search.derive(in_place=True),
                              arch_loader=loaders["arch"], net_loader=loaders["net"],
                              extra_loss=(lambda _m: search.extra_loss()) if has_penalty else None,
-                             on_epoch=on_epoch, checkpoint_dir=out_dir, log_arch=search.arch_weights, task=task)
+                             on_epoch=on_epoch, checkpoint_dir=out_dir, log_arch=search.arch_weights,
+                             log_changes=lambda: changed_edges(search), task=task)
     slim = result.network.cpu().eval()
     timings.update({f"train_{k}": v for k, v in result.stage_seconds.items()})
 
@@ -263,7 +328,8 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
         if eid in search.original.edges:
             search.original.edges[eid].labels.update(decision=labels["decision"], changed=labels["changed"])
     report = build_report(opts, chosen, search.original, graph, result, initial_weights, timings,
-                          search.recorded_decisions, example_inputs=inputs, baseline=baseline, task=task)
+                          search.recorded_decisions, example_inputs=inputs, baseline=baseline, task=task,
+                          recipe_applied=from_recipe)
     res = Result(slim, graph, report, search.original, out_dir,
                  baseline=baseline.network.cpu().eval() if baseline is not None else None)
     if baseline is not None:
@@ -280,6 +346,17 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
     return res
 
 
+def changed_edges(search) -> tuple[list[str], int]:
+    """``(sorted ids of the searchable edges whose leading choice is not the original, number of
+    searchable edges)`` from ``search.decisions()``, for any method: the original is the choice
+    named "same" where there is one (DNAT), else the choice listed last (the convention
+    :meth:`~archir.search_space.Search.decisions` documents)."""
+    decisions = search.decisions()
+    changed = [eid for eid, d in decisions.items()
+               if d["choice"] != ("same" if "same" in d["choices"] else d["choices"][-1])]
+    return sorted(changed), len(decisions)
+
+
 def _say(opts: TransformOptions, line: str) -> None:
     if opts.progress:
         from tqdm import tqdm
@@ -289,12 +366,15 @@ def _say(opts: TransformOptions, line: str) -> None:
 
 def build_report(opts: TransformOptions, method: methods.Method, original: Graph, graph: Graph, result,
                  initial_weights, timings, decisions: dict[str, dict], example_inputs: tuple = (),
-                 baseline=None, task: Task | None = None) -> dict[str, Any]:
+                 baseline=None, task: Task | None = None,
+                 recipe_applied: dict[str, Any] | None = None) -> dict[str, Any]:
     """The transform report (report.json less what :func:`transform` adds afterwards: ``baseline``,
     the output files' entries and the total time): method and options, parameters and FLOPs
     (multiply-adds per example) of the original and transformed graphs, each original edge's fate
     (same, identity, none or removed as dead), architecture weights and training history per
-    epoch, timings, seed, example-input specs, device and versions."""
+    epoch, timings, seed, example-input specs, device and versions. ``options`` are the effective
+    options (a recipe's settings included); ``recipe`` names the recipe and the settings it
+    supplied (``applied``) and those of its settings that were given explicitly (``explicit``)."""
     edges = []
     for e in original.edges_in_order():
         labels = decisions.get(e.id, {})
@@ -308,7 +388,7 @@ def build_report(opts: TransformOptions, method: methods.Method, original: Graph
         edges.append({
             "edge": e.id, "from": e.src, "to": e.dst, "ops": [op.render() for op in e.ops], "group": e.group,
             "choices": labels.get("choices", "same").split(","), "param": labels.get("param"),
-            "final_weights": labels.get("weights"), "decision": fate,
+            "final_weights": labels.get("weights"), "decision": fate, "why": labels.get("why"),
         })
     history = result.history
     metric = result.metric_name
@@ -316,7 +396,11 @@ def build_report(opts: TransformOptions, method: methods.Method, original: Graph
         "method": method.name,
         "method_options": dataclasses.asdict(method.options),
         "options": dataclasses.asdict(opts),
-        "effective": {"arch_epochs": min(opts.arch_epochs, opts.epochs)},
+        "recipe": ({"name": opts.recipe, "applied": dict(recipe_applied or {}),
+                    "explicit": sorted(set(RECIPES[opts.recipe]) - set(recipe_applied or {}))}
+                   if opts.recipe else None),
+        "effective": {"arch_epochs": min(opts.arch_epochs, opts.epochs),
+                      "warmup_epochs": min(opts.warmup_epochs, opts.arch_epochs, opts.epochs)},
         "metric": metric,
         "original": {"parameters": original.total_params(), "flops_per_example": original.total_flops(),
                      "edges": len(original.edges), "junctions": len(original.junctions),

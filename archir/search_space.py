@@ -51,7 +51,7 @@ class Search:
     """
 
     def __init__(self, model: nn.Module, example_inputs, method, *, granularity: str = "layer",
-                 leaf_modules=()):
+                 leaf_modules=(), groups: dict | None = None):
         from archir.frontends import trace
         from archir.passes import PassManager
 
@@ -60,7 +60,8 @@ class Search:
         self.method = method
         self.example_inputs = _as_inputs(example_inputs)
         model = copy.deepcopy(model)  # the user's model is never trained in place
-        self.graph: Graph = trace(model, self.example_inputs, granularity, leaf_modules=list(leaf_modules))
+        self.graph: Graph = trace(model, self.example_inputs, granularity, leaf_modules=list(leaf_modules),
+                                  groups=groups)
         self.graph.verify()
         self.original: Graph = self.graph.copy(share_root=False)
         PassManager(method.search_passes())(self.graph)
@@ -187,11 +188,14 @@ class Search:
 
 
 def search(model: nn.Module, example_inputs, method: str = "dnat", *, granularity: str = "layer",
-           leaf_modules=(), seed: int | None = None, **method_options) -> Search:
+           leaf_modules=(), groups: dict | None = None, seed: int | None = None,
+           **method_options) -> Search:
     """Trace ``model`` and build ``method``'s search space; returns a :class:`Search`.
 
     ``method_options`` are the fields of the method's options dataclass (for DNAT: ``share``).
     ``seed`` seeds every random generator first (methods that initialise randomly repeat).
+    ``leaf_modules``: submodule paths kept whole (opaque) when tracing. ``groups``: explicit
+    cell-sharing groups, ``{name: [module path prefix, ...]}`` (see :func:`archir.trace`).
     The user's ``model`` is not changed: the search works on a copy.
     """
     from . import methods
@@ -201,6 +205,6 @@ def search(model: nn.Module, example_inputs, method: str = "dnat", *, granularit
 
         seed_everything(seed)
     return Search(model, example_inputs, methods.create(method, **method_options), granularity=granularity,
-                  leaf_modules=leaf_modules)
+                  leaf_modules=leaf_modules, groups=groups)
 
 

@@ -53,14 +53,19 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def format_table(g: "Graph", ops_width: int = 56) -> str:
-    """One row per edge, in topological order, with the junction each one ends at."""
-    rows = [("edge", "from", "to", "operations", "shape in -> out", "params", "FLOPs")]
+def format_table(g: "Graph", ops_width: int = 56, searchable: dict[str, dict] | None = None) -> str:
+    """One row per edge, in topological order, with the junction each one ends at. With
+    ``searchable`` (:meth:`archir.methods.Method.searchable`), a last column says which edges a
+    method would search and why."""
+    rows = [("edge", "from", "to", "operations", "shape in -> out", "params", "FLOPs")
+            + (("searched because",) if searchable is not None else ())]
     for e in g.edges_in_order():
         dst = g.junctions[e.dst]
         to = f"{e.dst}" + (f" {dst.combine.kind}#{e.dst_index}" if dst.combine is not None else "")
+        why = (searchable[e.id]["why"] if e.id in searchable else "-",) if searchable is not None else ()
         rows.append((e.id, e.src, to, _clip(e.render_ops(), ops_width),
-                     f"{meta_str(e.in_meta)} -> {meta_str(e.out_meta)}", human(g.edge_params(e)), human(e.flops)))
+                     f"{meta_str(e.in_meta)} -> {meta_str(e.out_meta)}", human(g.edge_params(e)), human(e.flops))
+                    + why)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     right = {5, 6}
     out = []
@@ -72,9 +77,34 @@ def format_table(g: "Graph", ops_width: int = 56) -> str:
     return "\n".join(out)
 
 
+def format_groups(g: "Graph", width: int | None = None) -> str:
+    """What ``archir inspect --groups`` prints: the cell-sharing groups (``Edge.group``; with
+    ``share="cell"`` the edges of one group share one θ per choice set), one line per group of two
+    or more edges with its key, its edges and the modules they touch, then one line for the edges
+    that keep a key of their own. With ``width``, longer lines are clipped."""
+    members: dict[str, list] = {}
+    for e in g.edges_in_order():
+        members.setdefault(e.group, []).append(e)
+    shared = {k: es for k, es in members.items() if len(es) >= 2}
+    alone = [es[0] for es in members.values() if len(es) == 1]
+    lines = [f"cell-sharing groups: {len(shared)} shared by {sum(len(es) for es in shared.values())} edges, "
+             f"{len(alone)} edges alone"]
+    key_width = max((len(k) for k in shared), default=0)
+    for key, es in shared.items():
+        modules = list(dict.fromkeys(m for e in es for m in e.modules))
+        line = (f"  {key.ljust(key_width)}  {len(es)} edges: {' '.join(e.id for e in es)}"
+                f"  modules: {', '.join(modules) or '-'}")
+        lines.append(_clip(line, width) if width else line)
+    if alone:
+        line = f"  alone: {' '.join(e.id for e in alone)}"
+        lines.append(_clip(line, width) if width else line)
+    return "\n".join(lines)
+
+
 def graph_json(g: "Graph", method: "Method | None" = None) -> dict[str, Any]:
     """The :func:`summarize` counts, every junction (in topological order), every edge (in
     ``edges_in_order``) and the output, as plain dicts and lists for ``archir inspect``'s JSON file."""
+    searchable = method.searchable(g) if method is not None else {}
     return {
         "summary": summarize(g, method),
         "junctions": [{"id": j.id, "roles": g.roles(j.id), "meta": meta_str(j.meta), "name": j.name,
@@ -85,6 +115,8 @@ def graph_json(g: "Graph", method: "Method | None" = None) -> dict[str, Any]:
                    "ops": [op.render() for op in e.ops], "modules": e.modules,
                    "in": meta_str(e.in_meta), "out": meta_str(e.out_meta), "params": g.edge_params(e),
                    "flops": e.flops, "group": e.group, "scope": e.scope,
+                   "searchable": ({"choices": list(searchable[e.id]["choices"]), "why": searchable[e.id]["why"]}
+                                  if e.id in searchable else None),
                    "labels": {k: v for k, v in e.labels.items() if isinstance(v, (str, int, float, bool))}}
                   for e in g.edges_in_order()],
         "output": str(g.output) if not isinstance(g.output, (str, int)) else g.output,

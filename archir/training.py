@@ -16,6 +16,13 @@ Transformation", sec. 3.2-3.3) without knowing anything about graphs:
    - ``"joint"``: one forward/backward pass; ω and θ are stepped from the same gradients
      (about half the cost of the other two, first-order and biased towards the training batch).
 
+   **Weight warm-up** (``TrainConfig.warmup_epochs`` = W, counted inside the architecture
+   stage): during its first W epochs only ω is stepped -- no θ pass, no θ step, no
+   ``project_arch`` -- so θ stays bit-identical and the architecture decisions are not taken on
+   an untrained network (DARTS-style searches with a warm-up, e.g. PC-DARTS and ProxylessNAS,
+   do the same); the architecture stage then goes on as above for its remaining epochs. W = 0
+   (the default) is DNAT as published.
+
    Each backward pass only asks autograd for the gradients it uses
    (``loss.backward(inputs=...)``): the ω pass never touches θ.grad and the θ pass never
    touches ω.grad, and autograd skips the weight-gradient kernels it does not need.
@@ -103,7 +110,13 @@ class TrainConfig:
     """Hyper-parameters of ``train_two_stage`` / ``train_plain``.
 
     ``epochs`` counts both stages; the first ``min(arch_epochs, epochs)`` are the architecture
-    stage. ``batch_size`` and ``split_fraction`` are not used by the trainer itself (it gets
+    stage. ``warmup_epochs`` (W, at most ``arch_epochs``) are the first epochs of the
+    architecture stage, in which only ω is trained and θ does not move (see the module
+    docstring); the stage then trains θ for its remaining ``arch_epochs - W`` epochs. Like the
+    stage, the warm-up is cut short by ``epochs``. The default 0 keeps DNAT as published; which
+    W to recommend is for a measured sweep (a later benchmark), not yet done.
+
+    ``batch_size`` and ``split_fraction`` are not used by the trainer itself (it gets
     ready-made loaders); they travel in the config so that callers building the loaders and
     checkpoints recording the run see one set of numbers. ``label_smoothing`` applies to the
     default (classification) task only; a task given to the trainer is used as it is.
@@ -111,6 +124,7 @@ class TrainConfig:
 
     epochs: int = 10
     arch_epochs: int = 5
+    warmup_epochs: int = 0
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
@@ -133,6 +147,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.arch_epochs < 0:
             raise ValueError(f"epochs ({self.epochs}) and arch_epochs ({self.arch_epochs}) must be >= 0")
+        if not 0 <= self.warmup_epochs <= self.arch_epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be >= 0 and at most arch_epochs "
+                             f"({self.arch_epochs}): the warm-up is the start of the architecture stage")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.arch_update not in ARCH_UPDATES:
@@ -164,7 +181,13 @@ class EpochRecord:
     ``metric_name``; top-1 accuracy in [0, 1] for the default task), ``train_loss``/``val_loss``
     its loss, all averaged over examples. ``lr`` is ω's learning rate at the epoch's first step;
     ``seconds`` is the epoch's wall time (training + evaluation), ``train_seconds`` the training
-    loop alone; ``arch`` is ``log_arch()`` after the epoch (None without ``log_arch``)."""
+    loop alone; ``arch`` is ``log_arch()`` after the epoch (None without ``log_arch``).
+
+    ``warmup`` marks the weight warm-up epochs at the start of the architecture stage (their
+    ``stage`` stays "arch"); ``arch_stepped`` says whether θ was stepped in the epoch (False in
+    warm-up and network epochs, and without θ). ``changed_edges``/``searchable_edges``: after an
+    architecture-stage epoch, the ids of the edges whose leading choice differs from the original
+    operations, and the number of searchable edges (``log_changes()``; None otherwise)."""
 
     epoch: int
     stage: str  # "arch" | "net"
@@ -178,14 +201,23 @@ class EpochRecord:
     train_seconds: float
     arch: Optional[dict] = None
     metric_name: str = "accuracy"
+    warmup: bool = False
+    arch_stepped: bool = False
+    changed_edges: Optional[list] = None
+    searchable_edges: Optional[int] = None
 
     def summary(self, epochs: int) -> str:
-        """One log line: stage, 1-based epoch of ``epochs``, train (and val) loss and metric, lr, seconds."""
+        """One log line: stage (``arch warm-up`` in warm-up epochs), 1-based epoch of ``epochs``,
+        train (and val) loss and metric, lr, seconds, and ``changed k/n`` edges when logged."""
         name = self.metric_name
         val = ("" if self.val_metric is None else
                f" val loss {self.val_loss:.4f} {name} {format_metric(name, self.val_metric)}")
-        return (f"[{self.stage}] epoch {self.epoch + 1}/{epochs} train loss {self.train_loss:.4f} "
-                f"{name} {format_metric(name, self.train_metric)}{val} lr {self.lr:.4g} {self.seconds:.1f}s")
+        changed = ("" if self.changed_edges is None else
+                   f" changed {len(self.changed_edges)}/{self.searchable_edges}")
+        stage = f"{self.stage} warm-up" if self.warmup else self.stage
+        return (f"[{stage}] epoch {self.epoch + 1}/{epochs} train loss {self.train_loss:.4f} "
+                f"{name} {format_metric(name, self.train_metric)}{val} lr {self.lr:.4g} "
+                f"{self.seconds:.1f}s{changed}")
 
 
 @dataclass
@@ -324,7 +356,7 @@ def train_plain(
     and schedule as the network stage of ``train_two_stage``: a baseline run. ``arch_epochs``
     and the θ settings of ``cfg`` are ignored; every epoch is recorded with stage "net".
     ``task``: see ``train_two_stage``."""
-    plain = TrainConfig(**{**asdict(cfg), "arch_epochs": 0})
+    plain = TrainConfig(**{**asdict(cfg), "arch_epochs": 0, "warmup_epochs": 0})
     return train_two_stage(model, [], train_loader, val_loader, plain, derive=None,
                            on_epoch=on_epoch, checkpoint_dir=checkpoint_dir, task=task)
 
@@ -344,11 +376,13 @@ def train_two_stage(
     on_epoch: Optional[Callable[[EpochRecord], None]] = None,
     checkpoint_dir: Optional[Path | str] = None,
     log_arch: Optional[Callable[[], dict]] = None,
+    log_changes: Optional[Callable[[], tuple[Sequence[str], int]]] = None,
     task: Optional[Task] = None,
 ) -> TrainResult:
     """Train ``supernet`` and θ (``arch_params``) for ``min(cfg.arch_epochs, cfg.epochs)``
     epochs, call ``derive(supernet)``, and train the derived network's ω for the remaining
-    epochs. See the module docstring for the method.
+    epochs. See the module docstring for the method; the first ``cfg.warmup_epochs`` epochs
+    of the architecture stage step ω only (weight warm-up).
 
     All random generators are seeded with ``cfg.seed`` at the start; build the supernet after
     ``torch.manual_seed(cfg.seed)`` (or ``seed_everything``) too if its initial weights should
@@ -383,6 +417,10 @@ def train_two_stage(
             network from the saved θ before loading the network-stage state).
         log_arch: returns a snapshot of θ (e.g. per edge) stored (copied: tensors are cloned to
             the cpu) in every ``EpochRecord``, and before training in ``initial_arch``.
+        log_changes: called after every architecture-stage epoch (warm-up included); returns
+            ``(ids of the edges whose leading choice is no longer the original, number of
+            searchable edges)``, stored as ``changed_edges`` (sorted) and ``searchable_edges``
+            in the ``EpochRecord`` and printed as ``changed k/n`` in its line.
         task: the loss, metric and batch layout (``archir.task.Task``). None: the
             classification task, ``classification_task(cfg.label_smoothing)`` for training; its
             validation loss is plain cross-entropy (no label smoothing), as it always was.
@@ -397,6 +435,7 @@ def train_two_stage(
     arch_ids = {id(p) for p in arch_params}
     epochs = cfg.epochs
     arch_epochs = min(cfg.arch_epochs, epochs)
+    warmup_epochs = min(cfg.warmup_epochs, arch_epochs)
     if cfg.arch_update == "split" and arch_epochs > 0 and arch_params and arch_loader is None:
         raise ValueError(
             "arch_update='split' needs arch_loader, the held-out part of the training set for the "
@@ -446,8 +485,11 @@ def train_two_stage(
             if not arch_stage and not derived:
                 do_derive()
             stage = "arch" if arch_stage else "net"
+            warmup = arch_stage and epoch < warmup_epochs  # ω only: θ must not move
             w_params = _param_list(opt_w)
-            if arch_stage:
+            if warmup:
+                step = _net_step(model, w_params, opt_w, state)
+            elif arch_stage:
                 step = _arch_step(model, w_params, arch_params, opt_w, opt_a, state,
                                   cfg.arch_update, arch_loader, project_arch, extra_loss)
             else:
@@ -456,8 +498,9 @@ def train_two_stage(
 
             t0 = time.perf_counter()
             lr0 = state.lr_at(state.global_step)
+            label = f"{stage} warm-up" if warmup else stage
             train_loss, train_metric, steps = _run_epoch(model, loader, step, opt_w, state,
-                                                         desc=f"{stage} {epoch + 1}/{epochs}")
+                                                         desc=f"{label} {epoch + 1}/{epochs}")
             train_seconds = time.perf_counter() - t0
             clock.add(stage, train_seconds, steps)
 
@@ -469,7 +512,11 @@ def train_two_stage(
             record = EpochRecord(epoch=epoch, stage=stage, train_loss=train_loss, train_metric=train_metric,
                                  val_loss=val_loss, val_metric=val_metric, lr=lr0, steps=steps,
                                  seconds=time.perf_counter() - t0, train_seconds=train_seconds,
-                                 arch=snapshot(), metric_name=train_task.metric_name)
+                                 arch=snapshot(), metric_name=train_task.metric_name, warmup=warmup,
+                                 arch_stepped=arch_stage and not warmup and opt_a is not None and steps > 0)
+            if arch_stage and log_changes is not None:
+                changed, searchable = log_changes()
+                record.changed_edges, record.searchable_edges = sorted(changed), int(searchable)
             state.history.append(asdict(record))
             if cfg.progress:
                 tqdm.write(record.summary(epochs))

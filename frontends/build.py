@@ -13,13 +13,15 @@
 from __future__ import annotations
 
 import operator
+import re
+from collections import Counter
 from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from archir.errors import TraceError
+from archir.errors import TraceError, UserInputError
 from archir.ir import (CONCAT_TARGETS, IN, PRODUCT_TARGETS, SUM_TARGETS, Combine, Edge, Graph, Junction,
                        JunctionRef, Op, Operand, TensorMeta, fetch_attr)
 from archir.ir.costs import ATEN_RNN, function_flops, module_flops, rnn_flops
@@ -33,6 +35,9 @@ _ACTIVATION_NAMES = {"relu", "relu6", "gelu", "silu", "hardswish", "hardsigmoid"
                      "leaky_relu", "elu", "selu", "celu", "mish", "prelu", "softplus", "hardtanh"}
 _WEIGHTED_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
 _WEIGHTED_NAMES = {"conv1d", "conv2d", "conv3d", "convolution", "linear", "conv_transpose2d"}
+# bare containers: cell-sharing looks through them to the module that calls them
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_CONTAINER_NAMES = {"Sequential", "ModuleList", "ModuleDict"}
 
 
 def _describe(value: Any):
@@ -354,7 +359,7 @@ class _Builder:
                 g.add_edge(e)
         g._next_id = len(order) + edge_no
         g.output = self.output_template()
-        assign_groups(g, {self.jid[n]: n for n in order})
+        assign_groups(g)
         return g
 
     def _walk(self, first: fx.Node, junctions: set) -> tuple[fx.Node, list[fx.Node]]:
@@ -389,36 +394,257 @@ def _stack(n: fx.Node) -> tuple:
     return tuple(out)
 
 
-def assign_groups(g: Graph, nodes: dict[str, fx.Node] | None = None) -> None:
-    """Cell-sharing keys: ``Class/relative-signature/k`` for edges inside a module call.
 
-    Two edges share a key when they sit in calls of modules of the same class, perform the same
-    operations relative to that module (``conv1·bn1·relu``), end the same way (junction kind and
-    operand position), have the same shape behaviour, and are the k-th such edge of their call.
-    Edges at the top level keep their own id as key (no sharing).
+
+def assign_groups(g: Graph, groups: dict | None = None) -> None:
+    """Set every edge's cell-sharing key (``Edge.group``) and the call it belongs to (``Edge.scope``).
+
+    **Cells.** A *call* is a call of a submodule that is not a bare container (``nn.Sequential``,
+    ``nn.ModuleList``, ``nn.ModuleDict``: grouping looks through them); the model itself is never
+    a cell. An edge lies in a call when all of its operations do, and the join it ends at if it
+    ends at one (an empty edge: its destination). A call's *signature* is its module class and
+    its structure: the edges with a part in it, in order, each as that part's operations relative
+    to the call (module path and configuration, e.g. kernel size, stride and
+    ``groups=depthwise``, with channel counts left out; functions by name and constant
+    arguments), where its input comes from (an earlier edge of the call, or outside), how it ends
+    (the join kind and operand position, or ``value``) and which tensor dimensions it changes.
+    Counting parts (of a chain that starts before the call or runs on past its end) makes a
+    block look the same whatever precedes or follows it, e.g. the last block before the head.
+    Absolute sizes (channel counts, resolution) are not part of it: the paper's cell is one cell
+    *type* repeated across the network (a ResNet20 block at every stage, a DARTS normal cell at
+    every resolution), while a stride or a projection shortcut changes the structure.
+
+    A class is a *cell class* when two or more of its calls have the same signature. An edge
+    belongs to the outermost call around it whose class is a cell class (outermost, so that a
+    DARTS cell's operations are positions of the cell, not of the ``SepConv`` they are made of).
+    When that call's signature occurs two or more times, the edge's key is
+    ``Class#variant/position:ops`` (variant numbers the repeated signatures of one class, position
+    is the edge's index inside the call), shared by the edges at that position of every call
+    with that signature. Every other edge (outside any cell, in a cell that occurs once, or only
+    partly in a cell) keeps its own id as key.
+
+    **Explicit groups.** ``groups = {name: [module path prefix, ...]}`` (a single string for one
+    prefix) overrides the automatic key of every edge that lies under one of the prefixes (all
+    its operations in that module or below it; the longest matching prefix wins): the key is
+    ``name/position``, position the edge's index among the edges under its prefix, so the k-th
+    edges of every prefix of one group share. Raises UserInputError for a prefix that names no
+    submodule, or under which no edge lies.
     """
-    seen: dict[tuple, int] = {}
-    for e in g.edges_in_order():
-        stacks = [op.meta.get("scope", ()) for op in e.ops]
-        dst = g.junctions[e.dst]
-        if dst.is_join or not stacks:
-            stacks.append(dst.scope)
-        common = _common_prefix(stacks)
-        if not common:
-            e.group, e.scope = e.id, ""
+    edges = g.edges_in_order()
+    containers: dict[str, bool] = {}
+
+    def is_container(path: str, cls: str) -> bool:
+        if path not in containers:
+            try:
+                containers[path] = type(g.root.get_submodule(path)) in _CONTAINERS
+            except AttributeError:
+                containers[path] = cls in _CONTAINER_NAMES
+        return containers[path]
+
+    calls: dict[str, list[tuple[str, str]]] = {}  # edge id -> the calls it lies in, outermost first
+    members: dict[str, list[Edge]] = {}  # call path -> the edges with a part in it, in order
+    cls_of: dict[str, str] = {}
+    for e in edges:
+        calls[e.id] = [(p, c) for p, c in _edge_stack(g, e) if not is_container(p, c)]
+        touched: dict[str, str] = {}
+        for stack in _op_stacks(g, e):
+            for path, cls in stack:
+                if not is_container(path, cls):
+                    touched.setdefault(path, cls)
+        for path, cls in touched.items():
+            members.setdefault(path, []).append(e)
+            cls_of[path] = cls
+    configs: dict[str, str] = {}
+    sigs = {path: (cls_of[path], _call_signature(g, path, es, configs)) for path, es in members.items()}
+    position = {path: {e.id: i for i, e in enumerate(es)} for path, es in members.items()}
+    counts = Counter(sigs.values())
+    cell_classes = {cls for (cls, _), n in counts.items() if n >= 2}
+    variants: dict[tuple, int] = {}
+    for e in edges:
+        cell = next(((p, c) for p, c in calls[e.id] if c in cell_classes), None)
+        if cell is None:
+            e.group, e.scope = e.id, calls[e.id][-1][0] if calls[e.id] else ""
             continue
-        path, cls = common[-1]
-        rel = []
-        for op in e.ops:
-            t = op.target if op.kind in ("call_module", "get_attr") else op.name
-            if isinstance(t, str) and t.startswith(path + "."):
-                t = t[len(path) + 1:]
-            rel.append(str(t))
-        end = f"{dst.combine.kind}#{e.dst_index}" if dst.is_join else "value"
-        sig = f"{'·'.join(rel) or 'direct'}->{end}:{'same' if e.shape_preserving else 'change'}"
-        k = seen.get((path, sig), 0)
-        seen[(path, sig)] = k + 1
-        e.group, e.scope = f"{cls}/{sig}/{k}", path
+        path, cls = cell
+        e.scope, sig = path, sigs[path]
+        if counts[sig] < 2:
+            e.group = e.id
+            continue
+        if sig not in variants:
+            variants[sig] = 1 + sum(1 for s in variants if s[0] == cls)
+        e.group = f"{cls}#{variants[sig]}/{position[path][e.id]}:{_short_ops(e, path)}"
+    if groups:
+        _explicit_groups(g, groups, edges)
+
+
+def _op_stacks(g: Graph, e: Edge) -> list[tuple]:
+    """The module stack of each operation of ``e``, and its destination's where that is a join
+    (or where ``e`` is empty)."""
+    stacks = [op.meta.get("scope", ()) for op in e.ops]
+    dst = g.junctions[e.dst]
+    if dst.is_join or not stacks:
+        stacks.append(dst.scope)
+    return stacks
+
+
+def _edge_stack(g: Graph, e: Edge) -> tuple:
+    """The module stack all of ``e`` runs in: its operations' and its destination's where that is a
+    join (an empty edge: its destination's)."""
+    return _common_prefix(_op_stacks(g, e))
+
+
+def _in_call(stack: tuple, path: str) -> bool:
+    return any(p == path for p, _ in stack)
+
+
+def _call_signature(g: Graph, path: str, edges: list[Edge], configs: dict) -> tuple:
+    """The structure of the call of ``path``: per edge with a part in it, that part. An edge that
+    runs on past the call's end (the chain goes on into the next block or the head) or starts
+    before it counts with its part inside, so that a block looks the same whatever follows it."""
+    first_into: dict[str, int] = {}  # junction -> the first edge of the call that ends there
+    out = []
+    for i, e in enumerate(edges):
+        inside = [k for k, op in enumerate(e.ops) if _in_call(op.meta.get("scope", ()), path)]
+        ops = tuple(_op_signature(g, e.ops[k], path, configs) for k in inside)
+        if inside:
+            before = e.ops[inside[0] - 1].meta.get("out") if inside[0] else e.in_meta
+            after = e.ops[inside[-1]].meta.get("out", e.out_meta)
+        else:  # an empty edge, or one that only ends at a join of the call
+            before, after = (e.out_meta if e.ops else e.in_meta), e.out_meta
+        src = "in" if inside and inside[0] else first_into.get(e.src, "in")
+        dst = g.junctions[e.dst]
+        end = f"{dst.combine.kind}#{e.dst_index}" if dst.is_join and _in_call(dst.scope, path) else "value"
+        out.append((ops, end, src, _shape_change(before, after)))
+        first_into.setdefault(e.dst, i)
+    return tuple(out)
+
+
+def _relative(target: str, path: str) -> str:
+    return target[len(path) + 1:] if target.startswith(path + ".") else target
+
+
+def _op_signature(g: Graph, op: Op, path: str, configs: dict) -> str:
+    if op.kind in ("call_module", "get_attr"):
+        rel = _relative(str(op.target), path)
+        if op.kind == "get_attr":
+            return rel
+        if op.target not in configs:
+            try:
+                configs[op.target] = _module_config(g.root.get_submodule(op.target))
+            except AttributeError:
+                configs[op.target] = "?"
+        return f"{rel}={configs[op.target]}"
+    return f"{op.name}({_const_signature((op.args, op.kwargs), path)})"
+
+
+def _const_signature(v: Any, path: str) -> str:
+    """Constant arguments as text; tensor values (the chain's input, junctions, operands) as ``_``."""
+    if isinstance(v, Op):
+        if v.kind == "get_attr":
+            return _relative(str(v.target), path)
+        return f"{v.name}({_const_signature((v.args, v.kwargs), path)})"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_const_signature(x, path) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{_const_signature(x, path)}" for k, x in v.items() if k != "inplace") + "}"
+    if isinstance(v, slice):
+        return f"{_const_signature(v.start, path)}:{_const_signature(v.stop, path)}:{_const_signature(v.step, path)}"
+    if v is None or isinstance(v, (bool, int, float, str, torch.dtype)):
+        return repr(v)
+    return "_"
+
+
+_LEADING_SIZES = re.compile(r"^(\(\d+(, \d+)*,?\)|\d+)(, (\(\d+(, \d+)*,?\)|\d+))*(, |$)")
+_SIZE_KEYWORDS = re.compile(r"\b(in_features|out_features|inplace)=\w+(, )?")
+
+
+def _module_config(m: nn.Module) -> str:
+    """A module's class and configuration without its channel counts: ``Conv2d(kernel_size=(3, 3),
+    stride=(2, 2), padding=(1, 1), groups=depthwise, bias=False)``, ``BatchNorm2d(eps=1e-05, ...)``."""
+    try:
+        text = m.extra_repr()
+    except Exception:  # noqa: BLE001 - a user module's extra_repr: its class alone is the configuration
+        text = ""
+    groups = getattr(m, "groups", None)
+    if isinstance(groups, int) and groups > 1 and groups == getattr(m, "in_channels", None):
+        text = re.sub(r"\bgroups=\d+", "groups=depthwise", text)
+    text = _SIZE_KEYWORDS.sub("", _LEADING_SIZES.sub("", text.strip()))
+    return f"{type(m).__name__}({text.strip(', ')})"
+
+
+def _shape_change(a: Any, b: Any) -> str:
+    """Which dimensions an edge changes, not their sizes: ``====`` (none), ``=~~~`` (channels and
+    resolution of an NCHW tensor); a change of rank, dtype or tuple structure in full."""
+    if isinstance(a, TensorMeta) and isinstance(b, TensorMeta):
+        if len(a.shape) != len(b.shape):
+            return f"rank {len(a.shape)}->{len(b.shape)}"
+        dims = "".join("=" if x == y else "~" for x, y in zip(a.shape, b.shape))
+        return dims + ("" if a.dtype == b.dtype else f" {a.dtype}->{b.dtype}")
+    return f"{_meta_kind(a)}->{_meta_kind(b)}"
+
+
+def _meta_kind(m: Any) -> str:
+    if isinstance(m, TensorMeta):
+        return f"{len(m.shape)}d"
+    if isinstance(m, tuple):
+        return "(" + ",".join(_meta_kind(x) for x in m) + ")"
+    return "-"
+
+
+def _short_ops(e: Edge, path: str) -> str:
+    """An edge's operations relative to ``path``, for a readable key: ``conv1·bn1·relu``."""
+    names = [_relative(str(op.target), path) if op.kind in ("call_module", "get_attr") else op.name
+             for op in e.ops]
+    return "·".join(names) or "direct"
+
+
+def _explicit_groups(g: Graph, groups: Any, edges: list[Edge]) -> None:
+    prefixes: dict[str, str] = {}  # prefix -> group name
+    if not isinstance(groups, dict):
+        raise UserInputError("groups must be a dict {group name: [module path prefix, ...]}, not "
+                             f"{type(groups).__name__}")
+    for name, value in groups.items():
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(name, str) or not name or not isinstance(items, (list, tuple)) \
+                or not items or not all(isinstance(p, str) for p in items):
+            raise UserInputError(f"groups: {name!r} must map to a module path prefix or a non-empty list "
+                                 "of them (e.g. {'stage1': ['layer1.0', 'layer1.1']})")
+        for p in items:
+            if not p:
+                raise UserInputError(f"groups[{name!r}]: an empty prefix would name the whole model")
+            if p in prefixes:
+                raise UserInputError(f"groups: prefix '{p}' is in both {prefixes[p]!r} and {name!r}")
+            try:
+                g.root.get_submodule(p)
+            except AttributeError:
+                raise UserInputError(f"groups[{name!r}]: '{p}' names no submodule of the model") from None
+            prefixes[p] = name
+    taken: Counter = Counter()
+    for e in edges:
+        under = [p for p in prefixes if _lies_under(g, e, p)]
+        if not under:
+            continue
+        p = max(under, key=len)
+        e.group, e.scope = f"{prefixes[p]}/{taken[p]}", p
+        taken[p] += 1
+    empty = [p for p in prefixes if not taken[p]]
+    if empty:
+        raise UserInputError(f"groups: no edge lies under {', '.join(repr(p) for p in empty)} (an edge lies under "
+                             "a prefix when all its operations run in that module or below it)")
+
+
+def _lies_under(g: Graph, e: Edge, prefix: str) -> bool:
+    def under(path: str) -> bool:
+        return path == prefix or path.startswith(prefix + ".")
+
+    if not e.ops:
+        scope = g.junctions[e.dst].scope
+        return bool(scope) and under(scope[-1][0])
+    for op in e.ops:
+        scope = op.meta.get("scope", ())
+        if not ((scope and under(scope[-1][0])) or (op.kind in ("call_module", "get_attr") and under(str(op.target)))):
+            return False
+    return True
 
 
 def _common_prefix(stacks: list[tuple]) -> tuple:

@@ -14,7 +14,7 @@ from archir.ir import Graph
 from archir.layers import stochastic_depth_for
 from archir.modes import eval_mode
 
-from .build import build_graph
+from .build import assign_groups, build_graph
 from .capture import (export_trace, failing_modules, first_line, fx_trace, is_torch_leaf, trace_failure,
                       user_location)
 from .normalize import UnsafeMutation, dropout_to_modules, functionalize
@@ -114,11 +114,13 @@ def _traceable_copy(model: nn.Module) -> nn.Module:
 
 
 def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
-          leaf_modules: Iterable[str] = (), frontend: str = "auto") -> Graph:
+          leaf_modules: Iterable[str] = (), frontend: str = "auto", groups: dict | None = None) -> Graph:
     """Trace ``model`` into archir's IR.
 
     ``frontend``: ``"auto"`` (torch.fx, then torch.export where fx fails), ``"fx"`` or ``"export"``.
     ``leaf_modules``: qualified names of submodules to keep as single opaque operations.
+    ``groups``: explicit cell-sharing groups, ``{name: [module path prefix, ...]}``, overriding the
+    automatic keys of the edges under those prefixes (see :func:`archir.frontends.build.assign_groups`).
     The graph owns a deep copy of ``model``; the user's model is never changed.
     """
     if granularity not in GRANULARITIES:
@@ -167,6 +169,8 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
         raise
     g.leaves.update({p: "requested" for p in leaves})
     g.leaves.update(auto)
+    if groups:
+        assign_groups(g, groups)
     return g
 
 

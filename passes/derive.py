@@ -1,7 +1,8 @@
 """Derive, Prune and FoldIdentities: from a trained supernet to the plain, smaller network.
 
 * :class:`Derive` fixes each choice edge to its argmax (ties go to the original operations, then to
-  identity); an edge that chose none is labelled so and keeps its operations until Prune. A sum junction never loses all its operands: if every one chose none, the operand
+  identity) of its normalised weights, or of the raw θ in the linear form (the paper's Eq. (1):
+  none, whose θ stays 0, wins when θ_id and θ_same are both negative); an edge that chose none is labelled so and keeps its operations until Prune. A sum junction never loses all its operands: if every one chose none, the operand
   whose best non-none weight is highest keeps that choice. Outputs stay connected because none is
   only ever valid at sum junctions.
 * :class:`Prune` removes none edges, then dead code (junctions whose value reaches no output and
@@ -40,14 +41,15 @@ class Derive(Pass):
 
     def run(self, graph: Graph) -> PassResult:
         """Fix every choice edge to its decision (imposed, else the argmax of its normalised weights,
-        ties to same, then identity; a sum junction keeps one operand) and label it with ``decision``,
-        ``changed`` and ``weights``. Unmodified when the graph has no choice edge."""
+        or of its raw θ in the linear form, ties to same, then identity; a sum junction keeps one
+        operand) and label it with ``decision``, ``changed`` and ``weights``. Unmodified when the
+        graph has no choice edge."""
         weights, candidates = {}, {}
         for e in graph.edges.values():
             if len(e.ops) == 1 and e.ops[0].kind == "choice":
                 op = e.ops[0]
                 choices = tuple(e.labels["choices"].split(","))
-                weights[e.id] = choice_weights(_theta_of(graph, op), choices)
+                weights[e.id] = choice_weights(_theta_of(graph, op), choices, op.meta.get("form", "normalised"))
                 candidates[e.id] = dict(zip(choices, op.args))
         if not weights:
             return PassResult(graph, False)

@@ -1,10 +1,15 @@
 """Functions the lowered supernet calls for a ``choice`` operation (see passes/edge_choice.py).
 
-A choice edge mixes its candidates with weights ``w = θ / Σ_valid θ``. Where the original path
-ends in an affine BatchNorm (optionally followed by a ReLU), the weight of *same* is folded into
-that BatchNorm's γ and β instead of scaling the activations afterwards:
+A choice edge mixes its candidates with weights ``w = θ / Σ_valid θ`` (:func:`mix_weights`, the
+normalised form) or ``w = θ`` (:func:`linear_weights`, the paper's Eq. (1)). Where the original
+path ends in an affine BatchNorm, the weight of *same* is folded into that BatchNorm's γ and β
+instead of scaling the activations afterwards:
 
-    w_same · relu(γ·x̂ + β) = relu((w_same·γ)·x̂ + w_same·β)        (w_same ≥ 0)
+    w_same · (γ·x̂ + β) = (w_same·γ)·x̂ + w_same·β                  (any w_same)
+    w_same · relu(γ·x̂ + β) = relu((w_same·γ)·x̂ + w_same·β)        (w_same ≥ 0 only)
+
+so a ReLU may follow the BatchNorm only in the normalised form (θ ≥ 0); in the linear form θ may
+go negative and the fold is used only where the BatchNorm ends the path.
 
 This is the same function and, by the chain rule, the same gradients, but it costs no pass over
 the activations: ∂L/∂w_same = Σ_c (γ_c ∂L/∂γ'_c + β_c ∂L/∂β'_c) comes out of BatchNorm's own
@@ -23,6 +28,16 @@ POSITIVELY_HOMOGENEOUS = (nn.ReLU,)
 def mix_weights(theta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """θ normalised over the valid slots (``mask``); the clamp only guards θ = 0 everywhere."""
     return theta / (theta * mask).sum().clamp_min(1e-12)
+
+
+def linear_weights(theta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The paper's Eq. (1): the weights are θ itself, unnormalised and unconstrained (an invalid
+    slot's weight never enters the mix, so ``mask`` is not needed)."""
+    return theta
+
+
+# θ's form -> the function from (θ, mask) to the mixing weights
+MIX_FORMS = {"normalised": mix_weights, "linear": linear_weights}
 
 
 def foldable_batch_norm(module: nn.Module) -> bool:

@@ -233,6 +233,32 @@ def random_like(inputs, seed: int):
     return tuple(torch.randn(x.shape, generator=gen, dtype=x.dtype) for x in inputs)
 
 
+def derive_and_check_one_hot(g, sup, x, atol: float) -> dict[str, str]:
+    """Derive ``g`` (a DNAT supernet graph whose θ is set), then check that the pruned and folded
+    network equals the supernet ``sup`` with every θ made one-hot at its decision. Returns the
+    decisions ``{edge id: choice}``."""
+    from archir.passes.base import PassManager
+    from archir.passes.derive import Derive, FoldIdentities, Prune
+    from archir.passes.edge_choice import SLOTS
+
+    thetas = dict(g.root.archir_theta.items())
+    PassManager([Derive()])(g)
+    decisions = {e.id: e.labels["decision"] for e in g.edges.values() if "decision" in e.labels}
+    with torch.no_grad():  # the supernet with the derived choices fixed one-hot
+        for p in thetas.values():
+            p.zero_()
+        for e in g.edges.values():
+            if "decision" in e.labels:
+                thetas[e.labels["param"]][SLOTS.index(e.labels["decision"])] = 1.0
+    PassManager([Prune(), FoldIdentities()])(g)
+    slim = g.to_module().eval()
+    with torch.no_grad():
+        for s in (0, 1):
+            xi = random_like(x, s)
+            torch.testing.assert_close(slim(xi), sup(xi), rtol=0, atol=atol)
+    return decisions
+
+
 def call(model, inputs):
     return model(inputs) if isinstance(inputs, torch.Tensor) else model(*inputs)
 

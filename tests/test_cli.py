@@ -26,8 +26,15 @@ def test_inspect_prints_summary_and_table(tmp_path):
     assert "parameters  272,474" in res.output
     assert "could become identity" in res.output
     assert "layer1.0.conv1 · layer1.0.bn1 · relu" in res.output
+    rows = {line.split()[0]: line for line in res.output.splitlines() if line.startswith("e")}
+    assert rows["e1"].endswith("parametrised: conv/linear (+ norm)")  # the table says what is searched
+    assert rows["e3"].endswith("shortcut into a sum") and rows["e4"].endswith("  -")  # post-sum ReLU fixed
     data = json.loads((tmp_path / "g.json").read_text())
     assert data["summary"]["parameters"] == 272474 and len(data["edges"]) == data["summary"]["edges"]
+    searchable = {e["id"]: e["searchable"] for e in data["edges"]}
+    assert searchable["e4"] is None and searchable["e3"]["why"] == "shortcut into a sum"
+    assert set(searchable["e1"]["choices"]) == {"identity", "same"}  # not into a sum: never none
+    assert set(searchable["e2"]["choices"]) == {"none", "identity", "same"}
     assert (tmp_path / "g.dot").read_text().startswith("digraph")
     assert (tmp_path / "g.txt").read_text().startswith("graph ResNet")
 

@@ -235,6 +235,110 @@ def test_augment_batch_identity_without_padding_or_flip():
         assert torch.equal(flipped_or_not[n], x[n]) or torch.equal(flipped_or_not[n], x[n].flip(-1))
 
 
+# ---- cutout ---------------------------------------------------------------------------------
+
+
+def _cutout_reference(n: int, h: int, w: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Per sample, the pixels a cutout of ``size`` zeroes (``N x 1 x H x W``), drawn like
+    :func:`loaders.cutout_batch` (centre row then column from ``generator``) and clipped by slicing."""
+    rows = torch.randint(0, h, (n,), generator=generator)
+    columns = torch.randint(0, w, (n,), generator=generator)
+    mask = torch.zeros(n, 1, h, w, dtype=torch.bool)
+    for i in range(n):
+        top, left = int(rows[i]) - size // 2, int(columns[i]) - size // 2
+        mask[i, :, max(top, 0):max(top + size, 0), max(left, 0):max(left + size, 0)] = True
+    return mask
+
+
+@pytest.mark.parametrize("size", [4, 5])
+def test_cutout_zeroes_a_clipped_square_per_image(size):
+    n, c, h, w = 64, 3, 10, 12
+    x = torch.rand(n, c, h, w, generator=torch.Generator().manual_seed(0)) + 1.0  # no zero anywhere
+    out = loaders.cutout_batch(x, size, generator=torch.Generator().manual_seed(5))
+    mask = _cutout_reference(n, h, w, size, torch.Generator().manual_seed(5))
+    assert torch.equal(out, x.masked_fill(mask, 0)) and out.is_contiguous() and out.dtype == x.dtype
+    zeros = (out == 0).sum(dim=(1, 2, 3))
+    interior = [i for i in range(n) if mask[i, 0].sum() == size * size]
+    border = [i for i in range(n) if mask[i, 0].sum() < size * size]
+    assert interior and border  # both occur among 64 random centres
+    for i in interior:  # an interior centre zeroes exactly size x size pixels of every channel
+        assert int(zeros[i]) == c * size * size
+    for i in border:  # clipped at the image border: fewer
+        assert 0 < int(zeros[i]) < c * size * size
+
+
+def test_cutout_interior_centre_and_border_clipping():
+    x = torch.ones(1, 2, 9, 9)
+    g = torch.Generator().manual_seed(0)
+    # force the centre: (4, 4) is interior for a side of 4, (0, 8) a corner
+    centres = iter([torch.tensor([[4]]), torch.tensor([[4]]), torch.tensor([[0]]), torch.tensor([[8]])])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loaders.torch, "randint", lambda *a, **k: next(centres))
+        inner = loaders.cutout_batch(x, 4, generator=g)
+        corner = loaders.cutout_batch(x, 4, generator=g)
+    assert int((inner == 0).sum()) == 2 * 16
+    assert torch.equal((inner[0, 0] == 0).nonzero().amin(0), torch.tensor([2, 2]))  # rows/columns 2..5
+    assert torch.equal((inner[0, 0] == 0).nonzero().amax(0), torch.tensor([5, 5]))
+    assert int((corner == 0).sum()) == 2 * 2 * 3  # rows 0..1, columns 6..8
+    assert torch.equal(corner[0, :, :2, 6:], torch.zeros(2, 2, 3))
+    # a square larger than the image, any centre: the whole image
+    assert int((loaders.cutout_batch(x, 18, generator=g) == 0).sum()) == 2 * 81
+
+
+def test_cutout_deterministic_and_off_at_zero():
+    x = torch.rand(8, 3, 16, 16) + 1.0
+    a = augment_batch(x, cutout=8, generator=torch.Generator().manual_seed(3))
+    b = augment_batch(x, cutout=8, generator=torch.Generator().manual_seed(3))
+    c = augment_batch(x, cutout=8, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert ((a == 0).sum(dim=(1, 2, 3)) > 0).all()
+    # cutout=0 changes nothing: same crops and flips, same generator state afterwards
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(augment_batch(x, cutout=0, generator=g1), augment_batch(x, generator=g2))
+    assert torch.equal(g1.get_state(), g2.get_state())
+    assert loaders.cutout_batch(x, 0) is x
+    with pytest.raises(DataError, match="non-negative"):
+        loaders.cutout_batch(x, -1)
+    with pytest.raises(DataError, match="cutout"):
+        BatchLoader(_tiny(), 8, cutout=-2)
+
+
+def test_batch_loader_cutout_holds_the_mean_after_normalisation():
+    ds = _tiny(n=40, size=12)
+    plain = _collect(BatchLoader(ds, 16))
+    cut = _collect(BatchLoader(ds, 16, cutout=6, seed=9))
+    again = _collect(BatchLoader(ds, 16, cutout=6, seed=9))
+    g = torch.Generator().manual_seed(9)
+    for (xp, yp), (xc, yc), (xa, _) in zip(plain, cut, again):
+        mask = _cutout_reference(len(yp), 12, 12, 6, g)
+        assert torch.equal(yp, yc) and torch.equal(xc, xa)
+        assert torch.equal(xc, xp.masked_fill(mask, 0))  # 0 after normalisation: the data set mean
+    # with augment, the cutout comes after the crop and flip, from the same generator
+    aug = _collect(BatchLoader(ds, 16, augment=True, seed=9))
+    aug_cut = _collect(BatchLoader(ds, 16, augment=True, cutout=6, seed=9))
+    assert torch.equal(aug[0][1], aug_cut[0][1])
+    assert not torch.equal(aug[0][0], aug_cut[0][0])
+    assert all(((x == 0).sum(dim=(1, 2, 3)) >= 3 * 9).all() for x, _ in aug_cut)  # a centre's quarter at least
+
+
+def test_device_data_loader_cutout():
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.rand(20, 3, 10, 10, generator=g) + 1.0, torch.arange(20) % 5)
+    plain = _collect(as_loader(ds, 10, seed=2))
+    cut = _collect(as_loader(ds, 10, seed=2, cutout=4))
+    assert isinstance(as_loader(ds, 10, cutout=4), DeviceDataLoader)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(cut, _collect(as_loader(ds, 10, seed=2, cutout=4))))
+    for (xp, _), (xc, _) in zip(plain, cut):
+        for before, after in zip(xp, xc):  # one square per image, all channels, at most 4 x 4
+            zeroed = (after == 0).all(dim=0)
+            assert torch.equal(after, before.masked_fill(zeroed, 0))
+            rows, columns = zeroed.any(dim=1).nonzero().flatten(), zeroed.any(dim=0).nonzero().flatten()
+            assert int(zeroed.sum()) == len(rows) * len(columns) > 0
+            assert len(rows) <= 4 and len(columns) <= 4
+            assert len(rows) == 4 or rows[0] == 0 or rows[-1] == 9  # shorter only at a border
+            assert len(columns) == 4 or columns[0] == 0 or columns[-1] == 9
+
+
 def test_as_loader_for_generic_datasets():
     g = torch.Generator().manual_seed(0)
     ds = TensorDataset(torch.randn(50, 3, 8, 8, generator=g), torch.arange(50) % 5)

@@ -12,7 +12,7 @@ from archir.passes.base import PassManager
 from archir.passes.derive import Derive, FoldIdentities, Prune
 from archir.passes.edge_choice import (SLOTS, EdgeChoice, EdgeMix, arch_parameters, project_thetas,
                                        valid_choices)
-from model_patterns import MODELS, assert_same, call, load_example, random_like
+from model_patterns import MODELS, assert_same, call, derive_and_check_one_hot, load_example, random_like
 
 SEARCHABLE = ["resnet20", "mobilenetv2", "darts_cell", "mbconv"]
 
@@ -73,12 +73,17 @@ def test_every_choice_receives_gradient():
         assert all(grad[SLOTS.index(c)] != 0 for c in choices), (name, choices, grad)
 
 
-def test_plain_linear_mix_would_starve_none():
-    """The paper's Eq. (1) gives θ_none no gradient; the normalised mix does (why archir uses it)."""
+def test_linear_mix_gives_none_no_gradient_the_normalised_mix_does():
+    """The paper's Eq. (1) (``form="linear"``) gives θ_none no gradient (none wins only when θ_id and
+    θ_same go below 0, see test_dnat_space.py); the normalised mix gives it −o_e/Σθ."""
     x = torch.randn(4, 3)
     theta = torch.tensor([0.0, 0.0, 1.0], requires_grad=True)
     (theta[0] * torch.zeros_like(x) + theta[1] * x + theta[2] * x.tanh()).sum().backward()
     assert theta.grad[0] == 0
+    want = theta.grad.clone()
+    theta.grad = None
+    EdgeMix(("none", "identity", "same"), form="linear")(x, x.tanh(), theta=theta).sum().backward()
+    torch.testing.assert_close(theta.grad, want)
     theta.grad = None
     EdgeMix(("none", "identity", "same"))(x, x.tanh(), theta=theta).sum().backward()
     assert theta.grad[0] != 0
@@ -96,6 +101,9 @@ def test_choice_rules():
     assert c["e36"] == ("same",)  # the head
     PassManager([EdgeChoice("full")])(g)
     assert g.edges["e0"].ops[0].kind != "choice" and g.edges["e36"].ops[0].kind != "choice"
+    assert g.edges["e1"].labels["why"] == g.edges["e2"].labels["why"] == g.edges["e15"].labels["why"] \
+        == "parametrised: conv/linear (+ norm)"
+    assert g.edges["e3"].labels["why"] == "shortcut into a sum"
 
 
 def test_cell_sharing_ties_repeated_blocks():
@@ -120,19 +128,7 @@ def _derive_and_compare(name, share, seed):
         for p in thetas.values():
             p.copy_(torch.rand(3, generator=gen))
     project_thetas(g)
-    PassManager([Derive()])(g)
-    decisions = {e.id: e.labels["decision"] for e in g.edges.values() if "decision" in e.labels}
-    with torch.no_grad():  # the supernet with the derived choices fixed one-hot
-        for p in thetas.values():
-            p.zero_()
-        for e in g.edges.values():
-            if "decision" in e.labels:
-                thetas[e.labels["param"]][SLOTS.index(e.labels["decision"])] = 1.0
-    PassManager([Prune(), FoldIdentities()])(g)
-    slim = g.to_module().eval()
-    for s in (0, 1):
-        xi = random_like(x, s)
-        torch.testing.assert_close(slim(xi), sup(xi), rtol=0, atol=1e-6)
+    decisions = derive_and_check_one_hot(g, sup, x, atol=1e-6)
     return g, decisions, model
 
 

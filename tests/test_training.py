@@ -387,3 +387,67 @@ def test_config_validation():
         TrainConfig(schedule="step")
     with pytest.raises(ValueError, match="split_fraction"):
         TrainConfig(split_fraction=1.0)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        TrainConfig(arch_epochs=2, warmup_epochs=3)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        TrainConfig(warmup_epochs=-1)
+    TrainConfig(arch_epochs=2, warmup_epochs=2)  # the whole architecture stage may be warm-up
+
+
+# --------------------------------------------------------------------------------------------
+# Weight warm-up and per-epoch edge changes
+# --------------------------------------------------------------------------------------------
+
+
+def test_warmup_freezes_theta_then_it_moves(data):
+    # 2 warm-up epochs of a 3-epoch architecture stage: θ bit-identical through the warm-up
+    # (no θ step, no projection), ω trained; then θ moves.
+    x, y, xv, yv = data
+    torch.manual_seed(0)
+    net = SuperNet()
+    theta0 = net.theta.detach().clone()
+    thetas, stem = [], []
+
+    def on_epoch(rec: EpochRecord):
+        thetas.append(net.theta.detach().clone())
+        stem.append(net.stem[0].weight.detach().clone())
+
+    res = train_two_stage(net, [net.theta], Loader(x, y), Loader(xv, yv, shuffle=False),
+                          cfg(epochs=4, arch_epochs=3, warmup_epochs=2), derive=Counter(),
+                          project_arch=project(net), on_epoch=on_epoch)
+    h = res.history
+    assert [r["stage"] for r in h] == ["arch", "arch", "arch", "net"]  # consumers filtering "arch" keep working
+    assert [r["warmup"] for r in h] == [True, True, False, False]
+    assert [r["arch_stepped"] for r in h] == [False, False, True, False]
+    assert torch.equal(thetas[0], theta0) and torch.equal(thetas[1], theta0)
+    assert not torch.equal(thetas[2], theta0)
+    assert not torch.equal(stem[0], stem[1])  # ω trained during the warm-up
+    assert res.stage_steps["arch"] == 3 * 8
+    line = EpochRecord(**h[0]).summary(4)
+    assert line.startswith("[arch warm-up] epoch 1/4") and EpochRecord(**h[2]).summary(4).startswith("[arch] ")
+
+
+def test_warmup_is_cut_short_by_epochs_and_skipped_by_train_plain(data):
+    net, res = run(data, cfg(epochs=1, arch_epochs=3, warmup_epochs=3), derive=None)
+    assert [(r["stage"], r["warmup"]) for r in res.history] == [("arch", True)]
+    assert res.history[0]["arch"] == res.initial_arch
+    x, y, xv, yv = data
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, N_CLASSES))
+    res = train_plain(model, Loader(x, y), None, cfg(epochs=1, arch_epochs=1, warmup_epochs=1))
+    assert [(r["stage"], r["warmup"]) for r in res.history] == [("net", False)]
+
+
+def test_log_changes_recorded_after_arch_epochs_only(data):
+    calls = []
+
+    def log_changes():
+        calls.append(1)
+        return ["e9", "e10", "e2"], 5
+
+    net, res = run(data, cfg(epochs=3, arch_epochs=2), log_changes=log_changes)
+    assert len(calls) == 2
+    h = res.history
+    assert [r["changed_edges"] for r in h] == [["e10", "e2", "e9"], ["e10", "e2", "e9"], None]
+    assert [r["searchable_edges"] for r in h] == [5, 5, None]
+    assert EpochRecord(**h[0]).summary(3).endswith("changed 3/5")
+    assert "changed" not in EpochRecord(**h[2]).summary(3)

@@ -52,16 +52,17 @@ def _crop_flip(x: Tensor, offsets: Tensor, flips: Tensor, padding: int) -> Tenso
     return flat.gather(2, index.expand(n, c, h * w)).view(n, c, h, w)
 
 
-def augment_batch(x: Tensor, *, padding: int = 4, flip: bool = True,
+def augment_batch(x: Tensor, *, padding: int = 4, flip: bool = True, cutout: int = 0,
                   generator: torch.Generator | None = None) -> Tensor:
     """CIFAR-standard augmentation of a whole batch ``N x C x H x W`` (any dtype, any device).
 
     Each sample is padded with ``padding`` zeros on every side, cropped back to ``H x W`` at a
-    uniformly random offset, and (if ``flip``) mirrored left-right with probability 1/2. The
+    uniformly random offset, and (if ``flip``) mirrored left-right with probability 1/2; then,
+    if ``cutout`` > 0, a ``cutout x cutout`` square is zeroed in it (:func:`cutout_batch`). The
     random numbers are drawn on the CPU from ``generator`` (so a seed gives the same result on
     every device) and moved to ``x.device``. Returns a new contiguous tensor of ``x``'s dtype.
-    On ``uint8`` pixels the padding is black, as in torchvision's ``RandomCrop(padding=4)``; on
-    normalised floats it is the value 0.
+    On ``uint8`` pixels the padding (and a cutout square) is black, as in torchvision's
+    ``RandomCrop(padding=4)``; on normalised floats it is the value 0, i.e. the data set mean.
     """
     if x.dim() != 4:
         raise DataError(f"augment_batch expects a batch N x C x H x W, got {tuple(x.shape)}")
@@ -70,7 +71,43 @@ def augment_batch(x: Tensor, *, padding: int = 4, flip: bool = True,
     n = x.shape[0]
     offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator)
     flips = (torch.rand(n, generator=generator) < 0.5) if flip else torch.zeros(n, dtype=torch.bool)
-    return _crop_flip(x, offsets.to(x.device), flips.to(x.device), padding)
+    out = _crop_flip(x, offsets.to(x.device), flips.to(x.device), padding)
+    return cutout_batch(out, cutout, generator=generator) if cutout else out
+
+
+def cutout_batch(x: Tensor, size: int, *, generator: torch.Generator | None = None) -> Tensor:
+    """Cutout (DeVries & Taylor 2017, "Improved Regularization of Convolutional Neural Networks
+    with Cutout"): in every sample of ``x`` (``N x C x H x W``) zero all channels of a
+    ``size x size`` square centred at a uniformly random pixel, clipped at the image borders
+    (a centre near a border zeroes less than ``size**2`` pixels), with probability 1 as in
+    their CIFAR-10 code and in DARTS. Rows ``cy - size // 2`` to ``cy - size // 2 + size - 1``
+    (the same for columns): for an even ``size`` exactly the reference's square, for an odd
+    one a full ``size`` (the reference zeroes ``size - 1``).
+
+    The value written is 0 in ``x``'s own value space: on normalised batches (how the loaders
+    apply it, after normalisation) that is the data set's mean, as in the reference; on ``uint8``
+    pixels it is black. The centres are drawn on the CPU from ``generator`` (row, then column,
+    per batch) and moved to ``x.device``; ``size == 0`` returns ``x`` itself."""
+    if x.dim() != 4:
+        raise DataError(f"cutout expects a batch N x C x H x W, got {tuple(x.shape)}")
+    if size < 0:
+        raise DataError(f"cutout size must be non-negative, got {size}")
+    if size == 0:
+        return x
+    n, _, h, w = x.shape
+    top = torch.randint(0, h, (n, 1), generator=generator).to(x.device) - size // 2
+    left = torch.randint(0, w, (n, 1), generator=generator).to(x.device) - size // 2
+    rows = torch.arange(h, device=x.device).view(1, h)
+    columns = torch.arange(w, device=x.device).view(1, w)
+    in_rows = (rows >= top) & (rows < top + size)  # N x H
+    in_columns = (columns >= left) & (columns < left + size)  # N x W
+    mask = (in_rows.view(n, 1, h, 1) & in_columns.view(n, 1, 1, w))
+    return x.masked_fill(mask, 0).contiguous()
+
+
+def _check_cutout(cutout: int) -> None:
+    if cutout < 0:
+        raise DataError(f"cutout must be non-negative, got {cutout}")
 
 
 def _cpu_generator(seed: int, generator: torch.Generator | None) -> torch.Generator:
@@ -86,8 +123,10 @@ class BatchLoader:
 
     Each epoch (each ``iter()``) draws a permutation from a CPU ``torch.Generator`` (when
     ``shuffle``), gathers each batch of ``uint8`` images with one ``index_select``, moves it to
-    ``device``, applies :func:`augment_batch` (when ``augment``) and normalises with the data
-    set's ``mean`` and ``std``. Batches are contiguous NCHW ``float32`` with ``int64`` labels.
+    ``device``, applies :func:`augment_batch` (when ``augment``), normalises with the data
+    set's ``mean`` and ``std`` and then applies :func:`cutout_batch` (when ``cutout`` > 0; after
+    normalisation, so the square holds the data set mean, as in DeVries & Taylor's code).
+    Batches are contiguous NCHW ``float32`` with ``int64`` labels.
 
     Loaders built with the same seed (or equally seeded generators) yield identical batch
     sequences, on any device; successive epochs of one loader differ. On an accelerator the
@@ -105,6 +144,8 @@ class BatchLoader:
         drop_last: drop the last incomplete batch.
         padding: crop padding for ``augment``.
         preload: keep a copy of the data set on ``device`` (default: automatic, see above).
+        cutout: side in pixels of the cutout square (0: none); applied with or without
+            ``augment``, after it, drawn from the same generator.
     """
 
     def __init__(
@@ -119,16 +160,19 @@ class BatchLoader:
         drop_last: bool = False,
         padding: int = 4,
         preload: bool | None = None,
+        cutout: int = 0,
     ) -> None:
         if not isinstance(dataset, ImageTensorDataset):
             raise DataError(f"BatchLoader needs an ImageTensorDataset, got "
                             f"{type(dataset).__name__}; use as_loader() for other data sets")
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}")
+        _check_cutout(cutout)
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.augment = augment
+        self.cutout = int(cutout)
         self.device = torch.device(device)
         self.generator = _cpu_generator(seed, generator)
         self.drop_last = drop_last
@@ -151,7 +195,7 @@ class BatchLoader:
 
     def __repr__(self) -> str:
         return (f"BatchLoader({len(self.dataset)} samples, batch_size={self.batch_size}, "
-                f"shuffle={self.shuffle}, augment={self.augment}, device={self.device})")
+                f"shuffle={self.shuffle}, augment={self.augment}, cutout={self.cutout}, device={self.device})")
 
     def _tensors(self) -> tuple[Tensor, Tensor]:
         if self._source is None:
@@ -179,6 +223,8 @@ class BatchLoader:
                 xb = augment_batch(xb, padding=self.padding, generator=self.generator)
             x = xb.to(torch.float32, memory_format=torch.contiguous_format)
             x.mul_(self._scale).sub_(self._shift)
+            if self.cutout:  # after normalising: the square holds the mean (0), as in the reference
+                x = cutout_batch(x, self.cutout, generator=self.generator)
             yield x, yb
 
 
@@ -190,7 +236,9 @@ class DeviceDataLoader:
     Runs in the main process (``num_workers=0``) with a CPU generator seeded by ``seed``, so
     the batch order is reproducible. ``augment`` applies :func:`augment_batch` on the device to
     ``(x, y)`` batches whose ``x`` is a 4-D float image batch (padding value 0 in the data set's
-    own value space); other batches are left as they are.
+    own value space); ``cutout`` > 0 applies :func:`cutout_batch` after it to the same batches
+    (with or without ``augment``; the square is 0 in the data set's value space, its mean when
+    the data set is normalised); other batches are left as they are.
     """
 
     def __init__(
@@ -204,13 +252,16 @@ class DeviceDataLoader:
         drop_last: bool = False,
         padding: int = 4,
         generator: torch.Generator | None = None,
+        cutout: int = 0,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}")
+        _check_cutout(cutout)
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.device = torch.device(device)
         self.augment = augment
+        self.cutout = int(cutout)
         self.padding = padding
         self.generator = _cpu_generator(seed, generator)
         self.loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
@@ -221,17 +272,20 @@ class DeviceDataLoader:
 
     def __repr__(self) -> str:
         return (f"DeviceDataLoader({type(self.dataset).__name__}, batch_size={self.batch_size}, "
-                f"augment={self.augment}, device={self.device})")
+                f"augment={self.augment}, cutout={self.cutout}, device={self.device})")
 
     def __iter__(self) -> Iterator:
         from archir.task import move_to
 
         for batch in self.loader:
             batch = move_to(batch, self.device)  # any structure: (x, y), (x1, x2, y), dicts
-            if (self.augment and isinstance(batch, (list, tuple)) and len(batch) == 2
+            if ((self.augment or self.cutout) and isinstance(batch, (list, tuple)) and len(batch) == 2
                     and isinstance(batch[0], Tensor) and batch[0].dim() == 4 and batch[0].is_floating_point()):
                 x, y = batch
-                yield augment_batch(x, padding=self.padding, generator=self.generator).contiguous(), y
+                if self.augment:
+                    x = augment_batch(x, padding=self.padding, generator=self.generator)
+                x = cutout_batch(x, self.cutout, generator=self.generator)
+                yield x.contiguous(), y
             else:
                 yield batch
 
@@ -244,13 +298,15 @@ def as_loader(
     seed: int = 0,
     augment: bool = False,
     drop_last: bool = False,
+    cutout: int = 0,
 ) -> BatchLoader | DeviceDataLoader:
     """A loader with one interface for any data set: ``len()`` and batches on ``device``. An
     :class:`ImageTensorDataset` gets the fast :class:`BatchLoader`; any other ``torch`` data set
     (samples of any structure, see :mod:`archir.task`) is wrapped in a :class:`DeviceDataLoader`.
+    ``cutout`` > 0: a random square of that side zeroed per image (:func:`cutout_batch`).
     """
     if isinstance(dataset, ImageTensorDataset):
         return BatchLoader(dataset, batch_size, shuffle=shuffle, augment=augment, device=device,
-                           seed=seed, drop_last=drop_last)
+                           seed=seed, drop_last=drop_last, cutout=cutout)
     return DeviceDataLoader(dataset, batch_size, shuffle=shuffle, device=device, seed=seed,
-                            augment=augment, drop_last=drop_last)
+                            augment=augment, drop_last=drop_last, cutout=cutout)

@@ -91,6 +91,11 @@ class Method:
         """One line for ``archir inspect``: what this method could change in ``graph``."""
         return ""
 
+    def searchable(self, graph: "Graph") -> dict[str, dict[str, Any]]:
+        """``{edge id: {"choices": (...), "why": reason}}``: the edges of a plain ``graph`` that this
+        method's search space would make choices, and why; ``archir inspect`` lists them."""
+        return {}
+
     def describe(self) -> str:
         """The method and its options, for report headers."""
         opts = ", ".join(f"{k}={v}" for k, v in vars(self.options).items())
