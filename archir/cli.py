@@ -124,7 +124,7 @@ def _run_transform(model_file: Path, method: str, input_shape, out, quiet, **fla
     common = fields_of(TransformOptions)
     for name in given:
         if name not in own and name not in common:
-            owners = [n for n, cls in methods.available().items() if name in fields_of(cls.Options)]
+            owners = sorted(n for n, cls in methods.available().items() if name in fields_of(cls.Options))
             flag = next(p.opts[0] for p in ctx.command.params if p.name == name)
             raise UserInputError(f"{flag} is an option of {', '.join(owners)}, not of --method {method}")
     options = dict(given)

@@ -83,7 +83,9 @@ def plot_arch_weights(report: dict[str, Any], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(choices), figsize=(4 * len(choices), 3.4), sharey=True, squeeze=False)
+    # one panel (DSO-NAS: λ per edge) needs room for the title too
+    fig, axes = plt.subplots(1, len(choices), figsize=(max(4 * len(choices), 6.5), 3.4), sharey=True,
+                             squeeze=False)
     axes = axes[0]
     colors = plt.get_cmap("tab20")
     for ax, choice in zip(axes, choices):

@@ -78,7 +78,8 @@ class TransformOptions:
     momentum: float = option(TrainConfig.momentum, "SGD momentum of the weights.", minimum=0.0)
     weight_decay: float = option(TrainConfig.weight_decay, "Weight decay of the weights.", minimum=0.0)
     arch_lr: float = option(TrainConfig.arch_lr, "Learning rate of the architecture parameters.", minimum=0.0)
-    arch_optimizer: str = option(TrainConfig.arch_optimizer, "Optimiser of the architecture parameters.",
+    arch_optimizer: str = option(TrainConfig.arch_optimizer, "Optimiser of the architecture parameters "
+                                 "(method: the method's own, e.g. DSO-NAS's APG-NAG; Adam for one without).",
                                  choices=ARCH_OPTIMIZERS)
     arch_update: str = option(TrainConfig.arch_update, "alternate: weights then architecture on each batch; "
                               "split: architecture on a held-out part; joint: one backward pass for both.",
@@ -260,6 +261,8 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
     from .training import resolve_device, seed_everything, train_plain, train_two_stage
 
     options, from_recipe = apply_recipe(options)
+    method_defaults = {k: v for k, v in methods.get(method).default_options.items() if k not in options}
+    options = {**options, **method_defaults}  # what the method suggests, where nobody said otherwise
     opts, chosen = split_options(method, options)
     task = task or classification_task()
     out_dir = _prepare_out(out, opts.force)
@@ -319,9 +322,11 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
                              arch_loader=loaders["arch"], net_loader=loaders["net"],
                              extra_loss=(lambda _m: search.extra_loss()) if has_penalty else None,
                              on_epoch=on_epoch, checkpoint_dir=out_dir, log_arch=search.arch_weights,
-                             log_changes=lambda: changed_edges(search), task=task)
+                             log_changes=lambda: changed_edges(search), task=task,
+                             arch_optimizer=lambda params, lr: chosen.arch_optimizer(search.graph, params, lr))
     slim = result.network.cpu().eval()
     timings.update({f"train_{k}": v for k, v in result.stage_seconds.items()})
+    timings.update(eval=result.eval_seconds, derive=result.derive_seconds)  # outside train_* (validation, derive)
 
     graph = search.derived_graph
     for eid, labels in search.recorded_decisions.items():  # the original graph, with what changed marked
@@ -330,6 +335,7 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
     report = build_report(opts, chosen, search.original, graph, result, initial_weights, timings,
                           search.recorded_decisions, example_inputs=inputs, baseline=baseline, task=task,
                           recipe_applied=from_recipe)
+    report["method_defaults"] = method_defaults  # the method's suggested options that were used
     res = Result(slim, graph, report, search.original, out_dir,
                  baseline=baseline.network.cpu().eval() if baseline is not None else None)
     if baseline is not None:
@@ -339,7 +345,9 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
     if out_dir is not None:
         from .output_dir import write_outputs
 
+        t = time.perf_counter()
         res.files = write_outputs(res, inputs, opts.onnx)
+        report["time_seconds"]["outputs"] = time.perf_counter() - t  # model.py, ONNX + its check, drawings
     report["time_seconds"]["total"] = time.perf_counter() - t0
     if out_dir is not None:
         write_text(out_dir / "report.json", json.dumps(report, indent=2, default=str))
@@ -352,6 +360,9 @@ def changed_edges(search) -> tuple[list[str], int]:
     named "same" where there is one (DNAT), else the choice listed last (the convention
     :meth:`~archir.search_space.Search.decisions` documents)."""
     decisions = search.decisions()
+    own = search.method.changed_edges(search.graph) if search.derived_graph is None else None
+    if own is not None:  # the method says itself which edges changed (DSO-NAS: λ = 0)
+        return sorted(own), len(decisions)
     changed = [eid for eid, d in decisions.items()
                if d["choice"] != ("same" if "same" in d["choices"] else d["choices"][-1])]
     return sorted(changed), len(decisions)
@@ -390,6 +401,13 @@ def build_report(opts: TransformOptions, method: methods.Method, original: Graph
             "choices": labels.get("choices", "same").split(","), "param": labels.get("param"),
             "final_weights": labels.get("weights"), "decision": fate, "why": labels.get("why"),
         })
+    for eid, labels in decisions.items():  # edges the search space added that the network kept
+        if eid not in original.edges and labels.get("changed") and eid in graph.edges:
+            edges.append({"edge": eid, "from": labels.get("from"), "to": labels.get("to"),
+                          "ops": [op.render() for op in graph.edges[eid].ops], "group": None,
+                          "choices": labels.get("choices", "same").split(","), "param": labels.get("param"),
+                          "final_weights": labels.get("weights"), "decision": labels.get("decision"),
+                          "why": labels.get("why")})
     history = result.history
     metric = result.metric_name
     return {

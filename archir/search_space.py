@@ -12,9 +12,11 @@
     slim = s.derive()                         # argmax, prune, fold: a plain, smaller nn.Module
     s.emit("out/")                            # model.py + weights.pt (+ model.onnx)
 
-What a method must do after each architecture step (:meth:`archir.methods.Method.after_arch_step`)
-runs from a ``torch.optim`` step post-hook whenever an optimiser that holds any of this search's
-architecture parameters steps, so a hand-written loop cannot silently skip it.
+What a method must do after each architecture step (:meth:`archir.methods.Method.after_arch_step`,
+or :meth:`~archir.methods.Method.after_optimizer_step` given the optimiser) runs from a
+``torch.optim`` step post-hook whenever an optimiser that holds any of this search's architecture
+parameters steps, so a hand-written loop cannot silently skip it. ``s.arch_optimizer(lr=...)`` is
+the optimiser the method wants for them (DSO-NAS: APG-NAG), Adam for a method that names none.
 """
 from __future__ import annotations
 
@@ -97,16 +99,25 @@ class Search:
             if search is None or not search._arch_ids:
                 return
             if any(id(p) in search._arch_ids for group in optimizer.param_groups for p in group["params"]):
-                search.after_arch_step()
+                search.after_arch_step(optimizer)
 
         handle = register_optimizer_step_post_hook(after_step)
         self._finalizer = weakref.finalize(self, handle.remove)
 
-    def after_arch_step(self) -> None:
-        """The method's step after an architecture update; runs by itself after ``optimizer.step()``."""
+    def after_arch_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """The method's step after an architecture update; runs by itself after ``optimizer.step()``
+        (:meth:`archir.methods.Method.after_optimizer_step`, given that optimiser)."""
         if self.derived_graph is None:
             with torch.no_grad():
-                self.method.after_arch_step(self.graph)
+                self.method.after_optimizer_step(self.graph, optimizer)
+
+    def arch_optimizer(self, lr: float = 0.05, params=None) -> torch.optim.Optimizer:
+        """The optimiser the method wants for its architecture parameters (``params``, default all
+        of them) at learning rate ``lr`` (DSO-NAS: APG-NAG with its soft threshold), or Adam for a
+        method that names none. Any other optimiser works too: the method's step still follows."""
+        params = self.arch_parameters() if params is None else list(params)
+        opt = self.method.arch_optimizer(self.graph, params, lr)
+        return opt if opt is not None else torch.optim.Adam(params, lr=lr)
 
     def close(self) -> None:
         """Remove the optimiser hook now (it also goes when the Search is garbage-collected)."""

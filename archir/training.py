@@ -96,7 +96,7 @@ __all__ = [
 
 ARCH_UPDATES = ("alternate", "split", "joint")
 SCHEDULES = ("cosine", "constant")
-ARCH_OPTIMIZERS = ("adam", "sgd")
+ARCH_OPTIMIZERS = ("adam", "sgd", "method")  # method: the one the search method names (else Adam)
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -378,6 +378,7 @@ def train_two_stage(
     log_arch: Optional[Callable[[], dict]] = None,
     log_changes: Optional[Callable[[], tuple[Sequence[str], int]]] = None,
     task: Optional[Task] = None,
+    arch_optimizer: Optional[Callable[[list, float], Optional[torch.optim.Optimizer]]] = None,
 ) -> TrainResult:
     """Train ``supernet`` and θ (``arch_params``) for ``min(cfg.arch_epochs, cfg.epochs)``
     epochs, call ``derive(supernet)``, and train the derived network's ω for the remaining
@@ -421,6 +422,9 @@ def train_two_stage(
             ``(ids of the edges whose leading choice is no longer the original, number of
             searchable edges)``, stored as ``changed_edges`` (sorted) and ``searchable_edges``
             in the ``EpochRecord`` and printed as ``changed k/n`` in its line.
+        arch_optimizer: with ``cfg.arch_optimizer == "method"``, ``arch_optimizer(θ, cfg.arch_lr)``
+            builds θ's optimiser (the search method's own, e.g. DSO-NAS's APG-NAG); None, or
+            an answer of None, falls back to Adam.
         task: the loss, metric and batch layout (``archir.task.Task``). None: the
             classification task, ``classification_task(cfg.label_smoothing)`` for training; its
             validation loss is plain cross-entropy (no label smoothing), as it always was.
@@ -460,7 +464,7 @@ def train_two_stage(
 
     model = supernet
     opt_w = _sgd(_weights(supernet, arch_ids), cfg)
-    opt_a = _arch_optimizer(arch_params, cfg) if arch_params and arch_epochs > 0 else None
+    opt_a = _arch_optimizer(arch_params, cfg, arch_optimizer) if arch_params and arch_epochs > 0 else None
     carried = 0
     derived = False
 
@@ -625,8 +629,12 @@ def _sgd(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.SGD:
                            nesterov=cfg.nesterov, foreach=True)
 
 
-def _arch_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.arch_optimizer == "adam":  # dozens of 3-element θ: a per-tensor loop would dominate
+def _arch_optimizer(params: list[nn.Parameter], cfg: TrainConfig, factory=None) -> torch.optim.Optimizer:
+    if cfg.arch_optimizer == "method" and factory is not None:
+        opt = factory(params, cfg.arch_lr)
+        if opt is not None:
+            return opt
+    if cfg.arch_optimizer in ("adam", "method"):  # dozens of 3-element θ: a per-tensor loop would dominate
         return torch.optim.Adam(params, lr=cfg.arch_lr, weight_decay=cfg.arch_weight_decay, foreach=True)
     return torch.optim.SGD(params, lr=cfg.arch_lr, momentum=cfg.momentum, weight_decay=cfg.arch_weight_decay,
                            foreach=True)

@@ -11,9 +11,18 @@ file. It declares
 * :meth:`Method.after_arch_step`: what must run after every optimiser step of those parameters
   (DNAT's projection θ ≥ 0; a proximal step). :class:`archir.search_space.Search` runs it from an
   optimiser hook, so a user's own loop with any ``torch.optim`` optimiser cannot skip it;
+* :meth:`Method.after_optimizer_step`: the same, given the optimiser that stepped (the default
+  calls ``after_arch_step``; DSO-NAS's soft threshold needs the optimiser's learning rate);
+* :meth:`Method.arch_optimizer`: the optimiser the method wants for its architecture parameters
+  (None, the default: the trainer's Adam; DSO-NAS: APG-NAG), used by the built-in trainer
+  (``--arch-optimizer method``) and by :meth:`archir.search_space.Search.arch_optimizer`;
+* ``default_options``: settings of ``archir transform`` this method suggests (DSO-NAS:
+  ``arch_update="split"``), applied only where the user (or a recipe) gave none;
 * :meth:`Method.extra_loss`: a penalty added to the architecture loss (None: none);
 * :meth:`Method.arch_weights`: per searchable edge, the current weight of each choice (logged
   each epoch, plotted, reported);
+* :meth:`Method.changed_edges`: the searchable edges no longer the original, for the per-epoch
+  log (None, the default: those whose leading choice in ``arch_weights`` is not the original);
 * :meth:`Method.derive_passes`: the passes that fix each choice and shrink the network;
 * :meth:`Method.candidates`: what ``archir inspect`` says about a plain graph for this method.
 
@@ -56,6 +65,9 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for ``--help`` and the README
     Options: ClassVar[type] = NoOptions
+    #: ``archir transform`` options (TransformOptions fields) this method suggests; the user's
+    #: own values, and a recipe's, win over them.
+    default_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
@@ -72,6 +84,22 @@ class Method:
     # -- training --------------------------------------------------------------------------
     def after_arch_step(self, graph: "Graph") -> None:
         """Runs (under no_grad) after every optimiser step that updated the arch parameters."""
+
+    def after_optimizer_step(self, graph: "Graph", optimizer: "torch.optim.Optimizer | None") -> None:
+        """Runs (under no_grad) after ``optimizer`` stepped the arch parameters (None: called
+        directly, without one). The default runs :meth:`after_arch_step`."""
+        self.after_arch_step(graph)
+
+    def arch_optimizer(self, graph: "Graph", params: list["nn.Parameter"], lr: float
+                       ) -> "torch.optim.Optimizer | None":
+        """The optimiser this method wants for ``params`` at learning rate ``lr``, or None (the
+        default) for the caller's own (the trainer's Adam)."""
+        return None
+
+    def changed_edges(self, graph: "Graph") -> "list[str] | None":
+        """Ids of the searchable edges that are no longer the original now, or None (the default)
+        to take those whose leading choice in :meth:`arch_weights` is not the original."""
+        return None
 
     def extra_loss(self, graph: "Graph") -> "torch.Tensor | None":
         """A scalar penalty added to the architecture loss, or None (the default) for none."""

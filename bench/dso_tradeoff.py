@@ -1,0 +1,169 @@
+"""DSO-NAS's accuracy/cost trade-off on ResNet20 and CIFAR-10 at a CPU-sized budget.
+
+    python bench/dso_tradeoff.py --data-dir ~/.cache/archir-data --subset 4000 --test-subset 2000 \\
+        --epochs 8 --arch-epochs 4 --warmup-epochs 1 --gammas 0.05 0.2 0.5 [--targets 0.7 0.5] \\
+        [--penalty none|flops|mac] [--seed 0] [--device auto]
+
+For each γ (``--gammas``) and each FLOPs target (``--targets``, a fraction of the original's),
+``archir.transform(..., method="dso")`` searches and prunes ResNet20 (examples/resnet20.py) with
+A architecture epochs (the first W of them weight pre-training) and E − A network epochs. Against:
+
+* the original, trained alone for the same E epochs (same data, seed, optimiser, schedule);
+* a random control per γ/target: the same number of λ-scaled edges pruned, chosen at random
+  (seeded), through the same derive passes (prune, fold), then trained for the same E epochs.
+
+Each row: parameters, FLOPs (multiply-adds per example), ONNX Runtime latency at batch 1 and at
+``--latency-batch`` (all models exported and timed interleaved in one process,
+``archir.comparison.onnx_latencies``), validation accuracy, pruned edges and wall time. Writes
+``bench/results/dso_tradeoff.json`` and a markdown table beside it. Unpack
+``../shared/data/cifar10-jpg.tar.gz`` into ``~/.cache/archir-data`` first; ``--data digits``
+runs offline (a quick check that the script works).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+import archir
+from archir.comparison import onnx_latencies
+from archir.data import as_loader, load_dataset
+from archir.fileio import write_text
+from archir.ir.printer import human
+from archir.passes.edge_scale import lambda_of, scale_op, scaled_edges
+from archir.training import TrainConfig, resolve_device, seed_everything, train_plain
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build(seed):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("resnet20", ROOT / "examples" / "resnet20.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    seed_everything(seed)
+    return mod.build_model(), mod.example_input()
+
+
+def train_alone(model, train, val, args, device):
+    cfg = TrainConfig(epochs=args.epochs, arch_epochs=0, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      device=str(device), progress=args.progress)
+    t = time.perf_counter()
+    res = train_plain(model, as_loader(train, args.batch_size, shuffle=True, device=device, seed=args.seed,
+                                       augment=True),
+                      as_loader(val, 256, device=device), cfg)
+    return res.network.cpu().eval(), res.val_metric, time.perf_counter() - t
+
+
+def run_dso(label, options, train, val, args, device):
+    model, x = build(args.seed)
+    t = time.perf_counter()
+    res = archir.transform(model, x, "dso", train, val, epochs=args.epochs, arch_epochs=args.arch_epochs,
+                           warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, lr=args.lr,
+                           arch_lr=args.arch_lr, split_fraction=args.split_fraction, seed=args.seed,
+                           device=str(device), progress=args.progress, onnx=False, penalty=args.penalty,
+                           **options)
+    r = res.report
+    pruned = [d["edge"] for d in r["decisions"] if d["decision"] == "none" and d.get("param")]
+    row = {"variant": label, "options": options, "val_acc": r["transformed"]["val_accuracy"],
+           "params": r["transformed"]["parameters"], "flops": r["transformed"]["flops_per_example"],
+           "pruned_edges": pruned, "scaled_edges": sum(1 for d in r["decisions"] if d.get("param")),
+           "seconds": time.perf_counter() - t,
+           "lambda_final": r["arch_history"][-1]["weights"] if r["arch_history"] else None}
+    return res.module, row
+
+
+def run_random(label, k, train, val, args, device):
+    """Prune ``k`` λ-scaled edges chosen at random (λ = 0 there, 1 elsewhere), derive, train E epochs."""
+    model, x = build(args.seed)
+    s = archir.search(model, x, method="dso")
+    edges = scaled_edges(s.graph)
+    chosen = set(random.Random(args.seed + 1000 * k).sample([e.id for e in edges], min(k, len(edges))))
+    with torch.no_grad():
+        for e in edges:
+            lambda_of(s.graph, scale_op(e)).fill_(0.0 if e.id in chosen else 1.0)
+    slim = s.derive()
+    flops = archir.trace(slim, x).total_flops()
+    net, acc, seconds = train_alone(slim, train, val, args, device)
+    return net, {"variant": label, "val_acc": acc, "params": sum(p.numel() for p in slim.parameters()),
+                 "flops": flops, "pruned_edges": sorted(chosen), "scaled_edges": len(edges), "seconds": seconds}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="cifar10")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--subset", type=int, default=4000)
+    ap.add_argument("--test-subset", type=int, default=2000)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--arch-epochs", type=int, default=4)
+    ap.add_argument("--warmup-epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--arch-lr", type=float, default=0.05)
+    ap.add_argument("--split-fraction", type=float, default=0.5)
+    ap.add_argument("--gammas", type=float, nargs="*", default=[0.05, 0.2, 0.5])
+    ap.add_argument("--targets", type=float, nargs="*", default=[])
+    ap.add_argument("--penalty", default="none", choices=("none", "flops", "mac"))
+    ap.add_argument("--no-random", action="store_true", help="skip the random-pruning controls")
+    ap.add_argument("--latency-batch", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dso_tradeoff.json"))
+    args = ap.parse_args(argv)
+    device = resolve_device(args.device)
+    kwargs = {"test_subset": args.test_subset} if args.data == "cifar10" else {}
+    train, val = load_dataset(args.data, args.data_dir, subset=args.subset or None, **kwargs)
+    result = {"config": vars(args) | {"device": str(device), "train_images": len(train), "val_images": len(val),
+                                      "torch": torch.__version__}, "rows": []}
+    t0 = time.perf_counter()
+    modules = {}
+    model, x = build(args.seed)
+    modules["original"], acc, seconds = train_alone(model, train, val, args, device)
+    orig_graph = archir.trace(modules["original"], x)
+    result["rows"].append({"variant": "original", "val_acc": acc, "params": orig_graph.total_params(),
+                           "flops": orig_graph.total_flops(), "pruned_edges": [], "seconds": seconds})
+    print(f"original: {acc:.4f}", flush=True)
+    runs = [(f"dso gamma={g}", {"gamma": g}) for g in args.gammas]
+    runs += [(f"dso target={t}", {"target_flops": t}) for t in args.targets]
+    for label, options in runs:
+        modules[label], row = run_dso(label, options, train, val, args, device)
+        result["rows"].append(row)
+        print(f"{label}: {row['val_acc']:.4f}, {len(row['pruned_edges'])}/{row['scaled_edges']} edges pruned, "
+              f"FLOPs {human(row['flops'])}", flush=True)
+        k = len(row["pruned_edges"])
+        if not args.no_random and k:
+            rlabel = f"random {k} edges ({label})"
+            modules[rlabel], rrow = run_random(rlabel, k, train, val, args, device)
+            result["rows"].append(rrow)
+            print(f"{rlabel}: {rrow['val_acc']:.4f}", flush=True)
+        write_text(args.out, json.dumps(result, indent=2, default=str))  # nothing lost on interrupt
+    for batch in sorted({1, args.latency_batch}):
+        inputs = (torch.randn(batch, *x.shape[1:]),)
+        lat = onnx_latencies(modules, inputs)
+        for row in result["rows"]:
+            row[f"onnx_latency_ms_b{batch}"] = (1000 * lat[row["variant"]]["median_seconds"]
+                                                if "median_seconds" in lat[row["variant"]] else None)
+    result["wall_seconds"] = time.perf_counter() - t0
+    write_text(args.out, json.dumps(result, indent=2, default=str))
+    b = args.latency_batch
+    lines = [f"| variant | val accuracy | parameters | FLOPs | ORT ms (b1) | ORT ms (b{b}) | pruned edges |",
+             "|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        def ms(key):
+            return f"{row[key]:.2f}" if row.get(key) is not None else "–"
+        pruned = f"{len(row['pruned_edges'])}/{row.get('scaled_edges', '–')}" if row["variant"] != "original" else "–"
+        lines.append(f"| {row['variant']} | {100 * row['val_acc']:.2f}% | {row['params']:,} | {human(row['flops'])} | "
+                     f"{ms('onnx_latency_ms_b1')} | {ms(f'onnx_latency_ms_b{b}')} | {pruned} |")
+    write_text(Path(args.out).with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
