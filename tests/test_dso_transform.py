@@ -72,7 +72,8 @@ def test_a_short_run_zeroes_some_lambda_and_prunes_those_edges(tiny):
     torch.manual_seed(0)
     train, val = ns["data"]()
     res = archir.transform(ns["build_model"](), ns["example_input"](), method="dso", train_data=train,
-                           val_data=val, epochs=4, arch_epochs=3, batch_size=16, gamma=0.5, progress=False)
+                           val_data=val, epochs=4, arch_epochs=3, batch_size=16, gamma=0.5, warmup_epochs=0,
+                           progress=False)
     r = res.report
     assert r["options"]["arch_update"] == "split" and r["options"]["arch_optimizer"] == "method"
     assert r["method_defaults"] == {"arch_update": "split", "arch_optimizer": "method"}

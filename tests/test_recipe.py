@@ -116,6 +116,20 @@ def test_warmup_epochs_keep_the_architecture_weights(tiny):
     assert report["effective"]["warmup_epochs"] == 1 and report["options"]["warmup_epochs"] == 1
 
 
+def test_default_warmup_is_one_epoch_when_the_stage_has_two(tiny):
+    from archir.pipeline import effective_warmup
+
+    res = run(tiny, epochs=3, arch_epochs=2, arch_lr=1.0, share="full")
+    h = res.report["history"]
+    assert [(r["warmup"], r["arch_stepped"]) for r in h] == [(True, False), (False, True), (False, False)]
+    assert res.report["effective"]["warmup_epochs"] == 1 and res.report["options"]["warmup_epochs"] is None
+    first, second = res.report["arch_history"][:2]
+    assert first["weights"] == res.report["initial_weights"] != second["weights"]  # θ moves after the warm-up
+    assert effective_warmup(TransformOptions(epochs=3, arch_epochs=1)) == 0  # a one-epoch stage searches
+    assert effective_warmup(TransformOptions(epochs=1, arch_epochs=5)) == 0  # the stage is cut to one epoch
+    assert effective_warmup(TransformOptions(arch_epochs=5, warmup_epochs=3)) == 3
+
+
 def test_warmup_longer_than_the_architecture_stage_is_refused(tiny):
     _, spec, _, _ = tiny
     with pytest.raises(UserInputError, match=r"--warmup-epochs \(3\) must be at most --arch-epochs \(2\)"):
