@@ -35,19 +35,12 @@ from archir.data import as_loader, load_dataset
 from archir.fileio import write_text
 from archir.ir.printer import human
 from archir.passes.edge_scale import lambda_of, scale_op, scaled_edges
-from archir.training import TrainConfig, resolve_device, seed_everything, train_plain
+from archir.training import TrainConfig, resolve_device, train_plain
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def build(seed):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("resnet20", ROOT / "examples" / "resnet20.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    seed_everything(seed)
-    return mod.build_model(), mod.example_input()
+try:
+    from bench.cifar10_seeds import ROOT, build
+except ImportError:  # run as a script: bench/ is on sys.path
+    from cifar10_seeds import ROOT, build
 
 
 def train_alone(model, train, val, args, device):

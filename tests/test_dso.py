@@ -3,28 +3,20 @@ sum, APG-NAG with exact zeros, pruning and folding that keep the function, the m
 archir.search, the trainer and the CLI."""
 from __future__ import annotations
 
-import json
 import operator
 
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from torch import nn
 
 import archir
-from archir.cli import main
-from archir.methods.dso import APGNAG, DSO, soft_threshold
+from archir.methods.dso import APGNAG, soft_threshold
 from archir.passes import Densify, DeriveScale, EdgeScale, FoldScale, PassManager, Prune
 from archir.passes.edge_scale import edge_lambdas, lambda_of, scale_op, scaled_edges
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Block(nn.Module):

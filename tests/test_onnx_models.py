@@ -221,8 +221,8 @@ def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     (root / "tiny.py").write_text(TINY)
     spec = load_model_file(root / "tiny.py")
-    res = archir.transform(spec.model, spec.example_inputs, epochs=0, out=root / "run", onnx=False,
-                           progress=False)
+    archir.transform(spec.model, spec.example_inputs, epochs=0, out=root / "run", onnx=False,
+                     progress=False)
     assert not (root / "run" / "model.onnx").exists()
     return root / "run"
 

@@ -6,7 +6,6 @@ import json
 import textwrap
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import archir
@@ -50,12 +49,7 @@ MODEL = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
