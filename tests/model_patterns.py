@@ -233,6 +233,16 @@ def random_like(inputs, seed: int):
     return tuple(torch.randn(x.shape, generator=gen, dtype=x.dtype) for x in inputs)
 
 
+def nontrivial_batch_norms(model: nn.Module, seed: int = 3) -> None:
+    """γ in [0.5, 1.5] and β in [-0.5, 0.5] for every BatchNorm2d: at their defaults (1, 0) a
+    wrong fold into BatchNorm would hide."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+
+
 def derive_and_check_one_hot(g, sup, x, atol: float) -> dict[str, str]:
     """Derive ``g`` (a DNAT supernet graph whose θ is set), then check that the pruned and folded
     network equals the supernet ``sup`` with every θ made one-hot at its decision. Returns the

@@ -12,7 +12,8 @@ from archir.passes.base import PassManager
 from archir.passes.derive import Derive, FoldIdentities, Prune
 from archir.passes.edge_choice import (SLOTS, EdgeChoice, EdgeMix, arch_parameters, project_thetas,
                                        valid_choices)
-from model_patterns import MODELS, assert_same, call, derive_and_check_one_hot, load_example, random_like
+from model_patterns import (MODELS, assert_same, call, derive_and_check_one_hot, load_example,
+                            nontrivial_batch_norms, random_like)
 
 SEARCHABLE = ["resnet20", "mobilenetv2", "darts_cell", "mbconv"]
 
@@ -281,11 +282,7 @@ def test_scaled_batch_norm_gradients_are_those_of_scaling_the_output():
 def test_fused_mixing_is_the_same_function_and_gradients(name):
     """Folding w_same into BatchNorm changes no value and no gradient."""
     model, x = _example(name)
-    torch.manual_seed(3)
-    for m in model.modules():  # non-trivial γ and β: at their defaults (1, 0) a wrong fold hides
-        if isinstance(m, nn.BatchNorm2d):
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.5, 0.5)
+    nontrivial_batch_norms(model)  # at γ = 1, β = 0 a wrong fold hides
     graphs = {}
     for fuse in (True, False):
         g = archir.trace(model, x)

@@ -12,7 +12,7 @@ from archir.passes.base import PassManager
 from archir.passes.derive import Derive
 from archir.passes.edge_choice import (WHY_ACTIVATION, WHY_PARAMETRISED, WHY_SHORTCUT, EdgeChoice,
                                        arch_parameters, choice_reason, edge_weights, valid_choices)
-from model_patterns import derive_and_check_one_hot, load_example, random_like
+from model_patterns import derive_and_check_one_hot, load_example, nontrivial_batch_norms, random_like
 
 
 def _example(name):
@@ -209,11 +209,7 @@ def test_linear_form_folds_only_a_closing_batch_norm_and_keeps_function_and_grad
     """Under Eq. (1) w_same may be negative: w·relu(bn(x)) ≠ relu(w·bn(x)), so only edges that end
     in their BatchNorm fold, and fused and unfused agree for negative θ."""
     model, x = _example("resnet20")
-    torch.manual_seed(3)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.5, 0.5)
+    nontrivial_batch_norms(model)
     graphs = {}
     for fuse in (True, False):
         g = archir.trace(model, x)
