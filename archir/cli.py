@@ -6,12 +6,14 @@ stderr and exit with code 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
 import click
 
-from .errors import ArchirError, UserInputError
+from .errors import ArchirError, RunInterrupted, UserInputError
 
 EXIT_USER_ERROR = 2
 
@@ -39,17 +41,47 @@ class _Group(click.Group):
         return transform_command() if name == "transform" else super().get_command(ctx, name)
 
     def invoke(self, ctx):
+        previous = signal.signal(signal.SIGTERM, _terminated)  # SIGTERM: the same clean exit as Ctrl-C
         try:
             return super().invoke(ctx)
+        except RunInterrupted as exc:
+            if os.environ.get("RANK", "0") not in ("0", ""):  # several processes: rank 0 says it once
+                sys.exit(exc.exit_code)
+            click.echo(f"archir: {exc}", err=True)
+            if exc.checkpoint is not None:
+                click.echo(f"archir: to continue, run the same command with --resume: {_resume_command()}", err=True)
+            sys.exit(exc.exit_code)
         except ArchirError as exc:
             _fail(exc, EXIT_USER_ERROR)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit):
             raise
-        except KeyboardInterrupt:
-            click.echo("archir: interrupted; outputs written so far are kept.", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            code = 143 if isinstance(exc, _Terminated) else 130
+            click.echo(f"archir: interrupted ({'SIGTERM' if code == 143 else 'Ctrl-C'}); earlier outputs are kept "
+                       "as they were.", err=True)
+            sys.exit(code)
         except Exception as exc:  # noqa: BLE001 - one line unless --debug
             _fail(exc, 1)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside training (where the trainer's own handler checkpoints first)."""
+
+
+def _terminated(signum, frame):
+    raise _Terminated()
+
+
+def _resume_command() -> str:
+    """The command line that was run, with ``--resume`` added (and quoted for a POSIX shell)."""
+    import shlex
+
+    launched_as = os.environ.get("ARCHIR_COMMAND")  # set by --nproc for the processes it starts
+    args = shlex.split(launched_as) if launched_as else sys.argv[1:]
+    args = [a for a in args if a != "--resume"]
+    return " ".join(shlex.quote(a) for a in ["archir", *args, "--resume"])
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -128,6 +160,14 @@ def _run_transform(model_file: Path, method: str, input_shape, out, quiet, **fla
             flag = next(p.opts[0] for p in ctx.command.params if p.name == name)
             raise UserInputError(f"{flag} is an option of {', '.join(owners)}, not of --method {method}")
     options = dict(given)
+    from . import distributed
+
+    if options.get("nproc", 1) > 1 and not distributed.launched():  # start the processes; each runs this again
+        import shlex
+
+        os.environ["ARCHIR_COMMAND"] = shlex.join(sys.argv[1:])
+        sys.exit(distributed.launch(options["nproc"], _without_nproc(sys.argv[1:])))
+    options.pop("nproc", None)
     seed_everything(options.get("seed", TransformOptions.seed))  # the model file's initialisation follows --seed
     spec = load_model_file(model_file, input_shape)
     train_data = val_data = None
@@ -138,9 +178,27 @@ def _run_transform(model_file: Path, method: str, input_shape, out, quiet, **fla
         if not (isinstance(datasets, (tuple, list)) and len(datasets) == 2):
             raise UserInputError(f"{model_file}: data() must return (train_dataset, val_dataset)")
         train_data, val_data = datasets
-    res = run_transform(spec.model, spec.example_inputs, method, train_data, val_data, out, task=spec.task,
-                        groups=spec.groups, progress=not quiet, **options)
-    click.echo(transform_summary(res))
+    try:
+        res = run_transform(spec.model, spec.example_inputs, method, train_data, val_data, out, task=spec.task,
+                            groups=spec.groups, progress=not quiet, **options)
+    finally:
+        distributed.teardown()
+    world_rank = int(os.environ.get("RANK", "0") or 0)
+    if world_rank == 0:  # one summary for a run of several processes
+        click.echo(transform_summary(res))
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less ``--nproc N`` / ``--nproc=N`` (the launched processes must not launch again)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
 
 def transform_summary(res) -> str:
@@ -149,7 +207,9 @@ def transform_summary(res) -> str:
 
     r = res.report
     o, t, metric = r["original"], r["transformed"], r["metric"]
-    changed = [d for d in r["decisions"] if d["decision"] != "same"]
+    from .output_dir import decision_changed
+
+    changed = [d for d in r["decisions"] if decision_changed(d)]
     shown = ", ".join(f"{d['edge']}→{d['decision']}" for d in changed[:8]) + (" …" if len(changed) > 8 else "")
     lines = [f"{res.graph.name}: {len(changed)} of {len(r['decisions'])} edges changed"
              + (f" ({shown})" if changed else "")]
@@ -223,6 +283,25 @@ def export(directory: Path, onnx_path, opset, rtol, atol, no_dynamic_batch, inpu
     report = export_output_dir(directory, onnx_path, opset=opset, rtol=rtol, atol=atol,
                                dynamic_batch=not no_dynamic_batch, input_shape=shape)
     click.echo(summary_line(report))
+
+
+@main.command()
+@click.argument("directories", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the tables as Markdown to this file.")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown"]), default="text", show_default=True,
+              help="How to print the tables.")
+@click.option("--no-latency", is_flag=True, help="Do not time the runs' model.onnx with ONNX Runtime.")
+@click.option("--batch", type=int, help="Batch size of the latency measurement (default: each run's example's).")
+def compare(directories, markdown_path, fmt, no_latency, batch) -> None:
+    """Finished runs (their --out directories) side by side; mean ± std over seeds of equal settings."""
+    from .fileio import write_text
+    from .run_compare import compare_runs, render
+
+    _, tables = compare_runs(list(directories), latency=not no_latency, batch=batch)
+    click.echo(render(tables, fmt), nl=False)
+    if markdown_path is not None:
+        write_text(markdown_path, render(tables, "markdown"))
 
 
 if __name__ == "__main__":  # pragma: no cover

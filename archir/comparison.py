@@ -35,7 +35,7 @@ def onnx_latencies(modules: dict[str, nn.Module], inputs: tuple, *, warmup: int 
             except Exception as exc:  # noqa: BLE001 - latency is informative, never fatal
                 out[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
                 continue
-            session = ort_session(path)
+            session = ort_session(path, spinning=False)  # timed interleaved with the others
             feed = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
             sessions[name] = (session, feed)
             out[name] = {"providers": list(session.get_providers())}

@@ -27,3 +27,21 @@ class TraceError(ArchirError):
 
 class UserInputError(ArchirError):
     """A file, option or value given by the user cannot be used."""
+
+
+class RunInterrupted(ArchirError):
+    """A run stopped on SIGINT (Ctrl-C) or SIGTERM after writing a checkpoint at a step boundary.
+
+    ``exit_code`` is what the CLI exits with (128 + the signal number: 130 for SIGINT, 143 for
+    SIGTERM); ``checkpoint`` is the file a ``--resume`` continues from (None when nothing could
+    be saved, e.g. a run without an output directory)."""
+
+    def __init__(self, message: str, exit_code: int, checkpoint: str | None = None):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.checkpoint = checkpoint
+
+
+class NonFiniteLoss(ArchirError):
+    """The loss (or the weights) became NaN or infinite during training (``--nan-policy stop``);
+    the message names the epoch and step, and the last good checkpoint is kept."""

@@ -7,17 +7,102 @@ every searchable edge per epoch), report.md. report.json is written by
 """
 from __future__ import annotations
 
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from .drawing import write_svg
-from .fileio import atomic_path, write_text
+from .errors import UserInputError
+from .fileio import atomic_path, recover_directory, remove_stale_temporaries, replace_directory, write_text
 from .ir.printer import human
 
 if TYPE_CHECKING:
     from .pipeline import Result
+
+
+#: What ``archir transform`` writes into ``--out`` (``archir export`` may add more ``*.onnx``).
+OUTPUT_FILES = ("model.py", "weights.pt", "model.onnx", "model.onnx.data", "report.json", "report.md",
+                "graph.svg", "arch.png", "checkpoint.pt")
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class RunDir:
+    """Where a run writes. ``staging`` (``.<name>.archir-partial`` beside ``final``) receives the
+    checkpoints and every output; :func:`commit_run_dir` puts it in place of ``final`` only when
+    the run has succeeded, so ``final`` holds one run's complete set of files, old or new, never a
+    mix. ``resume_from``: the checkpoint a ``--resume`` continues from."""
+
+    final: Path
+    staging: Path
+    resume_from: Path | None = None
+
+
+def staging_dir(out: Path) -> Path:
+    """The staging directory of output directory ``out``."""
+    return out.parent / f".{out.name}.archir-partial"
+
+
+def _is_ours(p: Path) -> bool:
+    name = p.name
+    return p.is_file() and (name in OUTPUT_FILES or name.endswith((".onnx", ".onnx.data"))
+                            or (name.startswith(".") and name.endswith(".tmp")))
+
+
+def prepare_run_dir(out: str | Path, *, force: bool = False, resume: bool = False) -> RunDir:
+    """Check ``out`` and make its staging directory (nothing in ``out`` is changed here).
+
+    - ``out`` must be a directory or not exist; a non-empty one needs ``force`` (or ``resume``),
+      and with ``force`` it may hold only files archir writes: the whole set is replaced when the
+      run succeeds, so a directory of other files is refused rather than emptied.
+    - A staging directory left by an interrupted run (its ``checkpoint.pt``) is continued with
+      ``resume``, discarded with ``force``, and otherwise refused with a line saying both; one
+      without a checkpoint (a run killed before its first epoch ended) is simply discarded, as are
+      the temporary files of killed atomic writes.
+    - ``resume`` without such a checkpoint is an error.
+    """
+    out = Path(out).expanduser()
+    if out.is_symlink():  # replace the folder it points to, not the link
+        out = out.resolve()
+    recover_directory(out)  # a crash between the two renames of a commit
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"output path {out} exists and is not a directory")
+    staging = staging_dir(out)
+    checkpoint = staging / CHECKPOINT
+    if resume:
+        if not checkpoint.is_file():
+            done = " (the run there finished: nothing to resume)" if (out / "report.json").is_file() else ""
+            raise UserInputError(f"--resume: no checkpoint of an interrupted run for --out {out} (looked for "
+                                 f"{checkpoint}){done}; run without --resume to start")
+        remove_stale_temporaries(staging)
+        return RunDir(out, staging, checkpoint)
+    if checkpoint.is_file() and not force:
+        raise UserInputError(f"an interrupted run for --out {out} left a checkpoint in {staging}: add --resume to "
+                             "continue it, or --force to start over")
+    remove_stale_temporaries(out)  # half-written files of a killed run are no outputs
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UserInputError(f"output directory {out} is not empty; choose another --out or pass --force "
+                                 "to overwrite its files")
+        foreign = sorted(p.name for p in out.iterdir() if not _is_ours(p))
+        if foreign:
+            raise UserInputError(f"--force would replace {out} as a whole, but it holds files archir did not "
+                                 f"write ({', '.join(foreign[:5])}{' …' if len(foreign) > 5 else ''}); "
+                                 "choose another --out")
+    if staging.exists():
+        shutil.rmtree(staging)
+    return RunDir(out, staging)
+
+
+def commit_run_dir(run: RunDir) -> None:
+    """Put the finished run's staging directory in place of ``run.final`` (see
+    :func:`archir.fileio.replace_directory`)."""
+    remove_stale_temporaries(run.staging)
+    run.final.parent.mkdir(parents=True, exist_ok=True)
+    replace_directory(run.staging, run.final)
 
 
 def emit_model(module: nn.Module, out: Path, inputs: tuple, *, onnx: bool, class_name: str, header: str
@@ -44,6 +129,11 @@ def write_outputs(res: "Result", inputs: tuple, onnx: bool = True) -> dict[str, 
     out, report = res.out, res.report
     header = (f"Emitted by archir {report['versions']['archir']} ({report['method']}, "
               f"{_options_text(report['method_options'])}seed={report['seed']}) from {res.graph.name}.")
+    if (report.get("options") or {}).get("progress"):
+        from .progress import say
+
+        say("writing model.py and weights.pt (checked in a fresh namespace)"
+            + (", exporting model.onnx and checking it against ONNX Runtime" if onnx else ""))
     files, onnx_report = emit_model(res.module, out, inputs, onnx=onnx, class_name=f"Slim{res.graph.name}",
                                     header=header)
     if onnx_report is not None:
@@ -115,13 +205,19 @@ def format_metric(metric: str, value) -> str:
     return f"{100 * value:.2f}%" if metric == "accuracy" else f"{value:.4g}"
 
 
+def decision_changed(d: dict[str, Any]) -> bool:
+    """Whether a report.json decision changed its edge (a report from before ``changed``
+    existed: whether the decision is anything but "same")."""
+    return bool(d["changed"]) if d.get("changed") is not None else d["decision"] != "same"
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """report.md's text: the original-vs-transformed table (or the baseline comparison), the run's
     settings, the decisions of every searchable edge, the training history and the files."""
     from .comparison import comparison_markdown
 
     o, t, opts, metric = report["original"], report["transformed"], report["options"], report["metric"]
-    changed = [d for d in report["decisions"] if d["decision"] != "same"]
+    changed = [d for d in report["decisions"] if decision_changed(d)]
     lines = [
         f"# archir transform: {report['method']} ({_options_text(report['method_options']).rstrip(', ')})",
         "",

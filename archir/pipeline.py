@@ -30,7 +30,7 @@ from .fileio import write_text
 from .ir import Graph
 from .options import build_options, fields_of, option
 from .task import Task
-from .training import ARCH_OPTIMIZERS, ARCH_UPDATES, TrainConfig
+from .training import ARCH_OPTIMIZERS, ARCH_UPDATES, RETRAIN_MODES, TrainConfig
 
 DEFAULT_OUT = "archir-out"
 
@@ -77,6 +77,7 @@ class TransformOptions:
     batch_size: int = option(TrainConfig.batch_size, "Batch size.", minimum=1)
     lr: float = option(TrainConfig.lr, "SGD learning rate of the weights (cosine schedule).", minimum=0.0)
     momentum: float = option(TrainConfig.momentum, "SGD momentum of the weights.", minimum=0.0)
+    nesterov: bool = option(TrainConfig.nesterov, "Nesterov momentum for the weights' SGD.")
     weight_decay: float = option(TrainConfig.weight_decay, "Weight decay of the weights.", minimum=0.0)
     arch_lr: float = option(TrainConfig.arch_lr, "Learning rate of the architecture parameters.", minimum=0.0)
     arch_optimizer: str = option(TrainConfig.arch_optimizer, "Optimiser of the architecture parameters "
@@ -91,12 +92,26 @@ class TransformOptions:
     cutout: int = option(0, "Cutout (DeVries & Taylor 2017): zero a square of this side in pixels at a random "
                          "centre of each training image (after normalisation: the data set mean); 0: off.",
                          minimum=0)
+    log_dir: str | None = option(None, "Write per-epoch scalars (losses, metric, learning rates, images/s, every "
+                                 "architecture weight) to DIR/metrics.csv and TensorBoard event files in DIR "
+                                 "(pip install 'archir[tensorboard]').")
+    retrain: str = option(TrainConfig.retrain, "How the network stage starts: continue from the searched "
+                          "weights, or scratch (every weight back to its value at the start of the run, a fresh "
+                          "schedule: DSO-NAS's final training).", choices=RETRAIN_MODES)
     seed: int = option(0, "Seed of every random generator (model initialisation, data order, search).")
     device: str = option("auto", "auto uses CUDA when available.", choices=("auto", "cpu", "cuda"))
     from_weights: str | None = option(None, "Start from these trained weights (a state_dict of the model).")
     baseline: bool = option(False, "Also train the original model on the same data, budget, seed and device, "
                             "and compare the two in the report.")
-    force: bool = option(False, "Overwrite files in a non-empty output directory.")
+    force: bool = option(False, "Replace the files of a non-empty output directory (as a whole, when the run "
+                         "succeeds), or discard an interrupted run's checkpoint.")
+    resume: bool = option(False, "Continue the interrupted run for --out from its last checkpoint (give the "
+                          "same options); on CPU the result is bit for bit that of an uninterrupted run.")
+    nproc: int = option(1, "Train in N local processes (torch.distributed's elastic launcher; gloo on CPU, NCCL "
+                        "with one GPU each) on 1/N of each batch; under torchrun leave it at 1.", minimum=1)
+    nan_policy: str = option("stop", "A non-finite loss or gradient: stop (name the epoch and step, keep the last "
+                             "good checkpoint) or skip (drop that step's update and go on).",
+                             choices=("stop", "skip"))
     onnx: bool = option(True, "Write model.onnx (checked against ONNX Runtime).")
     progress: bool = option(True, "Progress bars and per-epoch lines.", cli=False)
 
@@ -156,17 +171,41 @@ def split_options(method: str, options: dict[str, Any]) -> tuple[TransformOption
     return opts, chosen
 
 
-def _prepare_out(out: str | Path | None, force: bool) -> Path | None:
+def _prepare_out(out: str | Path | None, force: bool, resume: bool = False):
+    """The run's :class:`~archir.output_dir.RunDir` (None without ``out``): ``out`` checked, its
+    staging directory writable (see :func:`archir.output_dir.prepare_run_dir`)."""
+    from .output_dir import prepare_run_dir
+    from .preflight import check_writable
+
     if out is None:
+        if resume:
+            raise UserInputError("resume=True needs out: the directory of the interrupted run")
         return None
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"output path {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserInputError(f"output directory {out} is not empty; choose another --out or pass --force "
-                             "to overwrite its files")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    run = prepare_run_dir(out, force=force, resume=resume)
+    # where the staging directory goes (made at the first checkpoint)
+    check_writable(run.final.parent, f"--out {run.final} (its folder {run.final.parent})")
+    return run
+
+
+#: Options that may differ between an interrupted run and its ``--resume``.
+RESUME_MAY_CHANGE = ("resume", "force", "progress", "nan_policy", "onnx", "baseline", "device", "nproc")
+
+
+def _check_resume(checkpoint: dict, meta: dict) -> None:
+    """The options of a ``--resume`` must be those of the interrupted run (else the result would
+    be neither run); one line names the first that differs."""
+    saved = checkpoint.get("meta") or {}
+    if saved.get("method") != meta["method"]:
+        raise UserInputError(f"--resume: the interrupted run used --method {saved.get('method')}, not {meta['method']}")
+    for group in ("options", "method_options"):
+        for name, value in (saved.get(group) or {}).items():
+            if name in RESUME_MAY_CHANGE:
+                continue
+            now = meta[group].get(name)
+            if now != value:
+                flag = "--" + name.replace("_", "-")
+                raise UserInputError(f"--resume: the interrupted run used {flag} {value}, this command {flag} {now}; "
+                                     "give the same options to continue it")
 
 
 def _load_weights(model: nn.Module, path: str) -> None:
@@ -195,7 +234,7 @@ def _datasets(opts: TransformOptions, train_data, val_data):
         return train_data, val_data
     from .data import load_dataset
 
-    return load_dataset(opts.data, opts.data_dir, subset=opts.subset, seed=0)
+    return load_dataset(opts.data, opts.data_dir, subset=opts.subset, seed=0, progress=opts.progress)
 
 
 def _loaders(opts: TransformOptions, train_data, val_data, device):
@@ -248,10 +287,11 @@ def _train_config(opts: TransformOptions, device) -> TrainConfig:
     arch_epochs = min(opts.arch_epochs, opts.epochs)  # the warm-up is cut short with the stage
     return TrainConfig(epochs=opts.epochs, arch_epochs=arch_epochs,
                        warmup_epochs=effective_warmup(opts), batch_size=opts.batch_size,
-                       lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay, arch_lr=opts.arch_lr,
+                       lr=opts.lr, momentum=opts.momentum, nesterov=opts.nesterov,
+                       weight_decay=opts.weight_decay, arch_lr=opts.arch_lr,
                        arch_optimizer=opts.arch_optimizer, arch_update=opts.arch_update,
                        split_fraction=opts.split_fraction, device=str(device), seed=opts.seed,
-                       progress=opts.progress)
+                       progress=opts.progress, retrain=opts.retrain, nan_policy=opts.nan_policy)
 
 
 def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data=None, val_data=None,
@@ -270,17 +310,36 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
     explicit cell-sharing groups, ``{name: [module path prefix, ...]}`` (see :func:`archir.trace`).
     With ``out`` set, the directory receives model.py, weights.pt, model.onnx, report.json, report.md, graph.svg and arch.png.
     """
+    from .preflight import check_device, check_epochs, check_room, required_bytes
     from .search_space import Search
     from .task import classification_task
-    from .training import resolve_device, seed_everything, train_plain, train_two_stage
+    from .training import seed_everything, train_plain, train_two_stage
 
     options, from_recipe = apply_recipe(options)
+    explicit = set(options) - set(from_recipe)
     method_defaults = {k: v for k, v in methods.get(method).default_options.items() if k not in options}
     options = {**options, **method_defaults}  # what the method suggests, where nobody said otherwise
     opts, chosen = split_options(method, options)
+    check_epochs(dataclasses.asdict(opts), explicit)
     task = task or classification_task()
-    out_dir = _prepare_out(out, opts.force)
-    device = resolve_device(opts.device)
+    device = check_device(opts.device)
+    world = _join_world(opts)  # several processes (torchrun, --nproc): rank 0 checks and writes
+    if world is not None:
+        device = world.device
+    writes = world is None or world.is_writer
+    run_dir = _agreed(world, lambda: _prepare_out(out, opts.force, opts.resume))
+    out_dir = run_dir.staging if run_dir is not None else None  # checkpoints and outputs go here first
+    meta = {"method": method, "options": dataclasses.asdict(opts), "method_options": dataclasses.asdict(chosen.options)}
+    resume_from = None
+    if run_dir is not None and run_dir.resume_from is not None:
+        from .training import load_checkpoint
+
+        def load():
+            checkpoint = load_checkpoint(run_dir.resume_from)
+            _check_resume(checkpoint, meta)
+            return checkpoint
+
+        resume_from = _agreed(world, load)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
@@ -301,6 +360,8 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
             from .backends.onnx_export import check_onnx_exportable
 
             check_onnx_exportable(original_module)
+        _agreed(world, lambda: check_room(run_dir.final.parent, required_bytes(model, search.supernet),
+                                          f"--out {run_dir.final}"))
     timings["trace"] = time.perf_counter() - t0
 
     cfg = _train_config(opts, device)
@@ -331,14 +392,23 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
         _say(opts, f"{chosen.describe()}: {len(initial_weights)} searchable edges, {cfg.arch_epochs} architecture"
                    f"{warmup} then {cfg.epochs - cfg.arch_epochs} network epochs{recipe}")
     has_penalty = type(chosen).extra_loss is not methods.Method.extra_loss
+    # held-out data a method may score architectures on before derive (NAO); none without training
+    evaluator = (_arch_evaluator(opts, train_ds, val_ds, loaders, device, task)
+                 if opts.epochs > 0 and cfg.arch_epochs > 0 else None)
+    epoch_hook, run_log = _epoch_logger(opts, cfg, on_epoch, resume_from)
     result = train_two_stage(search.supernet, search.arch_parameters(), loaders["train"], loaders["val"], cfg,
-                             derive=lambda _supernet: search.derive(in_place=True),
+                             derive=lambda _supernet: _choose_and_derive(search, evaluator, timings),
                              arch_loader=loaders["arch"], net_loader=loaders["net"],
-                             extra_loss=(lambda _m: search.extra_loss()) if has_penalty else None,
-                             on_epoch=on_epoch, checkpoint_dir=out_dir, log_arch=search.arch_weights,
+                             # a method's extra_loss may answer None (no penalty): add 0 then
+                             extra_loss=(lambda _m: _zero_if_none(search.extra_loss())) if has_penalty else None,
+                             on_epoch=epoch_hook, checkpoint_dir=out_dir, log_arch=search.arch_weights,
+                             resume=resume_from, checkpoint_meta=meta, extra_state=_method_state(chosen),
                              log_changes=lambda: changed_edges(search), task=task,
                              arch_optimizer=lambda params, lr: chosen.arch_optimizer(search.graph, params, lr))
+    if run_log is not None:
+        run_log.close()
     slim = result.network.cpu().eval()
+    _check_finite_weights(slim, opts)
     timings.update({f"train_{k}": v for k, v in result.stage_seconds.items()})
     timings.update(eval=result.eval_seconds, derive=result.derive_seconds)  # outside train_* (validation, derive)
 
@@ -350,8 +420,15 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
                           search.recorded_decisions, example_inputs=inputs, baseline=baseline, task=task,
                           recipe_applied=from_recipe)
     report["method_defaults"] = method_defaults  # the method's suggested options that were used
+    if search.choice_log is not None:  # what the method's own architecture search did (NAO)
+        report["architecture_search"] = search.choice_log
     res = Result(slim, graph, report, search.original, out_dir,
                  baseline=baseline.network.cpu().eval() if baseline is not None else None)
+    if world is not None:
+        report["distributed"] = {"processes": world.size, "backend": world.backend}
+    if not writes:  # ranks other than 0 return the same network and write nothing
+        res.out = None
+        return res
     if baseline is not None:
         from .comparison import compare
 
@@ -360,12 +437,94 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
         from .output_dir import write_outputs
 
         t = time.perf_counter()
+        out_dir.mkdir(parents=True, exist_ok=True)
         res.files = write_outputs(res, inputs, opts.onnx)
         report["time_seconds"]["outputs"] = time.perf_counter() - t  # model.py, ONNX + its check, drawings
     report["time_seconds"]["total"] = time.perf_counter() - t0
-    if out_dir is not None:
+    if run_dir is not None:
+        from .output_dir import commit_run_dir
+
+        final = run_dir.final
+        res.files = {k: str(final / Path(v).name) for k, v in res.files.items()}
+        if "onnx" in report:
+            report["onnx"]["path"] = str(final / Path(report["onnx"]["path"]).name)
         write_text(out_dir / "report.json", json.dumps(report, indent=2, default=str))
+        commit_run_dir(run_dir)  # the old outputs stay whole until here
+        res.out = final
     return res
+
+
+def _method_state(method: methods.Method):
+    """``(get, set)`` of a method's own state for checkpoints, when it has one: ``state_dict()``
+    and ``load_state_dict(state)`` (plain values and tensors), e.g. DSO-NAS's budget controller."""
+    get, put = getattr(method, "state_dict", None), getattr(method, "load_state_dict", None)
+    return (get, put) if callable(get) and callable(put) else None
+
+
+def _join_world(opts: TransformOptions):
+    """This process's :class:`archir.distributed.World` when launched with several processes
+    (torchrun, ``--nproc``), else None; ``nproc`` > 1 outside a launcher is the CLI's to start."""
+    from . import distributed
+
+    if opts.nproc > 1 and not distributed.launched():
+        raise UserInputError(f"nproc={opts.nproc}: the archir command starts the processes (archir transform ... "
+                             f"--nproc {opts.nproc}); from Python, run your script under torchrun --nproc-per-node "
+                             f"{opts.nproc} instead")
+    return distributed.setup(opts.device)
+
+
+def _agreed(world, check: Callable[[], Any]) -> Any:
+    """``check()`` on rank 0 (a preflight, loading a checkpoint) and its answer, or its
+    UserInputError, on every rank: the processes of a run fail together with one message."""
+    if world is None:
+        return check()
+    answer, error = None, None
+    if world.is_writer:
+        try:
+            answer = check()
+        except UserInputError as exc:
+            error = str(exc)
+    answer, error = world.broadcast_object((answer, error))
+    if error is not None:
+        raise UserInputError(error)
+    return answer
+
+
+def _check_finite_weights(module: nn.Module, opts: TransformOptions) -> None:
+    """Refuse to write a network whose weights are NaN or infinite (with ``--nan-policy skip``
+    every step may have been skipped after the weights broke)."""
+    bad = [n for n, t in module.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        from .errors import NonFiniteLoss
+
+        raise NonFiniteLoss(f"the trained weights hold NaN or infinite values ({', '.join(bad[:3])}"
+                            f"{' …' if len(bad) > 3 else ''}); nothing was written. Lower --lr (now {opts.lr}) "
+                            "or --arch-lr, or use --nan-policy stop to stop at the first such step")
+
+
+def _arch_evaluator(opts: TransformOptions, train_ds, val_ds, loaders: dict, device, task: Task):
+    """The :class:`~archir.arch_eval.ArchEvaluator` a method may score architectures with before
+    derive: the held-out part of the training set with ``--arch-update split`` (else the
+    validation set), without augmentation; BatchNorm calibration batches from the training loader."""
+    from .arch_eval import ArchEvaluator
+    from .data import as_loader, split_train
+
+    held_out = split_train(train_ds, opts.split_fraction, seed=opts.seed)[1] if opts.arch_update == "split" else val_ds
+    data = as_loader(held_out, opts.batch_size, shuffle=False, device=device, seed=opts.seed)
+    return ArchEvaluator(data, loaders["train"], task, device, log=lambda line: _say(opts, line))
+
+
+def _choose_and_derive(search, evaluator, timings: dict[str, float]) -> nn.Module:
+    """The method's own choice of architecture (:meth:`Search.choose_architecture`; timed as
+    ``choose_architecture``), then the in-place derive."""
+    t = time.perf_counter()
+    search.choose_architecture(evaluator)
+    timings["choose_architecture"] = time.perf_counter() - t
+    return search.derive(in_place=True)
+
+
+def _zero_if_none(value):
+    return torch.zeros(()) if value is None else value
 
 
 def changed_edges(search) -> tuple[list[str], int]:
@@ -380,6 +539,30 @@ def changed_edges(search) -> tuple[list[str], int]:
     changed = [eid for eid, d in decisions.items()
                if d["choice"] != ("same" if "same" in d["choices"] else d["choices"][-1])]
     return sorted(changed), len(decisions)
+
+
+def _epoch_logger(opts: TransformOptions, cfg: TrainConfig, on_epoch: Callable | None, resumed: dict | None = None):
+    """The trainer's per-epoch hook: ``--log-dir``'s :class:`~archir.run_log.RunLog` row, then the
+    caller's ``on_epoch``; and the RunLog (None without ``--log-dir``). Made before any training,
+    so an unusable directory is one clear error up front. A resumed run (``resumed``, its
+    checkpoint) keeps the rows of the epochs it finished before."""
+    from . import distributed
+
+    world = distributed.current()
+    if opts.log_dir is None or (world is not None and not world.is_writer):  # rank 0 logs for all
+        return on_epoch, None
+    from .progress import say
+    from .run_log import RunLog, epoch_scalars
+
+    keep = len(resumed.get("history") or []) if resumed is not None else None
+    run_log = RunLog(opts.log_dir, say=lambda line: say(line, opts.progress), keep_until=keep)
+
+    def hook(record) -> None:
+        run_log.log(record.epoch + 1, epoch_scalars(record, cfg.batch_size, cfg.arch_lr))
+        if on_epoch is not None:
+            on_epoch(record)
+
+    return hook, run_log
 
 
 def _say(opts: TransformOptions, line: str) -> None:
@@ -414,6 +597,9 @@ def build_report(opts: TransformOptions, method: methods.Method, original: Graph
             "edge": e.id, "from": e.src, "to": e.dst, "ops": [op.render() for op in e.ops], "group": e.group,
             "choices": labels.get("choices", "same").split(","), "param": labels.get("param"),
             "final_weights": labels.get("weights"), "decision": fate, "why": labels.get("why"),
+            # the method's own word where it gave one (a kernel/activation choice can keep the
+            # original under any name), else: anything but the original operations is a change
+            "changed": bool(labels["changed"]) if labels.get("changed") is not None else fate != "same",
         })
     for eid, labels in decisions.items():  # edges the search space added that the network kept
         if eid not in original.edges and labels.get("changed") and eid in graph.edges:
@@ -421,7 +607,7 @@ def build_report(opts: TransformOptions, method: methods.Method, original: Graph
                           "ops": [op.render() for op in graph.edges[eid].ops], "group": None,
                           "choices": labels.get("choices", "same").split(","), "param": labels.get("param"),
                           "final_weights": labels.get("weights"), "decision": labels.get("decision"),
-                          "why": labels.get("why")})
+                          "why": labels.get("why"), "changed": True})
     history = result.history
     metric = result.metric_name
     return {

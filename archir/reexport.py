@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import UserInputError
+from .preflight import check_finite, check_opset
 
 REQUIRED_FILES = ("model.py", "weights.pt", "report.json")
 
@@ -118,16 +119,28 @@ def export_output_dir(directory: str | Path, onnx_path: str | Path | None = None
                       rtol: float = 1e-4, atol: float = 1e-5, dynamic_batch: bool = True,
                       input_shape: tuple[int, ...] | None = None):
     """Export DIR's model to ``onnx_path`` (default ``DIR/model.onnx``) and verify it under ONNX
-    Runtime; returns the :class:`~archir.backends.onnx_export.OnnxReport`. A mismatch raises
-    ``OnnxVerificationError`` (an ``ArchirError``) and leaves ``<stem>.unverified.onnx``."""
+    Runtime; returns the :class:`~archir.backends.onnx_export.OnnxReport`. The options and the
+    model's run on the example inputs are checked first; an existing file at ``onnx_path`` is
+    replaced only by a verified export. A mismatch raises ``OnnxVerificationError`` (an
+    ``ArchirError``) and leaves ``<stem>.unverified.onnx``."""
     from archir.backends import onnx_export
 
     loaded = load_output_dir(directory, input_shape)
     path = Path(onnx_path).expanduser() if onnx_path is not None else loaded.path / "model.onnx"
     if path.is_dir():
         raise UserInputError(f"--onnx {path} is a directory; give a file name such as {path / 'model.onnx'}")
-    if rtol < 0 or atol < 0:
-        raise UserInputError("--rtol and --atol must be >= 0")
+    check_finite(rtol, "--rtol")
+    check_finite(atol, "--atol")
+    check_opset(opset)
+    try:  # the model must take the example inputs (--input-shape may not fit it)
+        with torch.no_grad():
+            loaded.module(*loaded.example_inputs)
+    except Exception as exc:  # noqa: BLE001 - user data: one line
+        shapes = ", ".join(str(list(x.shape)) for x in loaded.example_inputs)
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        hint = "--input-shape" if input_shape is not None else "report.json's example_inputs"
+        raise UserInputError(f"the model in {loaded.path} cannot take inputs of shape {shapes} (from {hint}): "
+                             f"{type(exc).__name__}: {first}") from exc
     return onnx_export.export_onnx(loaded.module, loaded.example_inputs, path, opset=opset,
                                    dynamic_batch=dynamic_batch, rtol=rtol, atol=atol)
 

@@ -73,6 +73,8 @@ class Search:
         self.derived_graph: Graph | None = None
         self.recorded_decisions: dict[str, dict[str, Any]] = {}
         self._install_step_hook()
+        self.choice_log: dict[str, Any] | None = None
+        method.on_supernet(self.graph, self.supernet)  # a method that drives the supernet (NAO's random paths)
 
     # -- parameters ------------------------------------------------------------------------
     def arch_parameters(self) -> list[nn.Parameter]:
@@ -146,6 +148,23 @@ class Search:
             best = max(order, key=lambda c: (weights[c], order.index(c)))
             out[eid] = {"choices": order, "weights": dict(weights), "choice": best}
         return out
+
+    def choose_architecture(self, evaluator=None, *, val_data=None, calibration_data=None, task=None,
+                            calibration_batches: int = 4) -> dict[str, Any] | None:
+        """Let the method pick the architecture to derive (NAO searches here; most methods do
+        nothing), scoring candidates with ``evaluator`` (:class:`archir.arch_eval.ArchEvaluator`) or
+        one built from ``val_data`` (held-out batches), ``calibration_data`` (training batches for
+        BatchNorm statistics) and ``task`` (default: classification). Call it before :meth:`derive`;
+        returns the method's log (also kept in ``choice_log``), or None."""
+        if evaluator is None and val_data is not None:
+            from .arch_eval import ArchEvaluator
+
+            first = next(iter(self.supernet.parameters()), None)
+            evaluator = ArchEvaluator(val_data, calibration_data, task,
+                                      first.device if first is not None else "cpu",
+                                      calibration_batches=calibration_batches)
+        self.choice_log = self.method.choose_architecture(self.graph, self.supernet, evaluator)
+        return self.choice_log
 
     # -- derive and emit -------------------------------------------------------------------
     def derive(self, *, in_place: bool = False) -> nn.Module:

@@ -64,6 +64,9 @@ from __future__ import annotations
 
 import math
 import random
+import signal
+import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -75,8 +78,10 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from .errors import NonFiniteLoss, RunInterrupted, UserInputError
 from .fileio import save_torch
 from .modes import eval_mode
+from .progress import Progress
 from .task import Task, batch_size, check_labels, check_task, classification_task, move_to
 
 __all__ = [
@@ -92,12 +97,21 @@ __all__ = [
     "carry_optimizer_state",
     "cosine_lr",
     "format_metric",
+    "load_checkpoint",
 ]
 
 ARCH_UPDATES = ("alternate", "split", "joint")
 SCHEDULES = ("cosine", "constant")
 ARCH_OPTIMIZERS = ("adam", "sgd", "method")  # method: the one the search method names (else Adam)
+NAN_POLICIES = ("stop", "skip")
+CHECKPOINT_FORMAT = 2
 CHECKPOINT_NAME = "checkpoint.pt"
+#: How the network stage starts from the derived network: ``continue`` with the searched weights
+#: (their SGD state carried over, one learning-rate schedule over both stages), or ``scratch``:
+#: every parameter back to its value at the start of the run (:func:`rewind`), a fresh optimiser
+#: and a schedule of the network stage's own (DSO-NAS, sec. 4: "re-training the final
+#: architecture from scratch").
+RETRAIN_MODES = ("continue", "scratch")
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,6 +157,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     log_every: int = 20
     deterministic: bool = False
+    nan_policy: str = "stop"
+    retrain: str = "continue"
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.arch_epochs < 0:
@@ -166,6 +182,14 @@ class TrainConfig:
                                  f"got {self.device!r}") from e
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if self.nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
+        for name in ("lr", "arch_lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.retrain not in RETRAIN_MODES:
+            raise ValueError(f"retrain must be one of {RETRAIN_MODES}, got {self.retrain!r}")
 
 
 def format_metric(name: str, value: Optional[float]) -> str:
@@ -205,6 +229,7 @@ class EpochRecord:
     arch_stepped: bool = False
     changed_edges: Optional[list] = None
     searchable_edges: Optional[int] = None
+    skipped_steps: int = 0
 
     def summary(self, epochs: int) -> str:
         """One log line: stage (``arch warm-up`` in warm-up epochs), 1-based epoch of ``epochs``,
@@ -294,6 +319,38 @@ def cosine_lr(base: float, step: int, total: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
+def initial_values(model: nn.Module) -> dict[int, Tensor]:
+    """A cpu copy of every parameter of ``model`` keyed by the parameter object's id: the values
+    :func:`rewind` restores (derive keeps the parameter objects it keeps)."""
+    return {id(p): p.detach().to("cpu", copy=True) for p in model.parameters()}
+
+
+def rewind(model: nn.Module, initial: dict[int, Tensor], seed: int) -> list[str]:
+    """Restart ``model`` from scratch: every parameter found in ``initial``
+    (:func:`initial_values` of the model the run started with) gets its value from there (the
+    user's own initialisation scheme, or ``--from-weights``, kept); a module holding parameters
+    that are not is re-initialised by its ``reset_parameters`` (seeded with ``seed``); every
+    BatchNorm's running statistics start again. Returns the names of modules whose parameters
+    could be neither restored nor reset (kept as they are)."""
+    torch.manual_seed(seed + 7919)  # a stream of its own, repeatable
+    kept = []
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            own = list(module.parameters(recurse=False))
+            if own and all(id(p) in initial for p in own):
+                for p in own:
+                    p.copy_(initial[id(p)])
+            elif own:
+                reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
+                if callable(reset):  # (MultiheadAttention's is private)
+                    reset()
+                else:
+                    kept.append(name or type(module).__name__)
+            if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+                module.reset_running_stats()
+    return kept
+
+
 def carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> int:
     """Copy ``old``'s per-parameter state (momentum buffers, ...) to ``new`` for every parameter
     object the two optimizers share; returns how many were carried. The state tensors are
@@ -379,6 +436,9 @@ def train_two_stage(
     log_changes: Optional[Callable[[], tuple[Sequence[str], int]]] = None,
     task: Optional[Task] = None,
     arch_optimizer: Optional[Callable[[list, float], Optional[torch.optim.Optimizer]]] = None,
+    resume: Optional[dict] = None,
+    checkpoint_meta: Optional[dict] = None,
+    extra_state: Optional[tuple[Callable[[], Any], Callable[[Any], None]]] = None,
 ) -> TrainResult:
     """Train ``supernet`` and θ (``arch_params``) for ``min(cfg.arch_epochs, cfg.epochs)``
     epochs, call ``derive(supernet)``, and train the derived network's ω for the remaining
@@ -413,9 +473,23 @@ def train_two_stage(
         checkpoint_dir: if given, ``checkpoint_dir/checkpoint.pt`` is rewritten atomically after
             every epoch with the state of the model trained in that epoch: the supernet's
             ``state_dict`` after an "arch" epoch, the derived network's after a "net" epoch
-            (``"stage"`` says which), plus θ, the optimizer states, epoch, stage, config
-            and history. Resuming from it is not implemented yet (a resume would re-derive the
-            network from the saved θ before loading the network-stage state).
+            (``"stage"`` says which; then also the supernet as it was at the derive), plus θ,
+            the optimizer states, epoch, stage, config, history, the global step, and the
+            random generators' states (python, numpy, torch, and each loader's own). On SIGINT
+            or SIGTERM the run finishes its current step, writes the checkpoint there (with the
+            loaders' states at the epoch's start and the step count, so a resume replays the
+            epoch's first batches without training on them) and raises
+            :class:`~archir.errors.RunInterrupted`. It loads with ``weights_only=True``.
+        resume: a checkpoint (:func:`load_checkpoint`) to continue from. Built with the same
+            seed, supernet, loaders and config, the run then ends bit for bit as an
+            uninterrupted one on CPU: the network stage is re-derived from the saved supernet
+            and θ before its state is loaded.
+        checkpoint_meta: stored as ``meta`` in every checkpoint (the pipeline's options, which
+            a resume compares).
+        extra_state: ``(get, set)``: ``get()`` (tensors and plain values) is saved in every
+            checkpoint and given back to ``set`` on resume, before anything else is restored:
+            state outside the parameters and optimisers that the run depends on (a search
+            method's own, e.g. DSO-NAS's FLOPs-budget controller).
         log_arch: returns a snapshot of θ (e.g. per edge) stored (copied: tensors are cloned to
             the cpu) in every ``EpochRecord``, and before training in ``initial_arch``.
         log_changes: called after every architecture-stage epoch (warm-up included); returns
@@ -431,9 +505,7 @@ def train_two_stage(
     """
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckpt_dir is not None:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None  # made at the first checkpoint
 
     arch_params = _unique(arch_params)
     arch_ids = {id(p) for p in arch_params}
@@ -445,7 +517,10 @@ def train_two_stage(
             "arch_update='split' needs arch_loader, the held-out part of the training set for the "
             "θ steps (e.g. two loaders over split_indices(n, cfg.split_fraction, cfg.seed))")
     net_loader = train_loader if net_loader is None else net_loader
+    loaders = {"train": train_loader, "arch": arch_loader, "net": net_loader}
 
+    # scratch: the derived network restarts from the weights the run started with
+    initial = initial_values(supernet) if cfg.retrain == "scratch" and derive is not None else {}
     supernet.to(device)
     with torch.no_grad():
         for p in arch_params:  # θ the supernet does not register: move in place (same object)
@@ -458,7 +533,14 @@ def train_two_stage(
         train_task = eval_task = task
     total_steps = (arch_epochs * len(train_loader) + (epochs - arch_epochs) * len(net_loader)) if epochs else 0
     clock = _Clock()
-    state = _RunState(cfg=cfg, device=device, total_steps=total_steps, task=train_task)
+    from . import distributed
+
+    world = distributed.current()
+    state = _RunState(cfg=cfg, device=device, total_steps=total_steps, task=train_task, world=world)
+    net_start = arch_epochs * len(train_loader) if epochs else 0  # the network stage's first step
+    if cfg.retrain == "scratch":  # each stage its own schedule: the network stage is a new run
+        state.schedule_steps = net_start
+    writes = ckpt_dir is not None and (world is None or world.is_writer)  # only rank 0 writes
     snapshot = (lambda: _snapshot(log_arch())) if log_arch is not None else (lambda: None)
     initial_arch = snapshot()
 
@@ -467,24 +549,75 @@ def train_two_stage(
     opt_a = _arch_optimizer(arch_params, cfg, arch_optimizer) if arch_params and arch_epochs > 0 else None
     carried = 0
     derived = False
+    supernet_at_derive: Optional[dict] = None  # what a network-stage checkpoint re-derives from
 
     def do_derive() -> None:
-        nonlocal model, opt_w, carried, derived
+        nonlocal model, opt_w, carried, derived, supernet_at_derive
         derived = True
         if opt_a is not None:
             opt_a.zero_grad(set_to_none=True)  # θ is frozen from here on
         if derive is None:
             return
         t0 = time.perf_counter()
+        if world is not None:  # every rank derives from rank 0's supernet and θ
+            world.broadcast_module(supernet, arch_params)
+        if ckpt_dir is not None:  # derive trains nothing further into the supernet: keep it as it is now
+            supernet_at_derive = {k: v.detach().to("cpu", copy=True) for k, v in supernet.state_dict().items()}
         network = derive(supernet)
         network.to(device)
+        if world is not None:
+            world.check_same("architecture", _fingerprint(network))
+        if cfg.retrain == "scratch":  # (a resumed run then loads the checkpoint's weights over these)
+            rewind(network, initial, cfg.seed)
+            initial.clear()
+            state.schedule_start, state.schedule_steps = net_start, total_steps - net_start
         new_opt = _sgd(_weights(network, arch_ids), cfg)
-        carried = carry_optimizer_state(opt_w, new_opt)
+        if cfg.retrain == "continue":
+            carried = carry_optimizer_state(opt_w, new_opt)
         model, opt_w = network, new_opt
         clock.derive += time.perf_counter() - t0
 
-    with _deterministic(cfg.deterministic):
-        for epoch in range(epochs):
+    def save(epoch: int, next_epoch: int, step: int, loader_states: dict, partial: Optional[dict]) -> Path:
+        path = ckpt_dir / CHECKPOINT_NAME
+        if not writes:
+            state.last_checkpoint = (str(path), epoch if step == 0 else None)
+            return path
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        _save_checkpoint(path, model=model, opt_w=opt_w, opt_a=opt_a if not derived else None,
+                         arch_params=arch_params, epoch=epoch, stage="net" if derived else "arch", cfg=cfg,
+                         history=state.history, next_epoch=next_epoch, step=step, loader_states=loader_states,
+                         partial=partial, global_step=state.global_step, derived=derived,
+                         supernet_at_derive=supernet_at_derive if derived else None, meta=checkpoint_meta,
+                         extra=extra_state[0]() if extra_state is not None else None)
+        state.last_checkpoint = (str(path), epoch if step == 0 else None)
+        return path
+
+    start_epoch, skip_steps, partial = 0, 0, None
+    if resume is not None:
+        start_epoch, skip_steps, partial = int(resume["next_epoch"]), int(resume["step"]), resume.get("partial")
+        if extra_state is not None and resume.get("extra") is not None:
+            extra_state[1](resume["extra"])
+        if resume["derived"]:  # re-derive from the supernet and θ as they were, then load the network
+            supernet.load_state_dict(resume["supernet_at_derive"])
+            _load_arch(arch_params, resume["arch_params"])
+            do_derive()
+            model.load_state_dict(resume["model"])
+            opt_w.load_state_dict(resume["optimizer"])
+        else:
+            supernet.load_state_dict(resume["model"])
+            _load_arch(arch_params, resume["arch_params"])
+            opt_w.load_state_dict(resume["optimizer"])
+            if opt_a is not None and resume.get("arch_optimizer") is not None:
+                opt_a.load_state_dict(resume["arch_optimizer"])
+        state.global_step = int(resume["global_step"])
+        state.history = list(resume["history"])
+        _set_loader_states(loaders, resume["loaders"])
+        _set_rng_state(resume["rng"])
+        if ckpt_dir is not None:
+            state.last_checkpoint = (str(ckpt_dir / CHECKPOINT_NAME), resume["epoch"] if not skip_steps else None)
+
+    with _deterministic(cfg.deterministic), _stop_on_signals(state, enabled=ckpt_dir is not None or world is not None):
+        for epoch in range(start_epoch, epochs):
             arch_stage = epoch < arch_epochs
             if not arch_stage and not derived:
                 do_derive()
@@ -499,13 +632,22 @@ def train_two_stage(
             else:
                 step = _net_step(model, w_params, opt_w, state)
             loader = train_loader if arch_stage else net_loader
+            skip = skip_steps if epoch == start_epoch else 0
+            epoch_states = _loader_states(loaders)  # at the epoch's start: a mid-epoch resume replays from here
+            state.epoch, state.stage = epoch, stage
+
+            def interrupted(steps_done: int, sums: dict, epoch=epoch, epoch_states=epoch_states,
+                            n_steps=len(loader)) -> None:
+                path = save(epoch, epoch, steps_done, epoch_states, sums) if ckpt_dir is not None else None
+                _raise_interrupted(state, epoch, epochs, f"after step {steps_done} of {n_steps}", path)
 
             t0 = time.perf_counter()
-            lr0 = state.lr_at(state.global_step)
+            lr0 = state.lr_at(state.global_step - skip)
             label = f"{stage} warm-up" if warmup else stage
-            train_loss, train_metric, steps = _run_epoch(model, loader, step, opt_w, state,
-                                                         desc=f"{label} {epoch + 1}/{epochs}")
-            train_seconds = time.perf_counter() - t0
+            train_loss, train_metric, steps, skipped, resumed_seconds = _run_epoch(
+                model, loader, step, opt_w, state, desc=f"{label} {epoch + 1}/{epochs}", skip=skip,
+                partial=partial if skip else None, on_interrupt=interrupted)
+            train_seconds = time.perf_counter() - t0 + resumed_seconds
             clock.add(stage, train_seconds, steps)
 
             t1 = time.perf_counter()
@@ -515,9 +657,10 @@ def train_two_stage(
 
             record = EpochRecord(epoch=epoch, stage=stage, train_loss=train_loss, train_metric=train_metric,
                                  val_loss=val_loss, val_metric=val_metric, lr=lr0, steps=steps,
-                                 seconds=time.perf_counter() - t0, train_seconds=train_seconds,
+                                 seconds=time.perf_counter() - t0 + resumed_seconds, train_seconds=train_seconds,
                                  arch=snapshot(), metric_name=train_task.metric_name, warmup=warmup,
-                                 arch_stepped=arch_stage and not warmup and opt_a is not None and steps > 0)
+                                 arch_stepped=arch_stage and not warmup and opt_a is not None and steps > 0,
+                                 skipped_steps=skipped)
             if arch_stage and log_changes is not None:
                 changed, searchable = log_changes()
                 record.changed_edges, record.searchable_edges = sorted(changed), int(searchable)
@@ -526,10 +669,14 @@ def train_two_stage(
                 tqdm.write(record.summary(epochs))
             if on_epoch is not None:
                 on_epoch(record)
+            if world is not None:  # a signal during evaluation: every rank stops here, or none
+                state.stop_agreed = world.sum(float(state.stop_signal is not None))[0] > 0
             if ckpt_dir is not None:
-                _save_checkpoint(ckpt_dir / CHECKPOINT_NAME, model=model, opt_w=opt_w,
-                                 opt_a=opt_a if arch_stage else None, arch_params=arch_params,
-                                 epoch=epoch, stage=stage, cfg=cfg, history=state.history)
+                path = save(epoch, epoch + 1, 0, _loader_states(loaders), None)
+                if state.stopping():  # arrived during evaluation: this is the step boundary
+                    _raise_interrupted(state, epoch, epochs, "at its end", path)
+            elif state.stopping():
+                _raise_interrupted(state, epoch, epochs, "at its end", None)
 
         derived_last = not derived
         if derived_last:  # all epochs were architecture epochs, or there were none
@@ -568,11 +715,26 @@ class _RunState:
     global_step: int = 0
     history: list = field(default_factory=list)
     checked: bool = False  # check_task ran on the first training batch
+    epoch: int = 0
+    stage: str = "arch"
+    step_in_epoch: int = 0
+    stop_signal: Optional[int] = None  # SIGINT/SIGTERM received: stop at the next step boundary
+    last_checkpoint: Optional[tuple] = None  # (path, epoch it ends, or None when mid-epoch)
+    skipped: int = 0  # steps dropped by nan_policy="skip" in the current epoch
+    world: Any = None  # archir.distributed.World of a multi-process run (None: one process)
+    weight: float = 1.0  # this rank's share of the current global batch (distributed runs)
+    stop_agreed: bool = False  # some rank got SIGINT/SIGTERM (distributed runs: all stop together)
+
+    def stopping(self) -> bool:
+        return self.stop_agreed if self.world is not None else self.stop_signal is not None
+    schedule_start: int = 0  # the step where the learning-rate schedule (re)starts
+    schedule_steps: int | None = None  # its length (None: total_steps)
 
     def lr_at(self, step: int) -> float:
         if self.cfg.schedule == "constant":
             return self.cfg.lr
-        return cosine_lr(self.cfg.lr, step, self.total_steps)
+        span = self.total_steps if self.schedule_steps is None else self.schedule_steps
+        return cosine_lr(self.cfg.lr, step - self.schedule_start, span)
 
 
 @dataclass
@@ -650,9 +812,57 @@ def _cycle(loader: Iterable) -> Iterator:
             raise ValueError("arch_loader yields no batches")
 
 
-def _clip(params: list[nn.Parameter], cfg: TrainConfig) -> None:
+def _clip(params: list[nn.Parameter], cfg: TrainConfig) -> Optional[Tensor]:
+    """Clip the gradients' total norm to ``cfg.grad_clip``; returns the norm before clipping."""
     if cfg.grad_clip is not None:
-        nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+        return nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+    return None
+
+
+def _reduce(loss: Tensor, params: list[nn.Parameter], state: _RunState) -> Tensor | bool:
+    """After a backward pass: whether the loss is finite (a tensor, read later). In a distributed
+    run the pass's gradients are averaged over the ranks here (:meth:`World.average_gradients`),
+    with every rank's "loss not finite" and "signal received" flags: the answer is then whether
+    the loss was finite on every rank, and ``state.stop_agreed`` whether any rank was signalled."""
+    if state.world is None:
+        return torch.isfinite(loss.detach()).all()
+    bad = 0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0
+    flags = state.world.average_gradients(params, state.weight, [bad, float(state.stop_signal is not None)])
+    state.stop_agreed = state.stop_agreed or flags[1] > 0
+    return flags[0] == 0
+
+
+def _fingerprint(network: nn.Module) -> str:
+    """What must be equal on every rank after a derive: the network's code (a GraphModule's) or
+    its module tree, and its parameter and buffer shapes."""
+    shapes = [(k, tuple(v.shape)) for k, v in network.state_dict().items()]
+    return f"{getattr(network, 'code', None) or network!r}\n{shapes}"
+
+
+def _finite(ok: Tensor | bool, norm: Optional[Tensor], state: _RunState, what: str, loss: Tensor) -> bool:
+    """Whether a pass may step: ``ok`` (its loss finite, on every rank; :func:`_reduce`) and the
+    gradients' norm finite when clipping computed it. Otherwise ``nan_policy="stop"`` raises
+    :class:`NonFiniteLoss` naming the epoch and step and the last good checkpoint (nothing is
+    written after it); ``"skip"`` counts the step in ``state.skipped`` and returns False (the
+    caller drops the update). One host sync per pass."""
+    ok = torch.as_tensor(ok)
+    if norm is not None:
+        ok = ok & torch.isfinite(norm)
+    if bool(ok):
+        return True
+    if state.cfg.nan_policy == "skip":
+        state.skipped += 1
+        return False
+    value = float(loss.detach().reshape(-1)[0]) if loss.numel() else float("nan")
+    cause = f"{what} became {value}" if not math.isfinite(value) else f"the gradients of {what} became infinite"
+    kept = ""
+    if state.last_checkpoint is not None:
+        path, ep = state.last_checkpoint
+        kept = (f"; the last good checkpoint ({'after epoch ' + str(ep + 1) if ep is not None else 'mid-epoch'}) "
+                f"is kept at {path}")
+    raise NonFiniteLoss(f"{cause} in epoch {state.epoch + 1} ({state.stage} stage), step {state.step_in_epoch + 1}"
+                        f"{kept}; lower --lr ({state.cfg.lr}) or --arch-lr ({state.cfg.arch_lr}), or pass "
+                        "--nan-policy skip to drop such steps")
 
 
 # A step gets one batch already split and on the device: (args, kwargs, target); it returns the
@@ -665,12 +875,16 @@ def _net_step(model: nn.Module, w_params: list[nn.Parameter], opt_w: torch.optim
     """One SGD step of ω; returns (loss, output) of the batch."""
     loss_fn = state.task.loss
 
-    def step(args: tuple, kwargs: dict, target: Any) -> tuple[Tensor, Any]:
+    def step(args: tuple, kwargs: dict, target: Any) -> tuple[Optional[Tensor], Any]:
         out = model(*args, **kwargs)
         loss = loss_fn(out, target)
         opt_w.zero_grad(set_to_none=True)
         loss.backward(inputs=w_params)
-        _clip(w_params, state.cfg)
+        ok = _reduce(loss, w_params, state)
+        norm = _clip(w_params, state.cfg)
+        if not _finite(ok, norm, state, "the loss", loss):
+            opt_w.zero_grad(set_to_none=True)
+            return None, None
         opt_w.step()
         return loss, out
 
@@ -700,12 +914,16 @@ def _arch_step(model: nn.Module, w_params: list[nn.Parameter], arch_params: list
             loss = loss + extra_loss(model)
         opt_a.zero_grad(set_to_none=True)
         loss.backward(inputs=arch_params)
+        if not _finite(_reduce(loss, arch_params, state), None, state, "the architecture loss", loss):
+            opt_a.zero_grad(set_to_none=True)
+            return
         arch_update()
 
     if mode == "alternate":
         def step(args: tuple, kwargs: dict, target: Any) -> tuple[Tensor, Any]:
             result = net_step(args, kwargs, target)
-            theta_pass(args, kwargs, target)
+            if result[0] is not None:
+                theta_pass(args, kwargs, target)
             return result
         return step
 
@@ -714,8 +932,15 @@ def _arch_step(model: nn.Module, w_params: list[nn.Parameter], arch_params: list
 
         def step(args: tuple, kwargs: dict, target: Any) -> tuple[Tensor, Any]:
             result = net_step(args, kwargs, target)
-            theta_pass(*move_to(task.split_batch(next(held_out)), state.device))
+            batch = next(held_out)
+            if result[0] is not None:
+                weight = state.weight
+                if state.world is not None:
+                    batch, state.weight = state.world.shard(batch)
+                theta_pass(*move_to(task.split_batch(batch), state.device))
+                state.weight = weight
             return result
+        step.replay = lambda: next(held_out)  # a resumed epoch draws the held-out batches it skips
         return step
 
     both = w_params + arch_params
@@ -727,7 +952,12 @@ def _arch_step(model: nn.Module, w_params: list[nn.Parameter], arch_params: list
         opt_w.zero_grad(set_to_none=True)
         opt_a.zero_grad(set_to_none=True)
         total.backward(inputs=both)
-        _clip(w_params, state.cfg)
+        ok = _reduce(total, both, state)
+        norm = _clip(w_params, state.cfg)
+        if not _finite(ok, norm, state, "the loss", total):
+            opt_w.zero_grad(set_to_none=True)
+            opt_a.zero_grad(set_to_none=True)
+            return None, None
         opt_w.step()
         arch_update()
         return loss, out
@@ -745,44 +975,77 @@ def _preflight(model: nn.Module, loader: Iterable, batch: Any, state: _RunState)
 
 
 def _run_epoch(model: nn.Module, loader: Iterable, step: StepFn, opt_w: torch.optim.Optimizer,
-               state: _RunState, desc: str) -> tuple[float, float, int]:
+               state: _RunState, desc: str, skip: int = 0, partial: Optional[dict] = None,
+               on_interrupt: Optional[Callable[[int, dict], None]] = None
+               ) -> tuple[float, float, int, int, float]:
     """Iterate ``loader`` once calling ``step`` per batch; returns (mean loss, mean metric,
-    steps). Loss and metric are accumulated on the device and read back only every
-    ``log_every`` steps for the progress bar (when shown) and once at the end."""
+    steps, steps skipped for a non-finite loss, training seconds of a resumed epoch's first
+    part). Loss and metric are accumulated on the device and read back only every
+    ``log_every`` steps for the progress bar (when shown) and once at the end.
+
+    ``skip``: a resumed epoch's first ``skip`` batches are drawn (so the loader's generator
+    moves as it did) but not trained on; ``partial`` holds their sums. Before each step, a
+    pending SIGINT/SIGTERM calls ``on_interrupt(steps done, sums)``, which does not return."""
     cfg, device, task = state.cfg, state.device, state.task
     name = task.metric_name
     model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    metric_sum = torch.zeros((), dtype=torch.float64, device=device)
-    n = steps = 0
-    bar = tqdm(loader, total=len(loader), desc=desc, disable=None if cfg.progress else True,
-               leave=False, dynamic_ncols=True)
+    partial = partial or {}
+    loss_sum = torch.tensor(float(partial.get("loss_sum", 0.0)), dtype=torch.float64, device=device)
+    metric_sum = torch.tensor(float(partial.get("metric_sum", 0.0)), dtype=torch.float64, device=device)
+    n, steps = int(partial.get("n", 0)), 0
+    state.skipped = int(partial.get("skipped", 0))
+    resumed_seconds = float(partial.get("train_seconds", 0.0))
+    t0 = time.perf_counter()
+    # a bar on a terminal, plain lines at a steady interval in a log (archir.progress)
+    bar = Progress(loader, total=len(loader), desc=desc, enabled=cfg.progress, items_per_step=cfg.batch_size)
     try:
         for batch in bar:
+            if steps < skip:  # replay: the run being resumed trained on this batch already
+                if hasattr(step, "replay"):
+                    step.replay()
+                steps += 1
+                continue
+            if state.stopping() and on_interrupt is not None:
+                on_interrupt(steps, {"loss_sum": loss_sum.item(), "metric_sum": metric_sum.item(), "n": n,
+                                     "skipped": state.skipped,
+                                     "train_seconds": resumed_seconds + time.perf_counter() - t0})
+            if state.world is not None:  # this rank's slice of the global batch
+                batch, state.weight = state.world.shard(batch)
             if not state.checked:
                 _preflight(model, loader, batch, state)
+            state.step_in_epoch = steps
             args, kwargs, target = move_to(task.split_batch(batch), device)
-            n_b = batch_size(args, kwargs, target)
+            # a rank's share of the global batch (a batch smaller than the world is used whole by all)
+            n_b = state.weight if state.world is not None else batch_size(args, kwargs, target)
             lr = state.lr_at(state.global_step)
             for group in opt_w.param_groups:
                 group["lr"] = lr
             loss, out = step(args, kwargs, target)
+            steps += 1
+            state.global_step += 1
+            if loss is None or n_b == 0:  # nan_policy="skip" (no update), or a rank without examples
+                continue
             loss_b = (loss.detach() if loss.dim() == 0 else loss.detach().reshape(())).double() * n_b
             loss_sum += loss_b
             with torch.no_grad():
                 metric_sum += task.total_metric(out, target, n_b, device, loss_total=loss_b)
             n += n_b
-            steps += 1
-            state.global_step += 1
             if not bar.disable and steps % cfg.log_every == 0:
                 bar.set_postfix({"loss": f"{loss_sum.item() / n:.4f}",
                                  name: format_metric(name, metric_sum.item() / n), "lr": f"{lr:.4g}"},
                                 refresh=False)
     finally:
         bar.close()
+    if state.world is not None:  # the epoch's means over the global batches
+        loss_total, metric_total, n = state.world.sum(loss_sum.item(), metric_sum.item(), float(n))
+        loss_sum, metric_sum, n = torch.tensor(loss_total), torch.tensor(metric_total), int(n)
+    if state.skipped and state.skipped == steps and steps:
+        raise NonFiniteLoss(f"every step of epoch {state.epoch + 1} ({state.stage} stage) had a non-finite loss "
+                            f"and was skipped (--nan-policy skip): the weights no longer recover; lower --lr "
+                            f"({cfg.lr}) or --arch-lr ({cfg.arch_lr})")
     if n == 0:
-        return float("nan"), float("nan"), 0
-    return loss_sum.item() / n, metric_sum.item() / n, steps
+        return float("nan"), float("nan"), steps, state.skipped, resumed_seconds
+    return loss_sum.item() / n, metric_sum.item() / n, steps, state.skipped, resumed_seconds
 
 
 @contextmanager
@@ -830,10 +1093,25 @@ def _set_rng_state(rng: dict) -> None:
 
 def _save_checkpoint(path: Path, *, model: nn.Module, opt_w: torch.optim.Optimizer,
                      opt_a: Optional[torch.optim.Optimizer], arch_params: list[nn.Parameter],
-                     epoch: int, stage: str, cfg: TrainConfig, history: list) -> None:
+                     epoch: int, stage: str, cfg: TrainConfig, history: list, next_epoch: int = 0, step: int = 0,
+                     loader_states: Optional[dict] = None, partial: Optional[dict] = None, global_step: int = 0,
+                     derived: bool = False, supernet_at_derive: Optional[dict] = None,
+                     meta: Optional[dict] = None, extra: Any = None) -> None:
     """Write the checkpoint atomically (``archir.fileio.save_torch``). It holds tensors and
-    plain python values only, so ``torch.load(path, weights_only=True)`` reads it."""
+    plain python values only, so ``torch.load(path, weights_only=True)`` reads it. ``next_epoch``
+    and ``step``: where a resume goes on (``step`` batches of ``next_epoch`` done, 0 at an epoch's
+    end); ``loader_states``: each loader's generator state at the start of ``next_epoch``."""
     payload = {
+        "format": CHECKPOINT_FORMAT,
+        "next_epoch": next_epoch,
+        "step": step,
+        "global_step": global_step,
+        "loaders": dict(loader_states or {}),
+        "partial": partial,
+        "derived": derived,
+        "supernet_at_derive": supernet_at_derive,
+        "meta": meta,
+        "extra": extra,
         "model": model.state_dict(),
         "optimizer": opt_w.state_dict(),
         "arch_optimizer": opt_a.state_dict() if opt_a is not None else None,
@@ -845,3 +1123,80 @@ def _save_checkpoint(path: Path, *, model: nn.Module, opt_w: torch.optim.Optimiz
         "rng": _rng_state(),
     }
     save_torch(payload, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint written by :func:`train_two_stage` (``torch.load(weights_only=True)``: it
+    runs no code) for ``resume``; an unreadable or older file is one clear error."""
+    path = Path(path)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: one line
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise UserInputError(f"cannot read checkpoint {path}: {type(exc).__name__}: {first}") from exc
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise UserInputError(f"{path} is not a checkpoint this archir can resume from (written by another "
+                             "version?); start the run again without --resume, with --force")
+    return ck
+
+
+def _load_arch(arch_params: list[nn.Parameter], saved: list[Tensor]) -> None:
+    if len(saved) != len(arch_params):
+        raise UserInputError(f"the checkpoint holds {len(saved)} architecture parameters, this search "
+                             f"{len(arch_params)}: it is not this run's")
+    with torch.no_grad():
+        for p, v in zip(arch_params, saved):
+            p.copy_(v)
+
+
+def _loader_states(loaders: dict) -> dict:
+    """Each loader's CPU generator state (loaders without a ``generator`` attribute have none)."""
+    out = {}
+    for name, loader in loaders.items():
+        g = getattr(loader, "generator", None)
+        if isinstance(g, torch.Generator):
+            out[name] = g.get_state()
+    return out
+
+
+def _set_loader_states(loaders: dict, states: dict) -> None:
+    for name, st in states.items():
+        g = getattr(loaders.get(name), "generator", None)
+        if isinstance(g, torch.Generator):
+            g.set_state(st)
+
+
+_SIGNAL_NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
+
+
+@contextmanager
+def _stop_on_signals(state: _RunState, enabled: bool = True):
+    """While training with checkpoints: SIGINT and SIGTERM set ``state.stop_signal`` instead of
+    stopping the process, so that the run stops at the next step boundary with a checkpoint. A
+    second signal stops at once (KeyboardInterrupt). The previous handlers come back afterwards.
+    Only in the main thread (signal handlers cannot be set elsewhere)."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        if state.stop_signal is not None:
+            raise KeyboardInterrupt
+        state.stop_signal = signum
+        tqdm.write(f"archir: {_SIGNAL_NAMES.get(signum, signum)} received: stopping after the current step "
+                   "with a checkpoint (send it again to stop at once)", file=sys.stderr)
+
+    previous = {sig: signal.signal(sig, handler) for sig in _SIGNAL_NAMES}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _raise_interrupted(state: _RunState, epoch: int, epochs: int, where: str, path: Optional[Path]) -> None:
+    signum = state.stop_signal or signal.SIGTERM  # another rank's signal (distributed): as SIGTERM
+    name = _SIGNAL_NAMES.get(signum, str(signum))
+    saved = f"; checkpoint written to {path}" if path is not None else "; no checkpoint (no output directory)"
+    raise RunInterrupted(f"stopped by {name} in epoch {epoch + 1}/{epochs} ({state.stage} stage) {where}{saved}",
+                         exit_code=128 + int(signum), checkpoint=str(path) if path is not None else None)

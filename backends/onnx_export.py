@@ -7,16 +7,19 @@ Pipeline (one straight function, :func:`export_onnx`, of named stages):
 2. **check** the exporter's model with ``onnx.checker.check_model(full_check=True)``;
 3. **clean**: remove ``Identity`` nodes and dead nodes (:func:`clean_graph`), keeping graph input
    and output names, then **re-check**;
-4. **save** to a temporary file in the destination folder and ``os.replace`` it into place
-   (atomic on POSIX: a reader never sees a half-written model);
-5. **verify** (``verify=True``): run ONNX Runtime on seeded random inputs at the example's batch
-   size ``B`` and, with ``dynamic_batch``, at ``B + 3``; compare every output with the eval-mode
-   PyTorch module. An output passes when, elementwise (``numpy.allclose`` semantics),
+4. **save** a candidate into that temporary folder and check the saved file again;
+5. **verify** (``verify=True``): run ONNX Runtime on the candidate with seeded random inputs at the
+   example's batch size ``B`` and, with ``dynamic_batch``, at ``B + 3``; compare every output with
+   the eval-mode PyTorch module. An output passes when, elementwise (``numpy.allclose`` semantics),
 
        |onnx - torch| <= atol + rtol * |torch|
 
-   On failure the file is renamed to ``<stem>.unverified.onnx`` (kept for inspection) and
-   :class:`OnnxVerificationError` names the worst output, its max abs/rel error and the tolerances.
+6. **replace**: only a verified candidate is moved to ``path`` with ``os.replace`` (atomic on
+   POSIX: a reader sees the old model or the new one, never half of one). On a mismatch the
+   candidate is written to ``<stem>.unverified.onnx`` (kept for inspection) and
+   :class:`OnnxVerificationError` names the worst output, its max abs/rel error and the
+   tolerances; a failure or an interruption at any stage leaves an earlier file at ``path`` as it
+   was.
 
 Exporter choice
 ---------------
@@ -68,8 +71,8 @@ import onnx
 import torch
 import torch.nn as nn
 
-from archir.errors import ArchirError
-from archir.fileio import atomic_path
+from archir.errors import ArchirError, UserInputError
+from archir.fileio import _umask, atomic_path
 from archir.modes import eval_mode
 
 __all__ = [
@@ -206,9 +209,11 @@ def ort_providers() -> list[str]:
 
 
 def ort_session(path: str | os.PathLike, providers: Sequence[str] | None = None, *,
-                intra_op_num_threads: int | None = None):
+                intra_op_num_threads: int | None = None, spinning: bool = True):
     """An ``onnxruntime.InferenceSession`` for ``path`` with :func:`ort_providers` (or ``providers``)
-    and ORT's own log output limited to errors (``log_severity_level=3``).
+    and ORT's own log output limited to errors (``log_severity_level=3``). ``spinning=False``: the
+    session's threads sleep instead of spinning after a run; for timing several sessions
+    interleaved, where one session's spinning threads would steal the cores of the next.
 
     ``session.get_providers()`` says which providers were really used (CUDA may fail to load)."""
     import onnxruntime as ort
@@ -222,6 +227,9 @@ def ort_session(path: str | os.PathLike, providers: Sequence[str] | None = None,
     options.log_severity_level = 3
     if intra_op_num_threads is not None:
         options.intra_op_num_threads = intra_op_num_threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
 
@@ -608,54 +616,67 @@ def export_onnx(
             if graph_outputs != names:
                 raise RuntimeError(f"exporter named the outputs {graph_outputs}, expected {names}")
 
-            with atomic_path(path) as tmp:
-                _save_model(model, tmp, path.name)
-                onnx.checker.check_model(str(tmp), full_check=True)
+            # write, check and verify a candidate beside the destination; only a verified model
+            # replaces the file at ``path`` (an earlier, verified one stays until then)
+            candidate = workdir / path.name
+            _save_model(model, candidate, path.name)
+            onnx.checker.check_model(str(candidate), full_check=True)
+            opset_used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+            if opset is not None and opset_used != opset:
+                raise UserInputError(f"the {used} exporter could not write opset {opset} (it wrote opset "
+                                     f"{opset_used}); choose another --opset or leave it to the exporter")
+            report = OnnxReport(
+                path=str(path), opset=opset_used, exporter=used, num_nodes=len(model.graph.node),
+                op_counts=count_nodes(model), input_names=input_names, output_names=names,
+                dynamic_batch=dynamic_batch, removed_identity=stats.removed_identity,
+                removed_dead=stats.removed_dead, removed_initializers=stats.removed_initializers,
+                kept_identity=stats.kept_identity, rtol=rtol, atol=atol, notes=notes,
+            )
+            if verify:
+                try:
+                    _verify(module, args, candidate, report, seed, providers)
+                except _OtherBatchFailed as exc:
+                    # The exporter declared a symbolic batch axis but fixed it inside the graph (torch
+                    # 2.14 does so for the time axis of a batch_first=False nn.LSTM, on the first
+                    # export of a process only): ONNX Runtime cannot run it at another batch size.
+                    # Export again with the batch size fixed, as the exporter itself does on later
+                    # exports.
+                    again = export_onnx(module, args, path, opset=opset, dynamic_batch=False, verify=verify,
+                                        rtol=rtol, atol=atol, output_names=output_names, input_names=input_names,
+                                        exporter=exporter, seed=seed, providers=providers)
+                    again.notes[:0] = notes + [
+                        f"ONNX Runtime could not run the model exported with a dynamic batch at batch "
+                        f"{exc.batch} ({exc.reason}); exported with the batch size fixed at "
+                        f"{int(args[0].shape[0])}"]
+                    return again
+                if not report.passed:
+                    with atomic_path(unverified) as tmp:  # kept for inspection, under its own name
+                        _save_model(model, tmp, unverified.name)
+                    report.path = str(unverified)
+                    worst = report.worst()
+                    raise OnnxVerificationError(
+                        f"ONNX Runtime output {worst.name!r} (batch {worst.batch}) differs from PyTorch: "
+                        f"max abs error {worst.max_abs_err:.3g}, max rel error {worst.max_rel_err:.3g}, "
+                        f"tolerance atol={atol:g} + rtol={rtol:g}*|ref|"
+                        + (f" ({worst.detail})" if worst.detail else "")
+                        + f"; model kept at {unverified}"
+                        + (f"; {path} was left as it was" if path.exists() else ""), report)
+            _install(candidate, path)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-
-        opset_used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-        report = OnnxReport(
-            path=str(path), opset=opset_used, exporter=used, num_nodes=len(model.graph.node),
-            op_counts=count_nodes(model), input_names=input_names, output_names=names,
-            dynamic_batch=dynamic_batch, removed_identity=stats.removed_identity,
-            removed_dead=stats.removed_dead, removed_initializers=stats.removed_initializers,
-            kept_identity=stats.kept_identity, rtol=rtol, atol=atol, notes=notes,
-        )
         del model
-        if not verify:
-            return report
-
-        try:
-            _verify(module, args, path, report, seed, providers)
-        except _OtherBatchFailed as exc:
-            # The exporter declared a symbolic batch axis but fixed it inside the graph (torch 2.14
-            # does so for the time axis of a batch_first=False nn.LSTM, on the first export of
-            # a process only): ONNX Runtime cannot run it at another batch size. Export again
-            # with the batch size fixed, as the exporter itself does on later exports.
-            again = export_onnx(module, args, path, opset=opset, dynamic_batch=False, verify=verify,
-                                rtol=rtol, atol=atol, output_names=output_names, input_names=input_names,
-                                exporter=exporter, seed=seed, providers=providers)
-            again.notes[:0] = notes + [
-                f"ONNX Runtime could not run the model exported with a dynamic batch at batch {exc.batch} "
-                f"({exc.reason}); exported with the batch size fixed at {int(args[0].shape[0])}"]
-            return again
-        except BaseException:
-            os.replace(path, unverified)
-            report.path = str(unverified)
-            raise
-    if not report.passed:
-        os.replace(path, unverified)
-        report.path = str(unverified)
-        worst = report.worst()
-        raise OnnxVerificationError(
-            f"ONNX Runtime output {worst.name!r} (batch {worst.batch}) differs from PyTorch: "
-            f"max abs error {worst.max_abs_err:.3g}, max rel error {worst.max_rel_err:.3g}, "
-            f"tolerance atol={atol:g} + rtol={rtol:g}*|ref|"
-            + (f" ({worst.detail})" if worst.detail else "")
-            + f"; model kept at {unverified}", report)
     unverified.unlink(missing_ok=True)  # a stale failure from an earlier run would mislead
     return report
+
+
+def _install(candidate: Path, path: Path) -> None:
+    """Move a checked (and verified) model from its work folder to ``path`` with ``os.replace``
+    (atomic on POSIX), its external data file first when it has one."""
+    data = candidate.with_name(f"{candidate.name}.data")
+    if data.exists():
+        os.replace(data, path.with_name(f"{path.name}.data"))
+    os.chmod(candidate, 0o666 & ~_umask())
+    os.replace(candidate, path)
 
 
 def _runs_at_other_batch(module, args, seed: int, notes: list[str]) -> bool:

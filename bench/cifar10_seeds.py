@@ -37,6 +37,7 @@ import torch
 import archir
 from archir.data import as_loader, load_dataset
 from archir.fileio import write_text
+from archir.run_compare import compare_runs, mean_std, render
 from archir.training import TrainConfig, resolve_device, seed_everything, train_plain
 
 try:
@@ -78,17 +79,19 @@ def epoch_rows(report):
              "seconds": h["seconds"]} for h in report["history"]]
 
 
-def run_method(seed, method, options, arch_lr, train, val, args, device, **extra):
-    """One ``archir.transform`` run; ``extra``: further transform options (e.g. ``warmup_epochs``)."""
+def run_method(seed, method, options, arch_lr, train, val, args, device, out=None, **extra):
+    """One ``archir.transform`` run; ``extra``: further transform options (e.g. ``warmup_epochs``);
+    ``out``: its output directory (``--runs-dir``), else none."""
     model, x = build(seed)
     t = time.perf_counter()
-    res = archir.transform(model, x, method, train, val, epochs=args.epochs,
+    res = archir.transform(model, x, method, train, val, out, epochs=args.epochs,
                            arch_epochs=args.arch_epochs, batch_size=args.batch_size, lr=args.lr, arch_lr=arch_lr,
-                           seed=seed, device=str(device), progress=args.progress, onnx=False, **options, **extra)
+                           seed=seed, device=str(device), progress=args.progress, onnx=out is not None,
+                           force=out is not None, **options, **extra)
     report = res.report
     metric = report["metric"]  # "accuracy" for the default (classification) task
     val_metric = report["transformed"][f"val_{metric}"]
-    changed = {d["edge"]: d["decision"] for d in report["decisions"] if d["decision"] != "same"}
+    changed = {d["edge"]: d["decision"] for d in report["decisions"] if d["changed"]}
     chosen = {e: d for e, d in changed.items() if d in ("none", "identity")}  # the search's own decisions
     rows = epoch_rows(report)
     searchable = next((r["searchable_edges"] for r in rows if r["searchable_edges"] is not None), None)
@@ -98,11 +101,6 @@ def run_method(seed, method, options, arch_lr, train, val, args, device, **extra
             "searchable_edges": searchable,
             "warmup_epochs": report["effective"]["warmup_epochs"], "epochs": rows,
             "collapsed": metric == "accuracy" and val_metric < 0.2}
-
-
-def mean_std(values):
-    values = list(values)
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def summarize(runs):
@@ -198,6 +196,8 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--runs-dir", default=None, help="keep every run's outputs here (one directory per run) "
+                    "and write the `archir compare` tables of them beside --out (.compare.md)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cifar10_seeds.json"))
     add_method_arguments(ap)
     args = ap.parse_args()
@@ -218,6 +218,7 @@ def main():
                                       "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
               "original": [], args.method: {}}
     t0 = time.perf_counter()
+    run_dirs = []
 
     def save():  # after every run: nothing finished is lost on an interrupt
         result["summary"] = {"original": summarize(result["original"]),
@@ -234,14 +235,21 @@ def main():
         for variant, opts in variants.items():
             for lr in args.arch_lr:
                 key = f"{variant}@{lr}"
-                r = run_method(seed, args.method, opts, lr, train, val, args, device, **extra) | {"seed": seed}
+                out = Path(args.runs_dir) / f"{key}-seed{seed}" if args.runs_dir else None
+                r = run_method(seed, args.method, opts, lr, train, val, args, device, out, **extra) | {"seed": seed}
                 r["delta"] = r["val_acc"] - original["val_acc"]
                 result[args.method].setdefault(key, []).append(r)
                 print(f"seed {seed} {args.method} {key}: {r['val_acc']:.4f} (delta {100 * r['delta']:+.2f}) "
                       f"changed {r['n_changed']}/{r['searchable_edges']} {r['changed_edges']} "
                       f"({r['seconds']:.0f}s)", flush=True)
                 save()
+                if out is not None:
+                    run_dirs.append(out)
     print(markdown(result, args.method))
+    if run_dirs:  # the runs side by side, mean ± std over seeds (archir compare)
+        _, tables = compare_runs(run_dirs)
+        write_text(Path(args.out).with_suffix(".compare.md"), render(tables, "markdown"))
+        print(render(tables))
 
 
 if __name__ == "__main__":

@@ -1,21 +1,27 @@
 """DSO-NAS's accuracy/cost trade-off on ResNet20 and CIFAR-10 at a CPU-sized budget.
 
     python bench/dso_tradeoff.py --data-dir ~/.cache/archir-data --subset 4000 --test-subset 2000 \\
-        --epochs 8 --arch-epochs 4 --warmup-epochs 1 --gammas 0.05 0.2 0.5 [--targets 0.7 0.5] \\
-        [--penalty none|flops|mac] [--seed 0] [--device auto]
+        --epochs 6 --arch-epochs 3 --warmup-epochs 1 --gammas 0.05 0.2 [--targets 0.7 0.5] \\
+        [--retrain scratch|continue] [--random-draws 2] [--penalty none|flops|mac] [--seed 0]
 
 For each γ (``--gammas``) and each FLOPs target (``--targets``, a fraction of the original's),
 ``archir.transform(..., method="dso")`` searches and prunes ResNet20 (examples/resnet20.py) with
-A architecture epochs (the first W of them weight pre-training) and E − A network epochs. Against:
+A architecture epochs (the first W of them weight pre-training), then trains the derived network:
+``--retrain scratch`` (the default, the paper's protocol) re-initialises it and trains it for E
+epochs, exactly like the controls, so the rows compare *architectures* at equal training;
+``--retrain continue`` keeps the searched weights and trains E − A epochs (what a user's default
+run does, the search counted in the budget). Against:
 
 * the original, trained alone for the same E epochs (same data, seed, optimiser, schedule);
-* a random control per γ/target: the same number of λ-scaled edges pruned, chosen at random
-  (seeded), through the same derive passes (prune, fold), then trained for the same E epochs.
+* random controls per γ/target (``--random-draws``): the same number of λ-scaled edges pruned,
+  chosen at random (seeded per draw), through the same derive passes (prune, fold), then trained
+  for the same E epochs from scratch.
 
 Each row: parameters, FLOPs (multiply-adds per example), ONNX Runtime latency at batch 1 and at
 ``--latency-batch`` (all models exported and timed interleaved in one process,
 ``archir.comparison.onnx_latencies``), validation accuracy, pruned edges and wall time. Writes
-``bench/results/dso_tradeoff.json`` and a markdown table beside it. Unpack
+``bench/results/dso_tradeoff.json``, a markdown table and a plot of accuracy against FLOPs
+(``.png``) beside it. Unpack
 ``../shared/data/cifar10-jpg.tar.gz`` into ``~/.cache/archir-data`` first; ``--data digits``
 runs offline (a quick check that the script works).
 """
@@ -56,11 +62,12 @@ def train_alone(model, train, val, args, device):
 def run_dso(label, options, train, val, args, device):
     model, x = build(args.seed)
     t = time.perf_counter()
-    res = archir.transform(model, x, "dso", train, val, epochs=args.epochs, arch_epochs=args.arch_epochs,
+    epochs = args.epochs + (args.arch_epochs if args.retrain == "scratch" else 0)
+    res = archir.transform(model, x, "dso", train, val, epochs=epochs, arch_epochs=args.arch_epochs,
                            warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, lr=args.lr,
                            arch_lr=args.arch_lr, split_fraction=args.split_fraction, seed=args.seed,
                            device=str(device), progress=args.progress, onnx=False, penalty=args.penalty,
-                           **options)
+                           retrain=args.retrain, **options)
     r = res.report
     pruned = [d["edge"] for d in r["decisions"] if d["decision"] == "none" and d.get("param")]
     row = {"variant": label, "options": options, "val_acc": r["transformed"]["val_accuracy"],
@@ -71,12 +78,13 @@ def run_dso(label, options, train, val, args, device):
     return res.module, row
 
 
-def run_random(label, k, train, val, args, device):
+def run_random(label, k, draw, train, val, args, device):
     """Prune ``k`` λ-scaled edges chosen at random (λ = 0 there, 1 elsewhere), derive, train E epochs."""
     model, x = build(args.seed)
     s = archir.search(model, x, method="dso")
     edges = scaled_edges(s.graph)
-    chosen = set(random.Random(args.seed + 1000 * k).sample([e.id for e in edges], min(k, len(edges))))
+    rng = random.Random(args.seed + 1000 * k + 7 * draw)
+    chosen = set(rng.sample([e.id for e in edges], min(k, len(edges))))
     with torch.no_grad():
         for e in edges:
             lambda_of(s.graph, scale_op(e)).fill_(0.0 if e.id in chosen else 1.0)
@@ -104,6 +112,8 @@ def main(argv=None):
     ap.add_argument("--targets", type=float, nargs="*", default=[])
     ap.add_argument("--penalty", default="none", choices=("none", "flops", "mac"))
     ap.add_argument("--no-random", action="store_true", help="skip the random-pruning controls")
+    ap.add_argument("--random-draws", type=int, default=2, help="random controls per γ/target")
+    ap.add_argument("--retrain", default="scratch", choices=("scratch", "continue"))
     ap.add_argument("--latency-batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
@@ -131,9 +141,9 @@ def main(argv=None):
         print(f"{label}: {row['val_acc']:.4f}, {len(row['pruned_edges'])}/{row['scaled_edges']} edges pruned, "
               f"FLOPs {human(row['flops'])}", flush=True)
         k = len(row["pruned_edges"])
-        if not args.no_random and k:
-            rlabel = f"random {k} edges ({label})"
-            modules[rlabel], rrow = run_random(rlabel, k, train, val, args, device)
+        for draw in range(0 if args.no_random or not k else args.random_draws):
+            rlabel = f"random {k} edges #{draw + 1} ({label})"
+            modules[rlabel], rrow = run_random(rlabel, k, draw, train, val, args, device)
             result["rows"].append(rrow)
             print(f"{rlabel}: {rrow['val_acc']:.4f}", flush=True)
         write_text(args.out, json.dumps(result, indent=2, default=str))  # nothing lost on interrupt
@@ -156,6 +166,27 @@ def main(argv=None):
                      f"{ms('onnx_latency_ms_b1')} | {ms(f'onnx_latency_ms_b{b}')} | {pruned} |")
     write_text(Path(args.out).with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
+    plot(result["rows"], Path(args.out).with_suffix(".png"))
+
+
+def plot(rows, path):
+    """Validation accuracy against FLOPs: the original, each DSO run and its random controls."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, marker in (("original", "*"), ("dso", "o"), ("random", "x")):
+        pts = [(r["flops"] / 1e6, 100 * r["val_acc"]) for r in rows if r["variant"].startswith(kind)]
+        if pts:
+            ax.scatter(*zip(*pts), marker=marker, s=70 if kind == "original" else 40, label=kind)
+    ax.set_xlabel("FLOPs per example (M multiply-adds)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("DSO-NAS on ResNet20: accuracy against FLOPs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

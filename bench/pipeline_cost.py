@@ -113,7 +113,7 @@ def run_transform(mod, train_ds, val_ds, args, mode) -> dict:
     parts["mean_step_net"] = ts["mean_step"].get("net")
     return {"total": total, "parts": parts, "files": [f.name for f in files],
             "val_accuracy": res.report["transformed"]["val_accuracy"],
-            "changed_edges": sum(d["decision"] != "same" for d in res.report["decisions"])}
+            "changed_edges": sum(d["changed"] for d in res.report["decisions"])}
 
 
 def main():

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import gc
 import importlib.util
 import json
 import re
@@ -160,11 +161,183 @@ def timm_selection() -> dict[str, dict]:
     return out
 
 
-def build_model(suite: str, name: str) -> torch.nn.Module:
-    if suite == "torchvision":
+MEMORY_BUDGET = 8 * 2**30  # bytes one model may use on the shared machine
+COPIES = 7  # float32 weight copies alive at once: model, trace, lowered, supernet, transform's, emitted, ONNX
+
+
+def big_selection(base: str):
+    """The classifiers the base suite leaves out (> 60M parameters), smallest first; a model whose
+    weights times :data:`COPIES` pass :data:`MEMORY_BUDGET` stays excluded with that reason."""
+    def select() -> dict[str, dict]:
+        chosen = SELECTIONS[base]()
+        out = {}
+        for s in sorted(chosen.values(), key=lambda s: s.get("params") or 0):
+            if (s.get("params") or 0) <= MAX_PARAMS or not s.get("name"):
+                continue
+            rec = {**{k: v for k, v in s.items() if k != "excluded"}, "suite": f"{base}_big"}
+            need = rec["params"] * 4 * COPIES
+            if need > MEMORY_BUDGET:
+                rec["excluded"] = (f"{rec['params'] / 1e6:.0f}M parameters: about {need / 2**30:.1f} GiB for "
+                                   f"{COPIES} weight copies > {MEMORY_BUDGET / 2**30:.0f} GiB on a shared machine")
+            out[s.get("family") or s["name"]] = rec
+        return out
+    return select
+
+
+# ---- torchvision's other tasks: segmentation, detection, video, optical flow -------------------
+# Per model: the input, and constructor arguments. ``weights_backbone=None``: no download. Detection
+# models resize every image inside their forward; 320 px keeps the CPU sweep in minutes.
+_DET_SMALL = {"min_size": 320, "max_size": 320}
+TV_TASKS = {
+    "segmentation": ([1, 3, 224, 224], {"weights_backbone": None, "aux_loss": False}),
+    "detection": ([1, 3, 224, 224], {"weights_backbone": None, **_DET_SMALL}),
+    "video": ([1, 3, 8, 112, 112], {}),
+    "optical_flow": ([1, 3, 128, 128], {}),
+}
+_VIDEO_INPUT = {"mvit_v1_b": [1, 3, 16, 224, 224], "mvit_v2_s": [1, 3, 16, 224, 224],
+                "s3d": [1, 3, 16, 224, 224], "swin3d_t": [1, 3, 8, 224, 224],
+                "swin3d_s": [1, 3, 8, 224, 224], "swin3d_b": [1, 3, 8, 224, 224]}
+_DET_KWARGS = {"ssd300_vgg16": {"weights_backbone": None},  # fixed input sizes of their own
+               "ssdlite320_mobilenet_v3_large": {"weights_backbone": None}}
+
+
+def tvtasks_selection() -> dict[str, dict]:
+    import torchvision
+
+    out = {}
+    for task, (shape, kwargs) in TV_TASKS.items():
+        for name in sorted(torchvision.models.list_models(module=getattr(torchvision.models, task))):
+            kw = _DET_KWARGS.get(name, kwargs)
+            size = _VIDEO_INPUT.get(name, shape)
+            inputs = [{"shape": size}] * (2 if task == "optical_flow" else 1)
+            rec = {"suite": "tvtasks", "task": task, "name": name, "kwargs": kw, "inputs": inputs,
+                   "input": size, "train_parity": task != "detection"}
+            try:
+                rec["params"] = _count_params(lambda: torchvision.models.get_model(name, weights=None, **kw))
+            except Exception as exc:  # noqa: BLE001
+                rec["excluded"] = f"cannot build: {_first(exc)}"
+            out[name] = rec
+            if task == "detection":
+                # The whole detector cannot be traced (its root's own forward iterates the image
+                # list and hands ImageList objects to data-dependent heads: docs/zoo.md); its
+                # backbone (+ FPN), on the batch the model's transform makes, is the searchable part.
+                side = 300 if name == "ssd300_vgg16" else 320
+                back = {**rec, "name": f"{name}.backbone", "part": "backbone", "input": [1, 3, side, side],
+                        "inputs": [{"shape": [1, 3, side, side]}], "train_parity": True}
+                try:
+                    back["params"] = _count_params(
+                        lambda: torchvision.models.get_model(name, weights=None, **kw).backbone)
+                except Exception as exc:  # noqa: BLE001
+                    back["excluded"] = f"cannot build: {_first(exc)}"
+                out[back["name"]] = back
+    return out
+
+
+# ---- Hugging Face transformers, built from configs (random weights, nothing downloaded) ---------
+HF_MODELS = {
+    # name: (model class, config class, config kwargs, forward keyword names of the inputs)
+    "bert": ("BertModel", "BertConfig", dict(vocab_size=1000, hidden_size=128, num_hidden_layers=2,
+                                              num_attention_heads=4, intermediate_size=256),
+             ["input_ids", "attention_mask", "token_type_ids"]),
+    "distilbert": ("DistilBertModel", "DistilBertConfig", dict(vocab_size=1000, dim=128, n_layers=2, n_heads=4,
+                                                               hidden_dim=256), ["input_ids", "attention_mask"]),
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(vocab_size=1000, n_embd=128, n_layer=2, n_head=4),
+             ["input_ids", "attention_mask"]),
+    "t5": ("T5Model", "T5Config", dict(vocab_size=1000, d_model=128, d_kv=32, d_ff=256, num_layers=2,
+                                       num_heads=4), ["input_ids", "attention_mask", "decoder_input_ids"]),
+    "vit": ("ViTModel", "ViTConfig", dict(image_size=64, patch_size=16, hidden_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, intermediate_size=256), ["pixel_values"]),
+    "whisper_encoder": ("WhisperEncoder", "WhisperConfig", dict(num_mel_bins=80, d_model=128, encoder_layers=2,
+                                                                encoder_attention_heads=4, encoder_ffn_dim=256,
+                                                                max_source_positions=50), ["input_features"]),
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(vocab_size=1000, hidden_size=128, intermediate_size=256,
+                                                      num_hidden_layers=2, num_attention_heads=4,
+                                                      num_key_value_heads=2), ["input_ids", "attention_mask"]),
+}
+_SEQ = 16
+_HF_INPUTS = {
+    "input_ids": {"shape": [1, _SEQ], "dtype": "int64", "high": 1000},
+    "decoder_input_ids": {"shape": [1, 8], "dtype": "int64", "high": 1000},
+    "attention_mask": {"shape": [1, _SEQ], "dtype": "int64", "mask": True},
+    "token_type_ids": {"shape": [1, _SEQ], "dtype": "int64", "high": 2},
+    "pixel_values": {"shape": [1, 3, 64, 64]},
+    "input_features": {"shape": [1, 80, 100]},
+}
+
+
+def hf_selection() -> dict[str, dict]:
+    out = {}
+    for name, (cls, cfg_cls, cfg, names) in HF_MODELS.items():
+        rec = {"suite": "hf", "name": name, "class": cls, "config_class": cfg_cls, "config": cfg,
+               "input_names": names, "inputs": [_HF_INPUTS[n] for n in names],
+               "input": _HF_INPUTS[names[0]]["shape"], "train_parity": True}
+        try:
+            rec["params"] = _count_params(lambda: _build_hf(rec))
+        except Exception as exc:  # noqa: BLE001
+            rec["excluded"] = f"cannot build: {_first(exc)}"
+        out[name] = rec
+    return out
+
+
+class KeywordInputs(torch.nn.Module):
+    """Calls ``model(**{name: tensor})`` with the positional tensors archir traces with (a
+    Hugging Face model's second positional parameter is not always the attention mask)."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, list(names)
+
+    def forward(self, *tensors):
+        return self.model(**dict(zip(self.names, tensors)))
+
+
+def _build_hf(sel: dict) -> torch.nn.Module:
+    import transformers
+
+    config = getattr(transformers, sel["config_class"])(**sel["config"])
+    if sel["class"] == "WhisperEncoder":
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        model = WhisperEncoder(config)
+    else:
+        model = getattr(transformers, sel["class"])(config)
+    return KeywordInputs(model, sel["input_names"])
+
+
+def example_inputs(sel: dict, batch: int | None = None, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """The example inputs of a selected model (float: normal; int64: uniform below ``high``; an
+    attention mask: ones with the last two positions of the first sample masked)."""
+    gen = torch.Generator().manual_seed(seed)
+    specs = sel.get("inputs") or [{"shape": sel["input"]}]
+    out = []
+    for spec in specs:
+        shape = list(spec["shape"])
+        if batch is not None:
+            shape[0] = batch
+        if spec.get("mask"):
+            t = torch.ones(shape, dtype=torch.int64)
+            t[0, -2:] = 0  # right padding: no query position has every key masked (docs/zoo.md)
+        elif spec.get("dtype") == "int64":
+            t = torch.randint(0, spec["high"], shape, generator=gen)
+        else:
+            t = torch.randn(shape, generator=gen)
+        out.append(t)
+    return tuple(out)
+
+
+def build_model(suite: str, name: str, sel: dict | None = None) -> torch.nn.Module:
+    if suite in ("torchvision", "torchvision_big"):
         import torchvision
 
         return torchvision.models.get_model(name, weights=None)
+    if suite == "tvtasks":
+        import torchvision
+
+        sel = sel or {}
+        model = torchvision.models.get_model(name.split(".")[0], weights=None, **sel.get("kwargs", {}))
+        return model.backbone if sel.get("part") == "backbone" else model
+    if suite == "hf":
+        return _build_hf(sel)
     import timm
 
     return timm.create_model(name, pretrained=False)
@@ -178,12 +351,17 @@ def _first(exc: BaseException, limit: int = 300) -> str:
 
 
 def _tensors(out) -> list[torch.Tensor]:
+    """The tensors of a model output in order: containers, and objects such as Hugging Face's
+    ``DynamicCache`` through the attributes that hold tensors (a traced graph returns those as
+    dicts in the same order)."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
         out = list(out.values())
     if isinstance(out, (tuple, list)):
         return [t for o in out for t in _tensors(o)]
+    if hasattr(out, "__dict__") and not isinstance(out, (type, torch.nn.Module)):
+        return _tensors([v for v in vars(out).values() if _tensors(v)])
     return []
 
 
@@ -229,11 +407,10 @@ def run_model(sel: dict, args) -> dict:
     try:
         with timed("build"):
             torch.manual_seed(0)
-            model = build_model(sel["suite"], sel["name"]).eval()
-            gen = torch.Generator().manual_seed(0)
-            x = torch.randn(sel["input"], generator=gen)
+            model = build_model(sel["suite"], sel["name"], sel).eval()
+            x = example_inputs(sel)
             with torch.no_grad():
-                ref = model(x)
+                ref = model(*x)
         with timed("trace"):
             try:
                 graph = archir.trace(model, x)
@@ -252,10 +429,13 @@ def run_model(sel: dict, args) -> dict:
             try:
                 lowered = graph.to_module().eval()
                 with torch.no_grad():
-                    steps["roundtrip"] = {"ok": None, **compare(ref, lowered(x))}
+                    steps["roundtrip"] = {"ok": None, **compare(ref, lowered(*x))}
                 steps["roundtrip"]["ok"] = steps["roundtrip"]["exact"]
             except Exception as exc:  # noqa: BLE001
                 steps["roundtrip"] = {"ok": False, "error": _first(exc)}
+        if sel.get("train_parity") and lowered is not None:
+            with timed("train"):
+                steps["train"] = _train_parity(model, lowered, sel)
 
         with timed("edgechoice"):  # the JSON keeps the step's old name
             try:
@@ -263,12 +443,25 @@ def run_model(sel: dict, args) -> dict:
                 choices = len(search.arch_weights())  # searchable edges
                 sup = search.supernet.eval()
                 with torch.no_grad():
-                    steps["edgechoice"] = {"ok": None, "choice_edges": choices, **compare(ref, sup(x))}
+                    steps["edgechoice"] = {"ok": None, "choice_edges": choices, **compare(ref, sup(*x))}
                 steps["edgechoice"]["ok"] = steps["edgechoice"]["exact"]
                 search.close()
                 del search, sup
             except Exception as exc:  # noqa: BLE001
                 steps["edgechoice"] = {"ok": False, "error": _first(exc)}
+        for extra in getattr(args, "extra_methods", None) or ():
+            with timed(extra):
+                try:
+                    search = archir.search(model, x, extra)
+                    sup = search.supernet.eval()
+                    with torch.no_grad():
+                        steps[extra] = {"ok": None, "choice_edges": len(search.arch_weights()),
+                                        **compare(ref, sup(*x))}
+                    steps[extra]["ok"] = steps[extra]["exact"]
+                    search.close()
+                    del search, sup
+                except Exception as exc:  # noqa: BLE001
+                    steps[extra] = {"ok": False, "error": _first(exc)}
 
         onnx_module = lowered
         with tempfile.TemporaryDirectory() as tmp, timed("emit"):
@@ -277,7 +470,7 @@ def run_model(sel: dict, args) -> dict:
                                        progress=False, **options)
                 emitted = _load_emitted(Path(tmp) / "out")
                 with torch.no_grad():
-                    steps["emit"] = {"ok": None, **compare(ref, emitted(x))}
+                    steps["emit"] = {"ok": None, **compare(ref, emitted(*x))}
                 steps["emit"]["ok"] = steps["emit"]["exact"]
                 onnx_module = emitted
                 del res
@@ -320,6 +513,32 @@ def run_model(sel: dict, args) -> dict:
     return rec
 
 
+def _train_parity(model: torch.nn.Module, lowered: torch.nn.Module, sel: dict) -> dict:
+    """Training mode, where the forward differs (BatchNorm's batch statistics, dropout): copies of
+    the model and of the lowered module in ``.train()``, the example's batch (2 where BatchNorm
+    needs more than one value per channel), the same random seed before each
+    call (so dropout draws the same masks where the ops run in the same order)."""
+    import copy
+
+    try:
+        a, b = copy.deepcopy(model).train(), copy.deepcopy(lowered).train()
+        x = example_inputs(sel, seed=1)
+        with torch.no_grad():
+            try:
+                torch.manual_seed(0)
+                want = a(*x)
+            except ValueError:  # BatchNorm on one value per channel (DeepLab's image pooling)
+                x = example_inputs(sel, batch=2, seed=1)
+                torch.manual_seed(0)
+                want = a(*x)
+            torch.manual_seed(0)
+            got = b(*x)
+        res = compare(want, got)
+        return {"ok": res["exact"], **res}
+    except Exception as exc:  # noqa: BLE001
+        return {"ok": False, "error": _first(exc)}
+
+
 def _jsonable(obj):
     import dataclasses
 
@@ -354,7 +573,7 @@ def sweep(args) -> None:
     data = load(args.results)
     if args.suite not in data.get("selection", {}) or args.reselect:
         t = time.perf_counter()
-        chosen = torchvision_selection() if args.suite == "torchvision" else timm_selection()
+        chosen = SELECTIONS[args.suite]()
         print(f"selected {sum('excluded' not in s for s in chosen.values())} {args.suite} models "
               f"in {time.perf_counter() - t:.0f} s", flush=True)
 
@@ -384,6 +603,7 @@ def sweep(args) -> None:
         rec["attempts"] = attempts + 1
         rec["total_seconds"] = round(time.perf_counter() - t, 2)
         update(args.results, lambda d, rec=rec: d["models"].__setitem__(key, rec))
+        gc.collect()  # one model at a time: free its memory before the next
         leaves = len(rec.get("leaves") or {})
         print(f"{key:50s} {rec['status']:28s} {rec.get('frontend', '-'):6s} leaves={leaves} "
               f"{rec['total_seconds']:7.1f}s", flush=True)
@@ -391,7 +611,7 @@ def sweep(args) -> None:
 
 def _versions() -> dict:
     out = {"torch": torch.__version__, "python": sys.version.split()[0]}
-    for name in ("torchvision", "timm", "onnx", "onnxruntime"):
+    for name in ("torchvision", "timm", "transformers", "onnx", "onnxruntime"):
         try:
             out[name] = __import__(name).__version__
         except ImportError:
@@ -414,30 +634,51 @@ def _cell(step: dict | None) -> str:
     return "**fail**"
 
 
+SUITE_TITLES = {"torchvision": "torchvision classification (<= 60M)", "timm": "timm, one per family (<= 60M)",
+                "hf": "Hugging Face transformers (from configs)",
+                "tvtasks": "torchvision segmentation / detection / video / optical flow",
+                "torchvision_big": "torchvision classification (> 60M)"}
+
+
+def _label(suite: str, s: dict) -> str:
+    if suite == "timm":
+        return f"{s['name']} ({s['family']})"
+    if suite == "tvtasks":
+        return f"{s['name']} ({s['task']})"
+    return s["name"]
+
+
 def report(args) -> None:
     data = load(args.results)
     rows, errors = [], []
     totals: dict[str, dict] = {}
-    for suite in ("torchvision", "timm"):
+    suites = [k for k in SUITE_TITLES if k in data.get("selection", {})]
+    for suite in suites:
         sel = data.get("selection", {}).get(suite, {})
         chosen = [s for s in sel.values() if "excluded" not in s]
         t = totals.setdefault(suite, {"selected": len(chosen), "run": 0, "traced": 0, "exact": 0, "fx": 0,
-                                      "export": 0, "with_leaves": 0, "edgechoice": 0, "emit": 0, "onnx": 0,
-                                      "onnx_run": 0, "excluded": len(sel) - len(chosen)})
+                                      "export": 0, "with_leaves": 0, "train": 0, "train_run": 0,
+                                      "edgechoice": 0, "dso": 0, "dso_run": 0, "emit": 0, "onnx": 0,
+                                      "onnx_run": 0, "seconds": 0.0, "excluded": len(sel) - len(chosen)})
         for s in chosen:
             r = data["models"].get(f"{suite}/{s['name']}")
-            label = s["name"] if suite == "torchvision" else f"{s['name']} ({s['family']})"
+            label = _label(suite, s)
             if r is None or r.get("status") == "running":
-                rows.append(f"| {suite} | {label} | not run yet | | | | | | | | |")
+                rows.append(f"| {suite} | {label} | not run yet | | | | | | | | | | | |")
                 continue
             st = r.get("steps", {})
             t["run"] += 1
+            t["seconds"] += r.get("total_seconds") or 0.0
             traced = st.get("trace", {}).get("ok")
             t["traced"] += bool(traced)
             t["exact"] += bool(st.get("roundtrip", {}).get("ok"))
             if traced:
                 t[r["frontend"]] = t.get(r["frontend"], 0) + 1
             t["with_leaves"] += bool(r.get("leaves"))
+            for key in ("train", "dso"):
+                if key in st:
+                    t[f"{key}_run"] += 1
+                    t[key] += bool(st[key].get("ok"))
             t["edgechoice"] += bool(st.get("edgechoice", {}).get("ok"))
             t["emit"] += bool(st.get("emit", {}).get("ok"))
             if st.get("onnx") and not st["onnx"].get("skipped"):
@@ -447,33 +688,39 @@ def report(args) -> None:
             tt = " / ".join(f"{times[k]:.1f}" if k in times else "–"
                             for k in ("trace", "roundtrip", "edgechoice", "emit", "onnx"))
             rows.append(f"| {suite} | {label} | {(r.get('params') or 0) / 1e6:.1f}M | "
-                        f"{'×'.join(map(str, r.get('input', [])[2:]))} | "
+                        f"{'×'.join(map(str, (r.get('input') or [])[1:]))} | "
                         f"{r.get('frontend', '**fail**') if traced else '**fail**'} | {len(r.get('leaves') or {})} | "
-                        f"{_cell(st.get('roundtrip'))} | {_cell(st.get('edgechoice'))} | {_cell(st.get('emit'))} | "
-                        f"{_cell(st.get('onnx'))} | {tt} |")
+                        f"{_cell(st.get('roundtrip'))} | {_cell(st.get('train'))} | {_cell(st.get('edgechoice'))} | "
+                        f"{_cell(st.get('dso'))} | {_cell(st.get('emit'))} | "
+                        f"{_cell(st.get('onnx'))} | {tt} | {r.get('total_seconds') or 0:.0f} |")
             for k, v in st.items():
                 if v.get("error"):
                     errors.append(f"- {suite}/{s['name']} — {k}: `{v['error']}`")
+                elif v.get("ok") is False and v.get("max_abs") is not None:
+                    errors.append(f"- {suite}/{s['name']} — {k}: not exact, max abs error {v['max_abs']:.3g}")
             for path, why in (r.get("leaves") or {}).items():
                 errors.append(f"- {suite}/{s['name']} — opaque leaf `{path}`: {why}")
     lines = ["# Model zoo coverage", "",
              "Generated by `bench/zoo.py --report` from `bench/results/zoo.json` "
              f"({', '.join(f'{k} {v}' for k, v in data.get('meta', {}).items())}). Random weights, eval mode, "
-             "batch 1, CPU. See `bench/zoo.py` for how models are chosen.", "", "## Totals", "",
-             "| suite | selected | run | traced | exact round trip | fx | export | with opaque leaves | "
-             "supernet parity | emitted model.py parity | ONNX parity (run) | excluded (> 60M) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "batch 1, CPU, one torch thread. See `bench/zoo.py` for how models are chosen.", "", "## Totals", "",
+             "| suite | selected | run | traced | fx | export | with opaque leaves | exact round trip | "
+             "train-mode parity (run) | DNAT supernet parity | DSO-NAS supernet parity (run) | "
+             "emitted model.py parity | ONNX parity (run) | time (s) | excluded |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for suite, t in totals.items():
-        lines.append(f"| {suite} | {t['selected']} | {t['run']} | {t['traced']} | {t['exact']} | {t['fx']} | "
-                     f"{t['export']} | {t['with_leaves']} | {t['edgechoice']} | {t['emit']} | "
-                     f"{t['onnx']} / {t['onnx_run']} | {t['excluded']} |")
+        lines.append(f"| {SUITE_TITLES[suite]} | {t['selected']} | {t['run']} | {t['traced']} | {t['fx']} | "
+                     f"{t['export']} | {t['with_leaves']} | {t['exact']} | {t['train']} / {t['train_run']} | "
+                     f"{t['edgechoice']} | {t['dso']} / {t['dso_run']} | {t['emit']} | "
+                     f"{t['onnx']} / {t['onnx_run']} | {t['seconds']:.0f} | {t['excluded']} |")
     lines += ["", "## Models", "",
-              "Round trip, supernet and emitted: `exact` is bit-identical output (`torch.equal`), otherwise "
-              "the max abs error; ONNX: ONNX Runtime within tolerance. Times in seconds: trace / round trip / "
-              "supernet (archir.search) / transform+emit / ONNX.", "",
-              "| suite | model | params | input | frontend | leaves | round trip | supernet | emitted | ONNX | "
-              "time (s) |", "|---|---|---|---|---|---|---|---|---|---|---|", *rows, "",
-              "## Errors and opaque leaves", "", *(errors or ["None."]), ""]
+              "Round trip, train mode, supernets and emitted: `exact` is bit-identical output (`torch.equal`), "
+              "otherwise the max abs error; `–` not run (train mode: only the hf and tvtasks suites; DSO-NAS: "
+              "`--extra-methods`). ONNX: ONNX Runtime within tolerance. Times in seconds: trace / round trip / "
+              "DNAT supernet (archir.search) / transform+emit / ONNX, then the whole model.", "",
+              "| suite | model | params | input | frontend | leaves | round trip | train mode | DNAT | DSO-NAS | "
+              "emitted | ONNX | time (s) | total (s) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+              *rows, "", "## Errors and opaque leaves", "", *(errors or ["None."]), ""]
     if args.limits:
         lines += [Path(args.limits).read_text()]
     DOC.parent.mkdir(parents=True, exist_ok=True)
@@ -483,9 +730,17 @@ def report(args) -> None:
         print(suite, t)
 
 
+SELECTIONS = {"torchvision": torchvision_selection, "timm": timm_selection,
+              "tvtasks": tvtasks_selection, "hf": hf_selection,
+              "torchvision_big": big_selection("torchvision")}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", choices=("torchvision", "timm"))
+    p.add_argument("--suite", choices=tuple(SELECTIONS))
+    p.add_argument("--extra-methods", nargs="*", default=None,
+                   help="further methods whose untrained supernet is checked (default: dso for the "
+                        "hf and tvtasks suites, none for the classifier suites)")
     p.add_argument("--only", nargs="*", help="model names (or timm families) to run")
     p.add_argument("--redo", action="store_true", help="run models already recorded again")
     p.add_argument("--reselect", action="store_true", help="recompute the model selection")
@@ -507,6 +762,8 @@ def main(argv=None) -> None:
         return
     if not args.suite:
         p.error("--suite is required (or --report)")
+    if args.extra_methods is None:
+        args.extra_methods = ["dso"] if args.suite in ("hf", "tvtasks") else []
     sweep(args)
 
 

@@ -73,6 +73,22 @@ class _Recorder(fx.Interpreter):
         self.metas[n] = _describe(result)
         return result
 
+    def call_function(self, target, args, kwargs) -> Any:
+        # fx hands list arguments over as its immutable lists; the generated code of a
+        # GraphModule builds fresh ones, and a wrapped helper may mutate its argument
+        # (torchvision's video Swin: ``window_size[i] = size_dhw[i]``)
+        return super().call_function(target, _mutable(args), _mutable(kwargs))
+
+
+def _mutable(a: Any) -> Any:
+    if isinstance(a, (list, fx.immutable_collections.immutable_list)):
+        return [_mutable(x) for x in a]
+    if type(a) is tuple:
+        return tuple(_mutable(x) for x in a)
+    if type(a) in (dict, fx.immutable_collections.immutable_dict):
+        return {k: _mutable(v) for k, v in a.items()}
+    return a
+
 
 def record(root: nn.Module, graph: fx.Graph, inputs: Sequence[torch.Tensor]) -> dict[fx.Node, Any]:
     with eval_mode(root), torch.no_grad():
@@ -374,9 +390,9 @@ class _Builder:
         resolve = self._junction_ref("output")
         template = self.convert(out_node.args[0], resolve)
         if self.out_spec is not None:
-            from torch.utils._pytree import tree_unflatten
+            from .capture import plain_unflatten
 
-            template = tree_unflatten(list(template), self.out_spec)
+            template = plain_unflatten(list(template), self.out_spec)
         return template
 
 

@@ -99,7 +99,8 @@ def export_trace(root: nn.Module, example_inputs: Sequence[torch.Tensor],
     def is_leaf(path: str, m: nn.Module) -> bool:
         return path in extra or is_torch_leaf(m)
 
-    with _quiet_torch(), _leaf_calls(root, is_leaf) as simple:
+    register_output_objects(root, example_inputs)
+    with _quiet_torch(), _leaf_calls(root, is_leaf) as simple, _dropout_visible(root, is_leaf):
         ep = _export(root, tuple(example_inputs))
     gm = ep.module()
     out_spec = gm.graph._codegen.pytree_info.out_spec if hasattr(gm.graph._codegen, "pytree_info") else None
@@ -109,11 +110,114 @@ def export_trace(root: nn.Module, example_inputs: Sequence[torch.Tensor],
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target.startswith("_guards"):
             graph.erase_node(node)
+        elif node.op == "call_function" and node.target is torch.ops.aten.view.default:
+            # export lowers ``reshape`` to ``view`` where the fake tensor's strides allowed it,
+            # but a kernel may lay its result out differently at run time (Hugging Face T5:
+            # SDPA's output, transposed, then reshaped). The graph is functional, so ``reshape``
+            # (a view wherever ``view`` works, else a copy) computes the same values.
+            node.target = torch.ops.aten.reshape.default
     _adopt_constants(graph, gm, root)
     _drop_buffer_writebacks(graph)
     _collapse_leaf_calls(graph, root, is_leaf, simple)
     _remove_unused(graph)
     return graph, out_spec
+
+
+# Classes registered here as pytree nodes (flattened through their ``__dict__``); their
+# instances come out of a traced graph as plain dicts (see :func:`plain_unflatten`).
+OBJECT_NODES: set[type] = set()
+_LEAF_TYPES = (torch.Tensor, int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def _holds_tensors(value, depth: int = 0) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if depth > 8 or isinstance(value, _LEAF_TYPES):
+        return False
+    if isinstance(value, dict):
+        return any(_holds_tensors(v, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensors(v, depth + 1) for v in value)
+    return hasattr(value, "__dict__") and any(_holds_tensors(v, depth + 1) for v in vars(value).values())
+
+
+def _object_flatten(obj):
+    """Children: the attributes that hold tensors, in ``__dict__`` order; context: the class,
+    their names, and the other attributes (kept as they are)."""
+    names = [k for k, v in vars(obj).items() if _holds_tensors(v)]
+    rest = {k: v for k, v in vars(obj).items() if k not in names}
+    return [getattr(obj, k) for k in names], (type(obj), tuple(names), rest)
+
+
+def _object_unflatten(children, context):
+    cls, names, rest = context
+    obj = cls.__new__(cls)
+    obj.__dict__.update(rest)
+    obj.__dict__.update(zip(names, children))
+    return obj
+
+
+def register_output_objects(root: nn.Module, example_inputs: Sequence[torch.Tensor]) -> None:
+    """Let torch.export return objects of classes it does not know (Hugging Face's
+    ``DynamicCache`` and its layers), which it otherwise refuses ("Found <class ...> in output,
+    which is not a known type"). The model runs once; every class in its output (nested in
+    containers or attributes) that holds tensors and is not a pytree node already is registered
+    as one, flattened through the attributes that hold tensors.
+
+    Registration is process-wide, as ``transformers.exporters`` does for the same classes; it
+    changes nothing for code that never flattens such objects."""
+    import torch.utils._pytree as pytree
+
+    saved = [(b, b.clone()) for b in root.buffers()]  # a training-mode run updates BatchNorm's
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # and draws random numbers
+            out = root(*example_inputs)
+    except Exception:  # noqa: BLE001 - the export attempt reports the model's own error
+        return
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+
+    def visit(value, depth=0):
+        if depth > 8 or isinstance(value, _LEAF_TYPES):
+            return
+        if isinstance(value, dict):
+            children = list(value.values())
+        elif isinstance(value, (list, tuple)):
+            children = list(value)
+        elif hasattr(value, "__dict__") and _holds_tensors(value):
+            cls = type(value)
+            if cls not in pytree.SUPPORTED_NODES:
+                pytree.register_pytree_node(cls, _object_flatten, _object_unflatten,
+                                            serialized_type_name=f"archir.{cls.__module__}.{cls.__qualname__}")
+                OBJECT_NODES.add(cls)
+            children = [v for v in vars(value).values()]
+        else:
+            return
+        for c in children:
+            visit(c, depth + 1)
+
+    visit(out)
+
+
+def plain_unflatten(leaves: list, spec):
+    """``tree_unflatten`` in which every object of a class from :data:`OBJECT_NODES` becomes a
+    plain dict ``{attribute: value}`` (a traced graph returns values torch can hold, and a
+    standalone model.py cannot import the model's library to rebuild its classes)."""
+    import torch.utils._pytree as pytree
+
+    it = iter(leaves)
+
+    def build(s):
+        if s.is_leaf():
+            return next(it)
+        children = [build(c) for c in s.children()]
+        if s.type in OBJECT_NODES:
+            return dict(zip(s.context[1], children))
+        return pytree.SUPPORTED_NODES[s.type].unflatten_fn(children, s.context)
+
+    return build(spec)
 
 
 def _export(root: nn.Module, args: tuple):
@@ -126,6 +230,27 @@ def _export(root: nn.Module, args: tuple):
         ep = torch.export.export(root, args, strict=False)
     # functionalization turns in-place updates of views (x[:, 0] = v) into scatter ops
     return ep.run_decompositions({})
+
+
+@contextlib.contextmanager
+def _dropout_visible(root: nn.Module, is_leaf):
+    """Dropout and stochastic-depth leaf modules in training mode while exporting: in eval mode
+    their call is the identity and leaves no operation behind, so the exported graph would not
+    drop anything when the traced model is trained. In training mode the call leaves its random
+    operations, which :func:`_collapse_leaf_calls` turns back into the module (following
+    ``.train()``/``.eval()``)."""
+    from archir.layers import StochasticDepth
+
+    random_layers = (nn.modules.dropout._DropoutNd, StochasticDepth)
+    changed = [m for p, m in root.named_modules()
+               if p and isinstance(m, random_layers) and not m.training and is_leaf(p, m)]
+    for m in changed:
+        m.train()
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.eval()
 
 
 @contextlib.contextmanager

@@ -10,13 +10,16 @@
   deletes modules and parameters that no operation uses any more.
 * :class:`FoldIdentities` makes identity edges direct connections: an empty edge into a plain
   junction merges the two junctions, and operations that compute the identity (``nn.Identity``,
-  ``x * 1``, ``x + 0``, dropout with p = 0) disappear.
+  ``x * 1``, ``x + 0``, dropout with p = 0) disappear, and so does an idempotent activation applied
+  to its own output (relu(relu(x)) = relu(x), likewise ReLU6): what a pruned residual block leaves
+  between the ReLUs after the sums before and after it.
 """
 from __future__ import annotations
 
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from archir.ir import Graph, Input, Op
@@ -167,8 +170,46 @@ def _is_identity_op(graph: Graph, op: Op) -> bool:
     return False
 
 
+#: element-wise maps with f∘f = f, by kind: the second of two in a row computes the identity
+_IDEMPOTENT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
+_IDEMPOTENT_FUNCTIONS = {torch.relu: "relu", F.relu: "relu", "relu": "relu", F.relu6: "relu6"}
+
+
+def _idempotent_kind(graph: Graph, op: Op) -> str | None:
+    """``"relu"``/``"relu6"`` when ``op`` applies that map to its input alone, else None."""
+    if op.kind == "call_module":
+        return _IDEMPOTENT_MODULES.get(type(graph.root.get_submodule(op.target)))
+    if op.kind in ("call_function", "call_method") and len(op.args) == 1 and isinstance(op.args[0], Input) \
+            and set(op.kwargs) <= {"inplace"}:
+        try:
+            return _IDEMPOTENT_FUNCTIONS.get(op.target)
+        except TypeError:  # an unhashable target
+            return None
+    return None
+
+
+def _previous_op(graph: Graph, edge, index: int) -> Op | None:
+    """The operation whose output ``edge.ops[index]`` reads: the one before it on the edge, else
+    the last one before the edge's source junction while that is a plain value with one in-edge."""
+    if index > 0:
+        return edge.ops[index - 1]
+    seen = set()
+    jid = edge.src
+    while jid not in seen:
+        seen.add(jid)
+        j = graph.junctions[jid]
+        ins = graph.in_edges(jid)
+        if j.is_input or j.combine is not None or len(ins) != 1 or isinstance(j.meta, tuple):
+            return None
+        if ins[0].ops:
+            return ins[0].ops[-1]
+        jid = ins[0].src
+    return None
+
+
 class FoldIdentities(Pass):
-    """Identity edges become direct connections; identity operations disappear."""
+    """Identity edges become direct connections; identity operations (and an idempotent activation
+    of its own output) disappear."""
 
     def run(self, graph: Graph) -> PassResult:
         """Drop identity operations, then merge the ``dst`` of each empty edge into its ``src`` where
@@ -180,6 +221,16 @@ class FoldIdentities(Pass):
             if len(kept) != len(e.ops):
                 e.ops = kept
                 modified = True
+        for e in graph.edges_in_order():  # in order: relu · relu · relu keeps the first only
+            i = 0
+            while i < len(e.ops):
+                kind = _idempotent_kind(graph, e.ops[i])
+                prev = _previous_op(graph, e, i) if kind else None
+                if kind and prev is not None and _idempotent_kind(graph, prev) == kind:
+                    e.ops = e.ops[:i] + e.ops[i + 1:]
+                    modified = True
+                else:
+                    i += 1
         for e in list(graph.edges.values()):
             if e.ops or e.id not in graph.edges:
                 continue

@@ -66,6 +66,7 @@ from .derive import remove_unused_attributes
 from .edge_choice import WHY_SHORTCUT, choice_reason
 
 LAMBDA_ROOT = "archir_lambda"
+FROZEN_ATTR = "archir_frozen_scales"  # names of the BatchNorm weights EdgeScale froze (freeze_bn)
 SCALE_TAG = "dso_scale"  # op.meta key of the λ multiply
 WHY_SUM = "input of a sum (Eq. 2)"
 WHY_SCALED_SHORTCUT = "shortcut into a sum (--shortcuts)"
@@ -128,12 +129,19 @@ class EdgeScale(Pass):
     ``share``: ``"full"`` (one λ per edge) or ``"cell"`` (one per cell-sharing group); ``init``: λ's
     initial value (1: the original function); ``shortcuts``: also scale parameter-free shortcuts
     into sums. Edges labelled ``dense`` get their own λ initialised to 0.
+
+    ``freeze_bn``: the affine BatchNorm that λ would fold into (the last one before λ on the edge)
+    keeps its scale γ fixed during the search (``requires_grad=False``; DSO-NAS sec. 4 fixes BN
+    scales "to prevent affecting the learning of λ": λ·γ·x̂ is invariant to λ → cλ, γ → γ/c, so a
+    trainable γ could undo any shrinking of λ that the L1 penalty asks for). They stay at their
+    current values (1 in a fresh network; a pretrained one keeps its function), and
+    :class:`DeriveScale` makes them trainable again for the network stage.
     """
 
-    def __init__(self, share: str = "full", init: float = 1.0, shortcuts: bool = False):
+    def __init__(self, share: str = "full", init: float = 1.0, shortcuts: bool = False, freeze_bn: bool = False):
         if share not in ("cell", "full"):
             raise UserInputError(f"share must be 'cell' or 'full', not {share!r}")
-        self.share, self.init, self.shortcuts = share, float(init), shortcuts
+        self.share, self.init, self.shortcuts, self.freeze_bn = share, float(init), shortcuts, freeze_bn
 
     def run(self, graph: Graph) -> PassResult:
         """Scale the edges, hold λ in ``graph.root.archir_lambda`` and label each scaled edge with
@@ -158,6 +166,12 @@ class EdgeScale(Pass):
             e.labels.update(choices="none,same", param=name, why=why)
         if not names:
             return PassResult(graph, False)
+        if self.freeze_bn:
+            frozen = sorted({t for e in scaled_edges(graph) if not e.labels.get("dense")
+                             for t in [_scale_bn(graph, e)] if t is not None})
+            for target in frozen:
+                fetch_attr(graph.root, target).weight.requires_grad_(False)
+            setattr(graph.root, FROZEN_ATTR, frozen)
         graph.root.add_module(LAMBDA_ROOT, lambdas)
         graph.root.archir_lambda_keys = {v: k for k, v in names.items()}
         return PassResult(graph, True)
@@ -232,6 +246,29 @@ def edge_cone_mac(graph: Graph, edge: Edge) -> int:
 
 # -- deriving ----------------------------------------------------------------------------------
 
+def _scale_bn(graph: Graph, edge: Edge) -> str | None:
+    """The module target of the affine BatchNorm that λ on ``edge`` folds into, or None."""
+    ops = chain_before(graph, edge)
+    i, _ = fold_target(graph, ops, 1.0)
+    if i is None or type(fetch_attr(graph.root, ops[i].target)) not in _BATCH_NORMS:
+        return None
+    return ops[i].target
+
+
+def unfreeze_scales(graph: Graph) -> bool:
+    """Make the BatchNorm scales that :class:`EdgeScale` froze trainable again; whether there were any."""
+    frozen = getattr(graph.root, FROZEN_ATTR, None)
+    if frozen is None:
+        return False
+    for target in frozen:
+        try:
+            fetch_attr(graph.root, target).weight.requires_grad_(True)
+        except AttributeError:  # pruned with its edge
+            pass
+    delattr(graph.root, FROZEN_ATTR)
+    return True
+
+
 class DeriveScale(Pass):
     """Label every scaled edge: ``decision`` ``none`` (λ exactly 0, or pruned to meet ``budget``),
     ``zero`` (the one operand a sum keeps when all of them are 0) or ``same`` (a densified
@@ -240,7 +277,8 @@ class DeriveScale(Pass):
 
     ``budget``: a FLOPs limit (multiply-adds per example): while :func:`kept_flops` exceeds it,
     the nonzero edge with the smallest |λ| among those whose pruning frees FLOPs (and leaves its
-    sum another operand) is pruned too, labelled ``budget``.
+    sum another operand) is pruned too, labelled ``budget``. BatchNorm scales frozen by
+    :class:`EdgeScale` (``freeze_bn``) become trainable again.
     """
 
     def __init__(self, budget: float | None = None):
@@ -249,8 +287,9 @@ class DeriveScale(Pass):
     def run(self, graph: Graph) -> PassResult:
         """Decide and label every scaled edge (see the class docstring); unmodified when there is none."""
         lams = edge_lambdas(graph)
+        unfrozen = unfreeze_scales(graph)
         if not lams:
-            return PassResult(graph, False)
+            return PassResult(graph, unfrozen)
         none = {eid for eid, v in lams.items() if v == 0.0}
         forced: set[str] = set()
         if self.budget is not None:

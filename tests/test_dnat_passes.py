@@ -197,6 +197,34 @@ def test_fold_identities_removes_identity_modules_and_trivial_arithmetic():
     assert not PassManager([FoldIdentities()])(g).modified  # honest `modified`
 
 
+def test_fold_identities_drops_an_idempotent_activation_of_its_own_output():
+    """relu(relu(x)) = relu(x), also across junctions (what a pruned residual block leaves); a
+    relu after a different activation, or after a fork's other reader, stays."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.r1, self.r2, self.r6 = nn.ReLU(), nn.ReLU(inplace=True), nn.ReLU6()
+
+        def forward(self, x):
+            h = self.r1(self.a(x))
+            h = torch.relu(self.r2(h))                     # two repeats: both go
+            k = self.r6(torch.nn.functional.relu6(self.b(h)))  # relu6 · ReLU6: the second goes
+            return torch.relu(torch.nn.functional.leaky_relu(h)) + torch.relu(k)  # both stay
+
+    model = M().eval()
+    g = archir.trace(model, torch.randn(2, 4), granularity="block")
+    before = sum(len(e.ops) for e in g.edges.values())
+    assert PassManager([FoldIdentities()])(g).modified
+    assert before - sum(len(e.ops) for e in g.edges.values()) == 3
+    kinds = [op.render() for e in g.edges_in_order() for op in e.ops]
+    assert kinds.count("r1") == 1 and "r2" not in kinds and "r6" not in kinds
+    for seed in range(3):
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(g.to_module()(x), model(x))
+    assert not PassManager([FoldIdentities()])(g).modified
+
+
 @pytest.mark.parametrize("weights", [(0.0, 0.0, 1.0), (0.1, 0.3, 0.6), (0.5, 0.0, 0.5)])
 @pytest.mark.parametrize("with_identity", [True, False])
 def test_weighted_sum_matches_autograd(weights, with_identity):

@@ -81,9 +81,28 @@ def test_parity_at_initialisation_bit_for_bit(share):
     out_m.square().sum().backward()
     out_s.square().sum().backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
+    frozen = {n for n, p in s.supernet.named_parameters() if not p.requires_grad}
+    assert frozen == {f"blocks.{i}.b2.weight" for i in range(3)}  # freeze_bn: the BatchNorm before each λ
     for n, p in s.supernet.named_parameters():
-        if n in grads:
+        if n in grads and n not in frozen:
             assert torch.equal(p.grad, grads[n]), n
+
+
+def test_freeze_bn_fixes_the_scale_before_lambda_during_the_search_only():
+    model, x = _model(), torch.randn(4, 3, 8, 8)
+    s = archir.search(model, x, method="dso", gamma=0.0)
+    frozen = {n for n, p in s.supernet.named_parameters() if not p.requires_grad}
+    # the last BatchNorm of each residual branch (λ·γ·x̂ = (cλ)·(γ/c)·x̂); the MLP branch has none
+    assert frozen == {f"blocks.{i}.b2.weight" for i in range(3)}
+    before = {n: p.detach().clone() for n, p in s.supernet.named_parameters() if n in frozen}
+    opt = torch.optim.SGD(s.weight_parameters(), lr=0.5)
+    s.supernet(x).square().sum().backward()
+    opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in s.supernet.named_parameters() if n in frozen)
+    derived = s.derive()
+    assert all(p.requires_grad for p in derived.parameters())  # the network stage trains them again
+    unfrozen = archir.search(_model(), x, method="dso", freeze_bn=False)
+    assert all(p.requires_grad for p in unfrozen.supernet.parameters())
 
 
 def test_shortcuts_option_scales_the_identity_shortcuts():

@@ -113,13 +113,14 @@ def test_cli_transform_method_dso(tiny, tmp_path):
     out = tmp_path / "out"
     r = runner.invoke(main, ["transform", str(path), "--method", "dso", "--gamma", "0.5", "--penalty", "flops",
                              "--epochs", "3", "--arch-epochs", "2", "--warmup-epochs", "1", "--batch-size", "16",
-                             "--quiet", "--out", str(out)])
+                             "--retrain", "scratch", "--quiet", "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert "TinyRes:" in r.output and "model.onnx" in r.output
     for f in ("model.py", "weights.pt", "model.onnx", "arch.png", "report.md", "report.json"):
         assert (out / f).is_file(), f
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "dso" and report["method_options"]["penalty"] == "flops"
+    assert report["options"]["retrain"] == "scratch" and report["method_options"]["freeze_bn"]
     assert report["onnx"]["passed"]
     assert report["history"][0]["warmup"]  # weight pre-training: λ did not move in epoch 1
     assert all(w["λ"] == 1.0 for w in report["arch_history"][0]["weights"].values())

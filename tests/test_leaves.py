@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,8 +246,32 @@ def test_pruning_a_recurrent_branch_drops_its_parameters():
     assert torch.allclose(graph.to_module().eval()(x), model.head(g[:, -1]))
 
 
-def test_check_emittable_refuses_a_user_leaf_before_training(tmp_path, monkeypatch):
+def test_user_leaf_is_emitted_with_a_copy_of_its_class(tmp_path):
     model, kw = _model("user_leaf")
+    s = archir.search(model, _x(), **kw)
+    check_emittable(s.original.to_module())
+    files = s.emit(tmp_path / "out", onnx=False)
+    assert "class Gate(nn.Module):" in Path(files["model.py"]).read_text()
+    emitted = _load(files["model.py"]).load_model().eval()
+    with torch.no_grad():
+        assert torch.equal(emitted(_x(4)), model.eval()(_x(4)))
+
+
+_TABLE = [0.5]  # a module-level object that model.py cannot copy
+
+
+class TableGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.lin(x) * _TABLE[0]
+
+
+def test_check_emittable_refuses_an_uncopyable_user_leaf_before_training(tmp_path, monkeypatch):
+    model, kw = _model("user_leaf")
+    model.gate = TableGate()
     s = archir.search(model, _x(), **kw)
     monkeypatch.chdir(tmp_path)
     for module in (s.supernet, s.original.to_module()):

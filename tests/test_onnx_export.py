@@ -325,14 +325,14 @@ def test_clean_graph_rewires_identities_and_drops_dead_nodes(tmp_path):
 
 def test_mismatch_raises_and_keeps_unverified_file(tmp_path):
     path = tmp_path / "liar.onnx"
-    (tmp_path / "liar.onnx").write_bytes(b"stale")  # an older export is replaced, not left to mislead
+    (tmp_path / "liar.onnx").write_bytes(b"earlier")  # an earlier export is replaced only by a verified one
     with pytest.raises(OnnxVerificationError) as info:
         export_onnx(BehavesDifferentlyInOnnx(), torch.randn(2, 3), path)
     message = str(info.value)
     assert "'output'" in message and "max abs error 0.001" in message
     assert "atol=1e-05" in message and "rtol=0.0001" in message
-    assert not path.exists()
-    assert files_in(tmp_path) == ["liar.unverified.onnx"]
+    assert path.read_bytes() == b"earlier" and "left as it was" in message
+    assert files_in(tmp_path) == ["liar.onnx", "liar.unverified.onnx"]
     report = info.value.report
     assert report.passed is False and report.path == str(tmp_path / "liar.unverified.onnx")
     onnx.checker.check_model(report.path, full_check=True)

@@ -170,9 +170,23 @@ class WithCustom(nn.Module):
         return self.custom(self.pre(x))
 
 
-def test_custom_leaf_module_raises(tmp_path):
-    gm = archir.trace(WithCustom(), torch.randn(2, 4), leaf_modules=["custom"]).to_module()
-    with pytest.raises(StandaloneError, match=r"'custom'.*Custom.*user-defined") as info:
+def test_custom_leaf_module_is_copied(tmp_path):
+    """A user-defined leaf: model.py holds a copy of its class (it uses only torch), and the
+    emitted model is verified against the GraphModule on the example input."""
+    x = torch.randn(2, 4)
+    gm = archir.trace(WithCustom(), x, leaf_modules=["custom"]).to_module()
+    files = emit_standalone(gm, tmp_path / "out", example_inputs=(x,))
+    assert "class Custom(nn.Module):" in files.model_py.read_text()
+
+
+class Subclassed(nn.Linear):  # not a direct nn.Module subclass: its base's forward is not copied
+    pass
+
+
+def test_custom_leaf_module_that_cannot_be_copied_raises(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4), Subclassed(4, 4))
+    gm = archir.trace(model, torch.randn(2, 4), leaf_modules=["1"]).to_module()
+    with pytest.raises(StandaloneError, match=r"'1'.*Subclassed.*user-defined") as info:
         emit_standalone(gm, tmp_path / "out")
     assert isinstance(info.value, ArchirError)
     assert not (tmp_path / "out" / "model.py").exists()

@@ -19,6 +19,8 @@ from archir.training import (
     carry_optimizer_state,
     cosine_lr,
     evaluate,
+    initial_values,
+    rewind,
     resolve_device,
     split_indices,
     train_plain,
@@ -311,6 +313,43 @@ def test_cosine_schedule_continues_across_switch(data):
     assert [r["lr"] for r in res.history] == [cosine_lr(0.1, 8 * e, total) for e in range(4)]
     _, res = run(data, cfg(epochs=2, schedule="constant", lr=0.1))
     assert [r["lr"] for r in res.history] == [0.1, 0.1]
+
+
+def test_retrain_scratch_rewinds_the_derived_network_and_restarts_the_schedule(data):
+    _, res = run(data, cfg(epochs=4, arch_epochs=2, lr=0.1, retrain="scratch"))
+    steps = 8  # per epoch; each stage its own cosine schedule of 16 steps, from lr again
+    assert [r["lr"] for r in res.history] == [cosine_lr(0.1, steps * e, 2 * steps) for e in (0, 1, 0, 1)]
+    assert res.carried_state == 0  # a fresh optimiser: no momentum from the search
+    assert res.history[-1]["val_metric"] > 0.5  # it trains from the fresh start
+    # derived after the last epoch: the network returned is the rewound one, untrained
+    x, y, xv, yv = data
+    torch.manual_seed(0)
+    net = SuperNet()
+    initial = {id(p): p.detach().clone() for p in net.parameters()}
+    res = train_two_stage(net, [net.theta], Loader(x, y), Loader(xv, yv, shuffle=False),
+                          cfg(epochs=2, arch_epochs=2, retrain="scratch"), derive=Counter(), project_arch=project(net))
+    params = list(res.network.parameters())
+    assert params and all(torch.equal(p, initial[id(p)]) for p in params)
+    with pytest.raises(ValueError, match="retrain"):
+        cfg(retrain="warm")
+
+
+def test_rewind_restores_known_parameters_and_resets_the_others():
+    torch.manual_seed(0)
+    kept, new = nn.Linear(3, 3), nn.Linear(3, 3)
+    initial = initial_values(kept)
+    start = {n: p.detach().clone() for n, p in kept.named_parameters()}
+    bn = nn.BatchNorm1d(3)
+    model = nn.Sequential(kept, bn, new)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    bn(torch.randn(8, 3))  # running statistics move
+    before_new = new.weight.detach().clone()
+    assert rewind(model, initial, seed=0) == []
+    assert all(torch.equal(p, start[n]) for n, p in kept.named_parameters())
+    assert not torch.equal(new.weight, before_new)  # reset_parameters (not in ``initial``)
+    assert torch.equal(bn.running_mean, torch.zeros(3)) and torch.equal(bn.weight, torch.ones(3))
 
 
 def test_checkpoint_written_atomically_and_loadable(data, tmp_path):

@@ -15,6 +15,8 @@ from archir.errors import TraceError
 from archir.passes.base import PassManager
 from archir.passes.edge_choice import EdgeChoice, valid_choices
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class ValueGate(nn.Module):
     """Branches on tensor values: neither tracer can follow it."""
@@ -173,13 +175,47 @@ def test_no_auto_leaves_with_an_explicit_frontend():
         archir.trace(Net(), torch.randn(2, 3, 6, 6), frontend="fx")
 
 
-def test_emitter_refuses_an_opaque_custom_leaf_clearly(tmp_path):
-    """Documented limit: model.py may import only torch, so a user-defined module kept opaque
-    cannot be written out; the error names the module."""
+def test_opaque_custom_leaf_is_emitted_with_its_class_source(tmp_path):
+    """A user-defined module kept opaque (torchvision's detection heads in the sweep): model.py
+    holds a copy of its class, built without its ``__init__``; outputs equal in eval and train."""
+    import importlib.util
+
+    from archir.backends.standalone import emit_standalone
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 3, 6, 6)
+    graph = archir.trace(model, x)
+    files = emit_standalone(graph.to_module(), tmp_path, example_inputs=(x,))
+    src = files.model_py.read_text()
+    assert "class ValueGate(nn.Module):" in src and "import torch.nn as nn" in src
+    assert "test_zoo_patterns" not in src.replace("# copied from test_zoo_patterns.ValueGate", "")
+    spec = importlib.util.spec_from_file_location("emitted_opaque", files.model_py)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    emitted = mod.load_model()
+    for train in (False, True):
+        emitted.train(train), model.train(train)
+        with torch.no_grad():
+            assert torch.equal(emitted(x), model(x))
+
+
+_OUTSIDE = [2.0]  # not a literal model.py could copy
+
+
+class ReadsOutside(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # neither tracer follows this: kept opaque
+            return x * _OUTSIDE[0]
+        return x
+
+
+def test_opaque_leaf_reading_an_outside_object_is_refused_clearly(tmp_path):
     from archir.backends.standalone import StandaloneError, emit_standalone
 
-    graph = archir.trace(Net().eval(), torch.randn(2, 3, 6, 6))
-    with pytest.raises(StandaloneError, match="gate"):
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), ReadsOutside())
+    graph = archir.trace(model, torch.randn(1, 3, 4, 4), leaf_modules=["1"], frontend="fx")
+    with pytest.raises(StandaloneError, match=r"submodule '1'.*uses '_OUTSIDE' \(list\)"):
         emit_standalone(graph.to_module(), tmp_path)
 
 
@@ -382,6 +418,21 @@ def test_drop_path_follows_train_and_eval_after_tracing(traced_in, tmp_path):
         assert _same_under_seed(emitted.module, slim, x)
 
 
+def test_drop_path_survives_an_eval_mode_export():
+    """Under torch.export an eval-mode drop path is the identity and left nothing behind; it is
+    exported in training mode and becomes the StochasticDepth module again."""
+    from archir.layers import StochasticDepth
+
+    torch.manual_seed(0)
+    model = DropPathNet().eval()
+    x = torch.randn(8, 3, 6, 6)
+    gm = archir.trace(model, x, frontend="export").to_module()
+    assert any(isinstance(m, StochasticDepth) for m in gm.modules())
+    for mode in (True, False):
+        model.train(mode), gm.train(mode)
+        assert _same_under_seed(model, gm, x)
+
+
 def test_functional_torchvision_stochastic_depth_becomes_a_module():
     from archir.frontends.normalize import dropout_to_modules
     from archir.layers import StochasticDepth
@@ -468,6 +519,215 @@ def test_edgechoice_keeps_memory_format_so_batch_one_is_exact():
     PassManager([EdgeChoice("cell")])(graph)
     with torch.no_grad():
         assert torch.equal(graph.to_module().eval()(x), model(x))
+
+
+# ---- a wrapped helper that mutates its list argument (torchvision's video Swin) ------------------
+
+def _clip_window(window: list, size: list) -> list:
+    for i in range(len(window)):
+        if size[i] <= window[i]:
+            window[i] = size[i]  # mutates its argument, as torchvision's _get_window_and_shift_size
+    return window
+
+
+torch.fx.wrap("_clip_window")
+
+
+class ClippedWindowPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        k = _clip_window([4, 4], [x.shape[2], x.shape[3]])
+        return nn.functional.avg_pool2d(self.conv(x), k)
+
+
+def test_wrapped_helper_may_mutate_its_list_argument():
+    model = ClippedWindowPool().eval()
+    x = torch.randn(1, 3, 3, 8)
+    graph = archir.trace(model, x)
+    assert graph.frontend == "fx"
+    with torch.no_grad():
+        assert torch.equal(graph.to_module()(x), model(x))
+
+
+def _pad_amount(size: int, window: int) -> int:
+    return (window - size % window) % window
+
+
+def _pad_to_window(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Calls another plain function of its module, as torchvision's video Swin's
+    ``shifted_window_attention_3d`` calls ``_compute_attention_mask_3d``."""
+    return nn.functional.pad(x, (0, _pad_amount(x.shape[-1], window)))
+
+
+torch.fx.wrap("_pad_to_window")
+
+
+class PadToWindow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return _pad_to_window(self.conv(x), 4)
+
+
+def test_inlined_helper_takes_the_functions_it_calls_along(tmp_path):
+    from archir.backends.standalone import emit_standalone
+
+    x = torch.randn(1, 3, 4, 6)
+    gm = archir.trace(PadToWindow().eval(), x).to_module()
+    files = emit_standalone(gm, tmp_path, example_inputs=(x,))  # verified on x
+    src = files.model_py.read_text()
+    assert "def _pad_amount(size, window):" in src and "(called by test_zoo_patterns._pad_to_window)" in src
+
+
+# ---- Hugging Face transformers' patterns, in torch only -----------------------------------------
+
+class CacheLayer:
+    """A layer of Hugging Face's ``DynamicCache``: a plain object, not a pytree type."""
+
+    def __init__(self, keys, values):
+        self.keys, self.values, self.is_initialized = keys, values, True
+
+
+class KVCache:
+    def __init__(self):
+        self.layers = []
+
+
+class TinyDecoderLayer(nn.Module):
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.drop = nn.Dropout(0.25)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x, allowed, cache):
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        cache.layers.append(CacheLayer(k, v))
+        a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, n, d)))  # residual: a sum junction
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class TinyDecoder(nn.Module):
+    """GPT-2 / Llama in miniature: token ids and an attention mask (integers) in; a dict out
+    holding logits and a cache *object* (torch.fx cannot return it; torch.export needs it flattened)."""
+
+    def __init__(self, vocab=50, d=16, layers=2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(TinyDecoderLayer(d) for _ in range(layers))
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, input_ids, attention_mask):
+        n = input_ids.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=input_ids.device).tril()
+        allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
+        x, cache = self.embed(input_ids), KVCache()
+        for layer in self.layers:
+            x = layer(x, allowed, cache)
+        return {"logits": self.head(x), "past_key_values": cache}
+
+
+def _decoder_inputs():
+    ids = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(1, 6, dtype=torch.long)
+    mask[0, -2:] = 0  # right padding
+    return ids, mask
+
+
+def _flat(out):
+    from archir.frontends.capture import OBJECT_NODES  # noqa: F401 - (the classes it registered)
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flat(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _flat(v)]
+    if hasattr(out, "__dict__"):
+        return [t for v in vars(out).values() for t in _flat(v)]
+    return []
+
+
+def test_output_object_holding_tensors_is_flattened_into_a_dict():
+    torch.manual_seed(0)
+    model = TinyDecoder().eval()
+    x = _decoder_inputs()
+    graph = archir.trace(model, x)
+    graph.verify()
+    assert graph.frontend == "export" and not graph.leaves
+    out = graph.to_module().eval()(*x)
+    assert list(out) == ["logits", "past_key_values"]
+    assert list(out["past_key_values"]) == ["layers"] and list(out["past_key_values"]["layers"][0]) == \
+        ["keys", "values"]
+    with torch.no_grad():
+        ref = model(*x)
+    want, got = _flat(ref), _flat(out)
+    assert len(want) == len(got) == 5 and all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+def test_export_keeps_dropout_modules_following_train_and_eval():
+    """Traced in eval mode, an ``nn.Dropout`` call leaves no operation under torch.export; it is
+    exported in training mode so that the traced model still drops out when trained."""
+    torch.manual_seed(0)
+    model = TinyDecoder().eval()
+    x = _decoder_inputs()
+    lowered = archir.trace(model, x).to_module()
+    calls = [n for n in lowered.graph.nodes if n.op == "call_module"
+             and isinstance(lowered.get_submodule(n.target), nn.Dropout)]
+    assert len(calls) == 4  # each layer's module, called twice
+    assert not any(lowered.get_submodule(n.target).training for n in calls)  # as the model was
+    model.train(), lowered.train()
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        want = model(*x)["logits"]
+        torch.manual_seed(seed)
+        assert torch.equal(lowered(*x)["logits"], want)
+    torch.manual_seed(1)
+    assert not torch.equal(model.eval()(*x)["logits"], want)  # dropout did act in training
+
+
+def test_exported_views_become_reshapes():
+    """torch.export lowers ``reshape`` to ``view`` when the example's strides allow it; a kernel
+    may lay its result out otherwise at run time (Hugging Face T5), so the graph keeps reshape."""
+    model = TinyDecoder().eval()
+    gm = archir.trace(model, _decoder_inputs()).to_module()
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.reshape.default in targets and torch.ops.aten.view.default not in targets
+
+
+@pytest.mark.parametrize("method", ["dnat", "dso"])
+def test_transformer_residuals_are_searchable_and_start_exact(method, tmp_path):
+    """A transformer's residual adds are sum junctions: the attention and MLP branches become
+    searchable edges, the supernet starts at the original, and so does the emitted model.py."""
+    import importlib.util
+
+    torch.manual_seed(0)
+    model = TinyDecoder().eval()
+    x = _decoder_inputs()
+    with torch.no_grad():
+        want = _flat(model(*x))
+    s = archir.search(model, x, method)
+    assert len(s.arch_weights()) >= 4
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(want, _flat(s.supernet.eval()(*x))))
+    if method == "dnat":  # derive at initialisation keeps every edge as it was
+        files = s.emit(tmp_path / "o", onnx=False)
+        spec = importlib.util.spec_from_file_location("emitted_decoder", files["model.py"])
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        with torch.no_grad():
+            got = _flat(mod.load_model().eval()(*x))
+        assert len(got) == 5 and all(torch.equal(a, b) for a, b in zip(want, got))
+    s.close()
 
 
 # ---- the real zoos, when installed (not in CI) ---------------------------------------------------

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 
 from archir.fileio import atomic_path
+from archir.progress import Progress, say
 
 from .datasets import DataError, ImageTensorDataset, _finish, _resize_uint8
 from .splits import _held_out_count, _stratified_split
@@ -40,6 +42,7 @@ class _FolderOptions:
     seed: int
     cache_dir: Path | None  # None: no decode cache
     num_workers: int | None
+    progress: bool = False  # report decoding (archir.progress)
 
 
 # ---- image folders --------------------------------------------------------------------------
@@ -130,9 +133,11 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _decode_files(paths: list[str], size: tuple[int, int] | None, num_workers: int | None
-                  ) -> np.ndarray:
-    """Decode images to one ``N x H x W x 3`` uint8 array, in a process pool when worthwhile."""
+def _decode_files(paths: list[str], size: tuple[int, int] | None, num_workers: int | None,
+                  desc: str = "decoding", progress: bool = False) -> np.ndarray:
+    """Decode images to one ``N x H x W x 3`` uint8 array, in a process pool when worthwhile;
+    ``progress``: report it (:class:`archir.progress.Progress`, in images)."""
+
     workers = _usable_cpus() if num_workers is None else max(1, num_workers)
     workers = min(workers, max(1, len(paths) // _MIN_FILES_PER_WORKER))
     jobs = [(paths[i:i + _DECODE_CHUNK], size) for i in range(0, len(paths), _DECODE_CHUNK)]
@@ -159,9 +164,9 @@ def _decode_files(paths: list[str], size: tuple[int, int] | None, num_workers: i
                            workers, exc)
         else:
             with pool:
-                results = pool.map(_decode_chunk, jobs, chunksize=1)
+                results = _tracked(pool.imap(_decode_chunk, jobs, chunksize=1), jobs, desc, progress)
     if results is None:
-        results = [_decode_chunk(job) for job in jobs]
+        results = _tracked(map(_decode_chunk, jobs), jobs, desc, progress)
 
     if all(isinstance(r, np.ndarray) for r in results) and \
             len({r.shape[1:] for r in results}) == 1:  # type: ignore[union-attr]
@@ -180,6 +185,17 @@ def _decode_files(paths: list[str], size: tuple[int, int] | None, num_workers: i
             array = np.asarray(Image.fromarray(array).resize((target[1], target[0]),
                                                              Image.Resampling.BILINEAR))
         out[i] = array
+    return out
+
+
+def _tracked(results: Iterable, jobs: list, desc: str, enabled: bool) -> list:
+    """Collect ``results`` (one per job of up to _DECODE_CHUNK files), counting images done."""
+    bar = Progress(total=sum(len(job[0]) for job in jobs), desc=desc, enabled=enabled, unit="image")
+    out = []
+    with bar:
+        for job, result in zip(jobs, results):
+            out.append(result)
+            bar.update(len(job[0]))
     return out
 
 
@@ -215,7 +231,12 @@ def _decode_split(files: _SplitFiles, split: str, options: _FolderOptions) -> Te
 
     logger.info("decoding %d images under %s (cached afterwards)", len(files.paths),
                 files.directory)
-    hwc = _decode_files(files.paths, options.size, options.num_workers)
+    if options.progress:
+        later = (f"; they are cached in {options.cache_dir}, so the next start reads them in seconds"
+                 if path is not None else " (no cache: every start decodes them again)")
+        say(f"decoding {len(files.paths):,} images under {files.directory} (first use){later}")
+    hwc = _decode_files(files.paths, options.size, options.num_workers, desc=f"decoding {split}",
+                        progress=options.progress)
     images = np.ascontiguousarray(hwc.transpose(0, 3, 1, 2))
     if path is not None and prefix is not None:
         try:

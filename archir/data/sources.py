@@ -57,6 +57,7 @@ def load_dataset(
     cache: bool = True,
     cache_dir: PathLike | None = None,
     num_workers: int | None = None,
+    progress: bool = False,
 ) -> tuple[ImageTensorDataset, ImageTensorDataset]:
     """Load a data set as ``(train, test)`` :class:`ImageTensorDataset` objects.
 
@@ -79,6 +80,8 @@ def load_dataset(
         cache: read and write the decoded-image cache of image folders.
         cache_dir: where that cache lives; default ``<data_dir>/cache``.
         num_workers: processes decoding an image folder; default the number of usable CPUs.
+        progress: report the decoding of an image folder (:mod:`archir.progress`) and where its
+            cache goes.
 
     Raises:
         DataError: the data set is missing or malformed; the message says where archir looked
@@ -98,6 +101,7 @@ def load_dataset(
         cache_dir=(Path(cache_dir).expanduser() if cache_dir is not None
                    else root_dir / "cache") if cache else None,
         num_workers=num_workers,
+        progress=progress,
     )
 
     name = os.fspath(name_or_path)
@@ -237,12 +241,41 @@ def _cifar_help(data_dir: Path, looked: Sequence[Path]) -> str:
     return "\n".join(lines)
 
 
+#: What a CIFAR pickle may name: numpy's array reconstruction (numpy 1 and 2 module paths)
+#: and, in pickles written by Python 3 at protocol 2, ``_codecs.encode`` for bytes. Dicts,
+#: lists, str, bytes, ints and floats need no global at all.
+_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """An unpickler for data files: any global outside :data:`_PICKLE_GLOBALS` (a function or
+    class a crafted pickle would call, such as ``os.system``) is refused before it is looked up,
+    so reading a CIFAR batch cannot run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch never holds (refused: "
+                                     "unpickling it could run code)")
+
+
+def read_data_pickle(path: str | Path) -> Any:
+    """Unpickle a data file (``encoding="bytes"``, as CIFAR's Python 2 pickles need) admitting
+    only dicts, lists, str, bytes, numbers and numpy arrays (:class:`_DataUnpickler`)."""
+    with open(path, "rb") as f:
+        return _DataUnpickler(f, encoding="bytes").load()
+
+
 def _read_pickle(path: Path) -> dict[Any, Any]:
-    """Read one of CIFAR's pickles. Like torchvision, this unpickles the file: load only
-    folders you trust."""
+    """Read one of CIFAR's pickles through :func:`read_data_pickle` (no code runs, unlike a plain
+    ``pickle.load``)."""
     try:
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+        batch = read_data_pickle(path)
     except Exception as exc:  # unpickling can fail in many ways; all mean a bad file
         raise DataError(f"cannot read CIFAR pickle {path}: {exc}") from exc
     if not isinstance(batch, dict):

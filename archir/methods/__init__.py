@@ -23,6 +23,14 @@ file. It declares
   each epoch, plotted, reported);
 * :meth:`Method.changed_edges`: the searchable edges no longer the original, for the per-epoch
   log (None, the default: those whose leading choice in ``arch_weights`` is not the original);
+* :meth:`Method.choice_space`, :meth:`Method.original_architecture`, :meth:`Method.set_architecture`:
+  the method's discrete decisions, read and fixed through one interface, so that a search strategy
+  (NAO's encoder-decoder, random search) works on any method's choices; with
+  :meth:`Method.forbidden_choices` (combinations no architecture may hold) and
+  :meth:`Method.canonical_architecture` (one representative of equivalent architectures);
+* :meth:`Method.on_supernet` and :meth:`Method.choose_architecture`: a method that drives the
+  supernet itself (NAO's random paths) and picks the architecture before derive, scoring
+  candidates with held-out data (:mod:`archir.arch_eval`);
 * :meth:`Method.derive_passes`: the passes that fix each choice and shrink the network;
 * :meth:`Method.candidates`: what ``archir inspect`` says about a plain graph for this method.
 
@@ -108,6 +116,49 @@ class Method:
     def arch_weights(self, graph: "Graph") -> dict[str, dict[str, float]]:
         """``{edge id: {choice: weight}}`` for every searchable edge (JSON-able floats)."""
         raise NotImplementedError
+
+    # -- discrete choices (for search strategies over any method's space, e.g. NAO) -----------
+    def choice_space(self, graph: "Graph") -> dict[str, tuple[str, ...]]:
+        """``{decision: (choice, ...)}``: the discrete decisions of a searched ``graph`` (one per
+        architecture parameter, so edges that share one share a decision) and the choices of each,
+        in a fixed order. Methods without discrete choices (DSO-NAS's continuous λ) raise."""
+        raise UserInputError(f"method {self.name!r} has no discrete choice space; use a method with choices "
+                             f"(dnat, proxyless)")
+
+    def original_architecture(self, graph: "Graph") -> dict[str, str]:
+        """``{decision: choice}``: the architecture equal to the original network."""
+        raise UserInputError(f"method {self.name!r} has no discrete choice space")
+
+    def set_architecture(self, graph: "Graph", architecture: dict[str, str]) -> None:
+        """Make the supernet of ``graph`` compute exactly the discrete ``architecture``
+        (``{decision: choice}``, every decision of :meth:`choice_space`), in place, under no_grad;
+        deriving afterwards gives that architecture."""
+        raise UserInputError(f"method {self.name!r} has no discrete choice space")
+
+    def forbidden_choices(self, graph: "Graph") -> list[dict[str, str]]:
+        """Partial architectures ``{decision: choice}`` that no architecture may contain (DNAT: every
+        operand of a sum choosing none), so that a search strategy can make them impossible by
+        construction; :meth:`set_architecture` refuses them. Default: none, every combination is valid."""
+        return []
+
+    def canonical_architecture(self, graph: "Graph", architecture: dict[str, str]) -> dict[str, str]:
+        """The representative of ``architecture``'s class of equivalent architectures (those that
+        derive to the same network; DNAT: a decision whose edges all end in pruned dead code is
+        irrelevant and set to its original choice). Default: ``architecture`` itself (no symmetries)."""
+        return dict(architecture)
+
+    # -- hooks for search strategies that own the supernet (NAO) -----------------------------
+    def on_supernet(self, graph: "Graph", supernet: "nn.Module") -> None:
+        """Called once when :class:`~archir.search_space.Search` has lowered ``graph`` to ``supernet``
+        (NAO installs its random-path sampling here). Default: nothing."""
+
+    def choose_architecture(self, graph: "Graph", supernet: "nn.Module",
+                            evaluator: "Any | None") -> "dict[str, Any] | None":
+        """Called before derive with an :class:`archir.arch_eval.ArchEvaluator` (held-out data and
+        the task's metric; None without data, e.g. ``epochs=0``): a method may pick the
+        architecture to derive here. Returns a JSON-able log for the report, or None (the default:
+        nothing to choose, derive decides from the architecture parameters)."""
+        return None
 
     # -- deriving --------------------------------------------------------------------------
     def derive_passes(self) -> list["Pass"]:

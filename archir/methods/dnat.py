@@ -15,12 +15,25 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
+
+from archir.errors import UserInputError
 from archir.options import option
 from archir.passes.derive import Derive, FoldIdentities, Prune
-from archir.passes.edge_choice import (WHY_ACTIVATION, WHY_OTHER, WHY_PARAMETRISED, WHY_SHORTCUT, EdgeChoice,
-                                       arch_parameters, edge_weights, project_thetas, searchable_choices)
+from archir.passes.edge_choice import (SLOTS, WHY_ACTIVATION, WHY_OTHER, WHY_PARAMETRISED, WHY_SHORTCUT,
+                                       EdgeChoice, arch_parameters, edge_weights, project_thetas,
+                                       searchable_choices)
 
 from . import Method, register
+
+
+def _decision_edges(graph) -> dict:
+    """``{θ name: [edges]}`` of the choice edges, decisions in topological order of their first edge."""
+    out: dict = {}
+    for e in graph.edges_in_order():
+        if len(e.ops) == 1 and e.ops[0].kind == "choice" and "param" in e.labels:
+            out.setdefault(e.labels["param"], []).append(e)
+    return out
 
 
 @dataclass
@@ -64,6 +77,78 @@ class DNAT(Method):
     def arch_weights(self, graph):
         """Per choice edge, θ normalised over its valid choices (θ_k / Σθ), or the raw θ in the linear form."""
         return edge_weights(graph)
+
+    # -- discrete choices --------------------------------------------------------------------
+    def choice_space(self, graph):
+        """One decision per θ parameter (its name; edges sharing a θ share it), with the valid
+        choices of its edges in ``none, identity, same`` order."""
+        return {name: tuple(edges[0].labels["choices"].split(",")) for name, edges in _decision_edges(graph).items()}
+
+    def original_architecture(self, graph):
+        """Every decision at ``same`` (θ = (0, 0, 1): the original network)."""
+        return {name: "same" for name in _decision_edges(graph)}
+
+    def set_architecture(self, graph, architecture):
+        """θ one-hot at each decision's choice (in both forms the mixture is then exactly that
+        choice: weights (1, 0, 0), (0, 1, 0) or (0, 0, 1)), so the supernet computes what
+        :class:`Derive` (argmax, no ties) then gives. Refuses unknown decisions or choices, a
+        missing decision, and a forbidden combination (:meth:`forbidden_choices`)."""
+        space = self.choice_space(graph)
+        missing = sorted(set(space) - set(architecture))
+        unknown = sorted(set(architecture) - set(space))
+        if missing or unknown:
+            raise UserInputError(f"architecture does not fit the choice space: missing decisions {missing}, "
+                                 f"unknown decisions {unknown}")
+        for name, choice in architecture.items():
+            if choice not in space[name]:
+                raise UserInputError(f"decision {name}: {choice!r} is not one of its choices {space[name]}")
+        for bad in self.forbidden_choices(graph):
+            if all(architecture[d] == c for d, c in bad.items()):
+                raise UserInputError(f"architecture leaves a sum without operands: {bad}")
+        thetas = graph.root.archir_theta
+        with torch.no_grad():
+            for name, choice in architecture.items():
+                theta = thetas[name]
+                theta.zero_()
+                theta[SLOTS.index(choice)] = 1.0
+
+    def forbidden_choices(self, graph):
+        """For every sum whose operands are all choice edges that may become none: all of them none
+        (Derive would have to keep one against its θ, so the supernet and the derived network
+        would differ)."""
+        out = []
+        for jid, j in graph.junctions.items():
+            ins = graph.in_edges(jid)
+            if j.combine is None or j.combine.kind != "sum" or len(ins) < 2:
+                continue
+            if all("none" in e.labels.get("choices", "").split(",") for e in ins):
+                bad = {e.labels["param"]: "none" for e in ins}
+                if bad not in out:
+                    out.append(bad)
+        return out
+
+    def canonical_architecture(self, graph, architecture):
+        """``architecture`` with every decision whose edges all end in dead code set to ``same``:
+        with the none edges removed, a junction is dead when no path leads from it to an output
+        (nor is its size read), exactly what :class:`Prune` removes, so the choice of an edge into
+        a dead junction never reaches the derived network (a residual branch's first conv when
+        its second chose none)."""
+        edges = _decision_edges(graph)
+        removed = {e.id for name, es in edges.items() for e in es if architecture.get(name) == "none"}
+        live_edges = {eid for eid in graph.edges if eid not in removed}
+        keep = set(graph.output_junctions()) | set(graph.size_readers())
+        keep |= {jid for jid, j in graph.junctions.items() if j.is_input}
+        live = set(keep)
+        changed = True
+        while changed:  # a junction lives when one of its remaining out-edges ends at a live one
+            changed = False
+            for eid in live_edges:
+                e = graph.edges[eid]
+                if e.dst in live and e.src not in live:
+                    live.add(e.src)
+                    changed = True
+        return {name: (choice if any(e.dst in live for e in edges[name]) else "same")
+                for name, choice in architecture.items()}
 
     def derive_passes(self):
         """Argmax (:class:`Derive`), then :class:`Prune`, then :class:`FoldIdentities`."""

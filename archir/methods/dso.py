@@ -31,7 +31,10 @@ proximal step of the L1 term giving exact zeros. The pieces:
   ``budget``; the network stage retrains after them);
 * derive: :class:`~archir.passes.edge_scale.DeriveScale` (λ = 0 → none; a sum keeps one operand),
   :class:`~archir.passes.derive.Prune` (none edges, dead code, unused parameters) and
-  :class:`~archir.passes.edge_scale.FoldScale` (λ folded into the last conv/linear/BatchNorm).
+  :class:`~archir.passes.edge_scale.FoldScale` (λ folded into the last conv/linear/BatchNorm) and
+  :class:`~archir.passes.derive.FoldIdentities` (what a pruned block leaves: relu · relu → relu);
+* the network stage: ``--retrain continue`` (the default) trains the derived network on from the
+  searched weights; ``--retrain scratch`` re-initialises it first, as the paper does (sec. 4).
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ import torch
 
 from archir.options import option
 from archir.passes.base import Pass, PassResult
-from archir.passes.derive import Prune
+from archir.passes.derive import FoldIdentities, Prune
 from archir.passes.densify import Densify
 from archir.passes.edge_scale import (DeriveScale, EdgeScale, FoldScale, _cone, edge_lambdas, edge_mac, kept_flops,
                                       lambda_of, lambda_parameters, scale_op, scale_reason, scaled_edges)
@@ -127,6 +130,9 @@ class DSOOptions:
                           "starting at 0 (the function unchanged).", choices=("off", "identity", "conv1x1"))
     shortcuts: bool = option(False, "Also scale shortcuts into sums, parameter-free or projections (Eq. 4 "
                              "keeps the block input unscaled, so a fully pruned block becomes its shortcut).")
+    freeze_bn: bool = option(True, "Keep the scale of the BatchNorm before each λ fixed during the search (the "
+                             "paper's sec. 4: a trainable scale would undo the L1 penalty's shrinking of λ); "
+                             "it trains again in the network stage.")
     target_flops: float | None = option(None, "A FLOPs budget instead of a fixed γ: the fraction of the "
                                         "original network's FLOPs the derived network may keep (0.7: 70%).",
                                         minimum=0.01, maximum=1.0)
@@ -161,7 +167,7 @@ class DSO(Method):
         passes: list[Pass] = [_RecordFlops()]
         if o.densify != "off":
             passes.append(Densify(o.densify))
-        return passes + [EdgeScale(o.share, shortcuts=o.shortcuts)]
+        return passes + [EdgeScale(o.share, shortcuts=o.shortcuts, freeze_bn=o.freeze_bn)]
 
     def arch_parameters(self, graph):
         """The λ parameters (one scalar each)."""
@@ -180,6 +186,14 @@ class DSO(Method):
         """:class:`APGNAG` with γ, μ and the penalty's per-λ multipliers."""
         return APGNAG(params, lr=lr, gamma=self.gamma, momentum=self.options.apg_momentum,
                       penalty=lambda: self.penalty_scales(graph))
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold besides λ and the optimisers: the budget controller's factor
+        on γ (``--target-flops``), so that a resumed run continues it (``archir transform --resume``)."""
+        return {"gamma_scale": float(self.gamma_scale)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gamma_scale = float(state["gamma_scale"])
 
     def after_optimizer_step(self, graph, optimizer):
         """After APG-NAG: only the budget controller (the proximal step is APG-NAG's own). After any
@@ -243,8 +257,8 @@ class DSO(Method):
     # -- deriving --------------------------------------------------------------------------
     def derive_passes(self):
         """:class:`DeriveScale` (with the FLOPs budget of ``target_flops``), :class:`Prune`,
-        :class:`FoldScale`."""
-        return [_DeriveWithBudget(self.options.target_flops), Prune(), FoldScale()]
+        :class:`FoldScale`, :class:`FoldIdentities`."""
+        return [_DeriveWithBudget(self.options.target_flops), Prune(), FoldScale(), FoldIdentities()]
 
     # -- inspecting ------------------------------------------------------------------------
     def searchable(self, graph):

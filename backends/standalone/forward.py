@@ -41,6 +41,7 @@ class _Global:
     expr: str = ""  # a qualified reference (``math.sqrt``) substituted at each use
     function: ast.FunctionDef | None = None  # an inlined function definition
     where: str = ""
+    helpers: list["_Global"] | None = None  # functions the inlined one calls, inlined too (by name)
 
 
 def _stdlib(module_name: str) -> bool:
@@ -97,10 +98,12 @@ def _code_names(code: types.CodeType) -> set[str]:
     return out
 
 
-def _inline(fn: Any) -> _Global:
+def _inline(fn: Any, _seen: tuple = ()) -> _Global:
     """The import lines and definition of a small plain function from outside torch (archir's
     own, or a library's ``torch.fx.wrap``-ed helper) that uses only torch and the standard
-    library, to be copied into model.py. The emitted model is verified numerically afterwards."""
+    library, to be copied into model.py; plain functions of its own module that it calls are
+    copied too, under their own names (torchvision's video Swin: ``shifted_window_attention_3d``
+    calls ``_compute_attention_mask_3d``). The emitted model is verified numerically afterwards."""
     where = f"{fn.__module__}.{fn.__qualname__}"
     if fn.__closure__ or fn.__qualname__ != fn.__name__:
         raise StandaloneError(f"the graph calls {where}, which is not a plain module-level function; "
@@ -118,11 +121,18 @@ def _inline(fn: Any) -> _Global:
     a = fdef.args
     if not all(_literal(d) for d in [*a.defaults, *(d for d in a.kw_defaults if d is not None)]):
         raise StandaloneError(f"the graph calls {where}, whose default arguments are not literals")
-    imports = []
+    imports, helpers = [], []
     for ref in sorted(_code_names(fn.__code__) & fn.__globals__.keys()):
         val = fn.__globals__[ref]
         if isinstance(val, types.ModuleType) and _allowed_module(val.__name__):
             imports.append(_import_line(val.__name__, ref))
+        elif inspect.isfunction(val) and val.__name__ == ref and val.__module__ == fn.__module__ \
+                and val is not fn and val not in _seen:
+            helper = _inline(val, (*_seen, fn))
+            helpers += [*(helper.helpers or []), helper]
+            imports += helper.imports
+        elif val is fn or val in _seen:
+            continue  # recursion: the definition is already copied
         else:
             raise StandaloneError(f"the graph calls {where}, which uses '{ref}' ({type(val).__name__}) from "
                                   "outside torch and the standard library; it cannot be inlined")
@@ -131,7 +141,7 @@ def _inline(fn: Any) -> _Global:
         if arg is not None:
             arg.annotation = None
     fdef.returns = None
-    return _Global(imports, function=fdef, where=where)
+    return _Global(imports, function=fdef, where=where, helpers=helpers)
 
 
 def _resolve_global(name: str, obj: Any) -> _Global:
@@ -218,15 +228,35 @@ def _forward(gm: fx.GraphModule, plan: _Plan) -> tuple[str, list[str], list[str]
     imports = [line for g in resolved.values() for line in g.imports]
     import_roots = {line.split()[-1].split(".")[0] for line in imports}
     taken = bound | free | import_roots | _FILE_NAMES | set(dir(builtins))
-    defs, subst = [], {}
+    defs, subst, copied = [], {}, {}  # copied: where -> the name its definition has in model.py
+    module_names = import_roots | _FILE_NAMES | {n for n, g in resolved.items()
+                                                 if g.function is None and g.expr.split(".")[0] in bound}
     for name, g in resolved.items():
         if g.function is not None:
+            if g.where in copied and copied[g.where] not in bound:  # copied as another one's helper
+                subst[name] = ast.Name(copied[g.where], ast.Load())
+                continue
             # An inlined function keeps its own name unless something else already has it.
             # (never a leading "__": inside the class body Python would mangle the call)
             candidates = (g.function.name, g.function.name.lstrip("_") + "_fn", name)
             new = next(n for n in candidates if n not in taken or n == name)
             taken.add(new)
+            module_names.add(new)
             g.function.name = new
+            copied[g.where] = new
+            for h in g.helpers or []:  # called by their own names from the copied code
+                own = h.function.name
+                if copied.get(h.where) == own:
+                    continue
+                # only module-level names can clash (a local of forward named like it cannot:
+                # forward reaches every copied function under the name chosen above)
+                if own in module_names:
+                    raise StandaloneError(f"{g.where} calls {h.where}, whose name '{own}' is taken "
+                                          "in model.py; it cannot be inlined")
+                taken.add(own)
+                module_names.add(own)
+                copied[h.where] = own
+                defs.append(f"# inlined from {h.where} (called by {g.where})\n" + ast.unparse(h.function))
             defs.append(f"# inlined from {g.where}\n" + ast.unparse(g.function))
             subst[name] = ast.Name(new, ast.Load())
         elif g.expr.split(".")[0] == name:

@@ -13,6 +13,7 @@ from archir.layers import STANDALONE_CLASSES
 from .forward import _forward, _torch_imports
 from .naming import _attr_expr
 from .plan import _Plan
+from .submodules import REBUILD_SOURCE, user_class_source, user_classes
 
 
 def _layer_sources(plan: _Plan) -> list[str]:
@@ -100,13 +101,21 @@ def _source(gm: fx.GraphModule, plan: _Plan, class_name: str, header: str, num_p
     body_text = "\n".join(body)
     if "collections.OrderedDict" in body_text:
         imports.append("import collections")
+    aliases = [d for d in defs if not d.startswith("#")]
+    functions = [d for d in defs if d.startswith("#")] + _layer_sources(plan)
+    classes = user_classes(mod for _, _, mod, _ in plan.modules)
+    if classes:  # user-defined modules kept opaque: their classes are copied (checked when built)
+        for cls in classes:
+            lines, src = user_class_source(cls)
+            imports += [line for line in lines if line.startswith("import ")]
+            aliases += [line for line in lines if not line.startswith("import ") and line not in aliases]
+            functions.append(src)
+        functions.append(REBUILD_SOURCE)
     std = sorted({line for line in imports if not line.split()[1].startswith("torch")})
     tch = sorted({line for line in imports + _torch_imports("\n".join(defs) + "\n" + body_text)
                   if line.split()[1].startswith("torch")} - {"import torch"})
     head = [_docstring(class_name, gm, header, num_parameters), "",
             *std, "from pathlib import Path", "", "import torch", *tch]
-    aliases = [d for d in defs if not d.startswith("#")]
-    functions = [d for d in defs if d.startswith("#")] + _layer_sources(plan)
     text = "\n".join(head) + "\n"
     if aliases:
         text += "\n" + "\n".join(aliases) + "\n"

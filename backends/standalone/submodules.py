@@ -74,11 +74,8 @@ def _module_expr(mod: nn.Module, path: str) -> str:
         if cls.__module__.split(".")[0] == "archir":
             why = ("it is one of archir's own search-time modules; derive the architecture "
                    "(the Derive pass) before emitting a standalone model")
-        else:
-            why = ("it is a user-defined class; the standalone model rebuilds only torch.nn built-ins "
-                   "and never pickles user classes. Trace through it (drop it from leaf_modules) "
-                   "or write it with torch.nn built-ins")
-        raise _why_not(path, mod, why)
+            raise _why_not(path, mod, why)
+        return _user_module_expr(mod, path)
     children = list(mod.named_children())
     if cls is nn.Sequential:
         if [k for k, _ in children] == [str(i) for i in range(len(children))]:
@@ -195,10 +192,141 @@ def _float_dtypes(mod: nn.Module) -> set[torch.dtype]:
     return {t.dtype for t in [*mod.parameters(), *mod.buffers()] if t.is_floating_point()}
 
 
-def _construct(expr: str, path: str, mod: nn.Module) -> str:
+# ---- user-defined modules kept opaque (automatic leaves): their class source is copied ------------
+REBUILD_FN = "_archir_module"
+REBUILD_SOURCE = f'''def {REBUILD_FN}(cls, attrs, children, params, buffers):
+    """An instance of ``cls`` (a class copied above) without running its ``__init__``, whose
+    arguments archir does not know: its attributes, submodules, and zero-filled parameters and
+    buffers in the original's order (load_model() fills them from weights.pt)."""
+    module = cls.__new__(cls)
+    torch.nn.Module.__init__(module)
+    for name, value in attrs.items():
+        setattr(module, name, value)
+    for name, (shape, dtype, requires_grad) in params.items():
+        setattr(module, name, torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=requires_grad))
+    for name, (shape, dtype) in buffers.items():
+        module.register_buffer(name, None if shape is None else torch.zeros(shape, dtype=dtype))
+    for name, child in children.items():
+        setattr(module, name, child)
+    return module'''
+
+
+def _rebuild(cls, attrs, children, params, buffers):  # the in-process twin of REBUILD_SOURCE
+    module = cls.__new__(cls)
+    nn.Module.__init__(module)
+    for name, value in attrs.items():
+        setattr(module, name, value)
+    for name, (shape, dtype, requires_grad) in params.items():
+        setattr(module, name, nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=requires_grad))
+    for name, (shape, dtype) in buffers.items():
+        module.register_buffer(name, None if shape is None else torch.zeros(shape, dtype=dtype))
+    for name, child in children.items():
+        setattr(module, name, child)
+    return module
+
+
+def user_class_source(cls: type) -> tuple[list[str], str]:
+    """The import lines and the source of a user-defined ``nn.Module`` class that model.py can
+    hold: a module-level class deriving directly from ``nn.Module`` whose methods read, from
+    their module's globals, only torch or standard-library modules and Python literals (these
+    become import lines and assignments). Raises :class:`StandaloneError` saying what else it reads."""
+    import textwrap
+    import types
+
+    where = f"{cls.__module__}.{cls.__qualname__}"
+    if cls.__qualname__ != cls.__name__ or cls.__bases__ != (nn.Module,):
+        raise StandaloneError(f"{where} is not a module-level class deriving directly from torch.nn.Module")
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError) as exc:
+        raise StandaloneError(f"the source of {where} is unavailable") from exc
+    module = importlib.import_module(cls.__module__)
+    names: set[str] = set()
+    for value in vars(cls).values():
+        fn = getattr(value, "__func__", value)  # staticmethod / classmethod
+        if isinstance(fn, property):
+            fn = fn.fget
+        code = getattr(fn, "__code__", None)
+        if code is not None:
+            stack = [code]
+            while stack:
+                c = stack.pop()
+                names |= set(c.co_names)
+                stack += [k for k in c.co_consts if isinstance(k, types.CodeType)]
+    from .forward import _allowed_module, _import_line  # (forward imports this module)
+
+    lines = []
+    for ref in sorted(names & vars(module).keys()):
+        val = vars(module)[ref]
+        if isinstance(val, types.ModuleType):
+            if not _allowed_module(val.__name__):
+                raise StandaloneError(f"{where} uses module '{val.__name__}', which is neither torch nor "
+                                      "the standard library")
+            lines.append(_import_line(val.__name__, ref))
+        elif isinstance(val, (bool, int, float, str)) and _literal(repr(val)):
+            lines.append(f"{ref} = {val!r}")
+        elif val is cls:
+            continue
+        else:
+            raise StandaloneError(f"{where} uses '{ref}' ({type(val).__name__}) from its module, which is "
+                                  "neither torch, the standard library nor a literal")
+    return lines, f"# copied from {where}\n{src.strip()}"
+
+
+def _user_module_expr(mod: nn.Module, path: str) -> str:
+    """``_archir_module(Cls, {attrs}, {children}, {params}, {buffers})`` for a user-defined module
+    kept opaque: its class source goes into model.py (:func:`user_class_source`), the instance is
+    rebuilt from its attributes (literals only), and the result is checked like any other."""
+    cls = type(mod)
+    try:
+        user_class_source(cls)
+    except StandaloneError as exc:
+        raise _why_not(path, mod, f"it is a user-defined class that model.py cannot copy: {exc}. Trace "
+                                  "through it (drop it from leaf_modules) or write it with torch.nn "
+                                  "built-ins") from None
+    attrs = []
+    for k, v in vars(mod).items():
+        if k in _MODULE_STATE:
+            continue  # nn.Module's own bookkeeping (hooks were refused above), set by its __init__
+        if isinstance(v, torch.Tensor) or not _literal(repr(v)):
+            raise _why_not(path, mod, f"its attribute '{k}' ({type(v).__name__}) is not a Python literal, "
+                                      "so model.py cannot rebuild it")
+        attrs.append(f"{k!r}: {v!r}")
+    if mod._non_persistent_buffers_set:
+        raise _why_not(path, mod, f"its buffers {sorted(mod._non_persistent_buffers_set)} are not saved in the "
+                                  "state_dict (persistent=False), so weights.pt cannot carry them")
+    params = [f"{k!r}: ({tuple(p.shape)!r}, {p.dtype}, {p.requires_grad})"
+              for k, p in mod._parameters.items() if p is not None]
+    if any(p is None for p in mod._parameters.values()):
+        raise _why_not(path, mod, "it has a parameter set to None")
+    bufs = [f"{k!r}: ({None if b is None else tuple(b.shape)!r}, {None if b is None else b.dtype})"
+            for k, b in mod._buffers.items()]
+    children = [f"{k!r}: {_module_expr(c, f'{path}.{k}')}" for k, c in mod._modules.items() if c is not None]
+    expr = (f"{REBUILD_FN}({cls.__name__}, {{{', '.join(attrs)}}}, {{{', '.join(children)}}}, "
+            f"{{{', '.join(params)}}}, {{{', '.join(bufs)}}})")
+    extra = {REBUILD_FN: _rebuild, **{c.__name__: c for c in user_classes([mod])}}
+    return _construct(expr, path, mod, extra=extra)
+
+
+_MODULE_STATE = set(vars(nn.Module()))
+
+
+def user_classes(modules) -> list[type]:
+    """The user-defined classes among ``modules`` (and their submodules), first seen first."""
+    seen: dict[type, None] = {}
+    for mod in modules:
+        for m in mod.modules():
+            cls = type(m)
+            if cls not in STANDALONE_CLASSES and _class_expr(cls) is None and \
+                    cls.__module__.split(".")[0] != "archir":
+                seen.setdefault(cls)
+    return list(seen)
+
+
+def _construct(expr: str, path: str, mod: nn.Module, extra: dict | None = None) -> str:
     """Build ``expr`` in-process, check it matches ``mod``; return the final expression."""
     ns = {"torch": torch, "collections": __import__("collections"), "__builtins__": {},
-          **{c.__name__: c for c in STANDALONE_CLASSES}}
+          **{c.__name__: c for c in STANDALONE_CLASSES}, **(extra or {})}
     try:
         built = eval(expr, ns)  # noqa: S307 - our own expression of literals and torch.nn classes
     except Exception as exc:  # noqa: BLE001
