@@ -158,11 +158,6 @@ class Progress:
             pass
 
 
-def progress(iterable: Iterable | None = None, **kwargs) -> Progress:
-    """:class:`Progress` over ``iterable`` (see there for the keywords)."""
-    return Progress(iterable, **kwargs)
-
-
 def say(line: str, enabled: bool = True) -> None:
     """One status line (``archir: ...``) to stderr, between bars: long preparations and what a
     cache will save next time."""

@@ -122,8 +122,9 @@ class Method:
         """``{decision: (choice, ...)}``: the discrete decisions of a searched ``graph`` (one per
         architecture parameter, so edges that share one share a decision) and the choices of each,
         in a fixed order. Methods without discrete choices (DSO-NAS's continuous λ) raise."""
+        with_choices = sorted(n for n, c in available().items() if c.choice_space is not Method.choice_space)
         raise UserInputError(f"method {self.name!r} has no discrete choice space; use a method with choices "
-                             f"(dnat, proxyless)")
+                             f"({', '.join(with_choices)})")
 
     def original_architecture(self, graph: "Graph") -> dict[str, str]:
         """``{decision: choice}``: the architecture equal to the original network."""
