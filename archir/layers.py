@@ -1,8 +1,8 @@
 """Small torch-only modules that archir puts into traced graphs, and writes into standalone files.
 
-They stand in for third-party layers whose behaviour depends on ``self.training`` (so that
-tracing would freeze the mode) and which ``torch.nn`` lacks. Each class here must need nothing
-but ``torch``: the standalone backend copies its source into ``model.py``.
+They stand in for third-party layers, or functional code, whose behaviour depends on
+``self.training`` (so that tracing would freeze the mode) and which ``torch.nn`` lacks. Each class
+here must need nothing but ``torch``: the standalone backend copies its source into ``model.py``.
 """
 from __future__ import annotations
 
@@ -43,8 +43,38 @@ class StochasticDepth(torch.nn.Module):
         return f"p={self.p!r}, mode={self.mode!r}, scale_by_keep={self.scale_by_keep!r}"
 
 
+class TrainingDropoutAttention(torch.nn.Module):
+    """Scaled dot-product attention whose attention-probability dropout acts only in training.
+
+    ``y = dropout_p(softmax(q·kᵀ·s + mask))·v`` with ``s = scale`` (default ``1/sqrt(d)``) and
+    ``dropout_p = p`` in training, ``0`` in eval: what ``F.scaled_dot_product_attention(...,
+    dropout_p=p if self.training else 0.0)`` computes in a module's code (Hugging Face attention),
+    which torch.export would fix at the traced mode. It calls that same function with the same
+    arguments, so a traced model draws the same random numbers as the original under the same
+    seed.
+    """
+
+    def __init__(self, p: float, is_causal: bool = False, scale: float | None = None,
+                 enable_gqa: bool = False):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.p = p
+        self.is_causal = is_causal
+        self.scale = scale
+        self.enable_gqa = enable_gqa
+
+    def forward(self, query, key, value, attn_mask=None):
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=self.p if self.training else 0.0,
+            is_causal=self.is_causal, scale=self.scale, enable_gqa=self.enable_gqa)
+
+    def extra_repr(self):
+        return f"p={self.p!r}, is_causal={self.is_causal!r}, scale={self.scale!r}, enable_gqa={self.enable_gqa!r}"
+
+
 # Classes the standalone backend may write into model.py by copying their source.
-STANDALONE_CLASSES = (StochasticDepth,)
+STANDALONE_CLASSES = (StochasticDepth, TrainingDropoutAttention)
 
 
 def stochastic_depth_for(module: torch.nn.Module) -> StochasticDepth | None:

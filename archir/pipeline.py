@@ -396,6 +396,9 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
     evaluator = (_arch_evaluator(opts, train_ds, val_ds, loaders, device, task)
                  if opts.epochs > 0 and cfg.arch_epochs > 0 else None)
     epoch_hook, run_log = _epoch_logger(opts, cfg, on_epoch, resume_from)
+    if opts.epochs > 0:  # one architecture step per batch of the search epochs (after the warm-up)
+        search_epochs = min(cfg.arch_epochs, cfg.epochs) - min(cfg.warmup_epochs, cfg.arch_epochs, cfg.epochs)
+        chosen.plan_search(search.graph, max(search_epochs, 0) * len(loaders["train"]))
     result = train_two_stage(search.supernet, search.arch_parameters(), loaders["train"], loaders["val"], cfg,
                              derive=lambda _supernet: _choose_and_derive(search, evaluator, timings),
                              arch_loader=loaders["arch"], net_loader=loaders["net"],

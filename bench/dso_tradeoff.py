@@ -78,8 +78,9 @@ def run_dso(label, options, train, val, args, device):
     return res.module, row
 
 
-def run_random(label, k, draw, train, val, args, device):
-    """Prune ``k`` λ-scaled edges chosen at random (λ = 0 there, 1 elsewhere), derive, train E epochs."""
+def run_random(label, k, draw, train, val, args, device, earlier):
+    """Prune ``k`` λ-scaled edges chosen at random (λ = 0 there, 1 elsewhere), derive, train E epochs
+    (or take the accuracy of the same control from ``earlier`` runs: see :func:`earlier_controls`)."""
     model, x = build(args.seed)
     s = archir.search(model, x, method="dso")
     edges = scaled_edges(s.graph)
@@ -90,9 +91,36 @@ def run_random(label, k, draw, train, val, args, device):
             lambda_of(s.graph, scale_op(e)).fill_(0.0 if e.id in chosen else 1.0)
     slim = s.derive()
     flops = archir.trace(slim, x).total_flops()
+    row = {"variant": label, "params": sum(p.numel() for p in slim.parameters()), "flops": flops,
+           "pruned_edges": sorted(chosen), "scaled_edges": len(edges)}
+    before = earlier.get(("random", tuple(sorted(chosen))))
+    if before is not None:  # the same network trained the same way: its accuracy, and the module for latency
+        return slim.eval(), row | {"val_acc": before["val_acc"], "seconds": before["seconds"], "reused": True}
     net, acc, seconds = train_alone(slim, train, val, args, device)
-    return net, {"variant": label, "val_acc": acc, "params": sum(p.numel() for p in slim.parameters()),
-                 "flops": flops, "pruned_edges": sorted(chosen), "scaled_edges": len(edges), "seconds": seconds}
+    return net, row | {"val_acc": acc, "seconds": seconds}
+
+
+#: what decides a control's accuracy: runs that agree on all of these trained the same networks
+CONTROL_CONFIG = ("data", "subset", "test_subset", "epochs", "batch_size", "lr", "seed", "device",
+                  "train_images", "val_images", "torch")
+
+
+def earlier_controls(paths, config) -> dict:
+    """``{("original",): row, ("random", pruned edges): row}`` from earlier result files whose
+    training configuration (:data:`CONTROL_CONFIG`) equals ``config``: the original and the random
+    controls do not depend on the search, so a new run over other DSO settings reuses them."""
+    found = {}
+    for path in paths:
+        earlier = json.loads(Path(path).read_text())
+        if any(earlier["config"].get(k) != config.get(k) for k in CONTROL_CONFIG):
+            raise SystemExit(f"--reuse {path}: its training configuration differs "
+                             f"({', '.join(k for k in CONTROL_CONFIG if earlier['config'].get(k) != config.get(k))})")
+        for row in earlier["rows"]:
+            if row["variant"] == "original":
+                found[("original",)] = row
+            elif row["variant"].startswith("random"):
+                found[("random", tuple(sorted(row["pruned_edges"])))] = row
+    return found
 
 
 def main(argv=None):
@@ -118,6 +146,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--reuse", nargs="*", default=[], metavar="JSON",
+                    help="earlier results of this script with the same training configuration: their "
+                         "original and random controls are not trained again (marked reused)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dso_tradeoff.json"))
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
@@ -126,12 +157,18 @@ def main(argv=None):
     result = {"config": vars(args) | {"device": str(device), "train_images": len(train), "val_images": len(val),
                                       "torch": torch.__version__}, "rows": []}
     t0 = time.perf_counter()
+    earlier = earlier_controls(args.reuse, result["config"])
     modules = {}
     model, x = build(args.seed)
-    modules["original"], acc, seconds = train_alone(model, train, val, args, device)
+    before = earlier.get(("original",))
+    if before is None:
+        modules["original"], acc, seconds = train_alone(model, train, val, args, device)
+    else:
+        modules["original"], acc, seconds = model.eval(), before["val_acc"], before["seconds"]
     orig_graph = archir.trace(modules["original"], x)
     result["rows"].append({"variant": "original", "val_acc": acc, "params": orig_graph.total_params(),
-                           "flops": orig_graph.total_flops(), "pruned_edges": [], "seconds": seconds})
+                           "flops": orig_graph.total_flops(), "pruned_edges": [], "seconds": seconds}
+                          | ({"reused": True} if before is not None else {}))
     print(f"original: {acc:.4f}", flush=True)
     runs = [(f"dso gamma={g}", {"gamma": g}) for g in args.gammas]
     runs += [(f"dso target={t}", {"target_flops": t}) for t in args.targets]
@@ -143,8 +180,10 @@ def main(argv=None):
         k = len(row["pruned_edges"])
         for draw in range(0 if args.no_random or not k else args.random_draws):
             rlabel = f"random {k} edges #{draw + 1} ({label})"
-            modules[rlabel], rrow = run_random(rlabel, k, draw, train, val, args, device)
+            modules[rlabel], rrow = run_random(rlabel, k, draw, train, val, args, device, earlier)
             result["rows"].append(rrow)
+            if not rrow.get("reused"):
+                earlier[("random", tuple(rrow["pruned_edges"]))] = rrow  # a later target with the same k
             print(f"{rlabel}: {rrow['val_acc']:.4f}", flush=True)
         write_text(args.out, json.dumps(result, indent=2, default=str))  # nothing lost on interrupt
     for batch in sorted({1, args.latency_batch}):

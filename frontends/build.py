@@ -25,8 +25,10 @@ from archir.errors import TraceError, UserInputError
 from archir.ir import (CONCAT_TARGETS, IN, PRODUCT_TARGETS, SUM_TARGETS, Combine, Edge, Graph, Junction,
                        JunctionRef, Op, Operand, TensorMeta, fetch_attr)
 from archir.ir.costs import ATEN_RNN, function_flops, module_flops, rnn_flops
-from archir.ir.graph import _flatten
+from archir.ir.graph import SharedNames, _flatten
 from archir.modes import eval_mode
+
+from .normalize import isolate_mutating_calls
 
 _ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
                        nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.PReLU, nn.Softplus,
@@ -43,22 +45,16 @@ _CONTAINER_NAMES = {"Sequential", "ModuleList", "ModuleDict"}
 def _describe(value: Any):
     """A value's :data:`~archir.ir.Meta`: a tensor, or a (possibly nested) tuple of tensors.
 
-    Nested tuples are what recurrent layers return (``nn.LSTM``: ``(out, (h, c))``); ``None``
-    items (``nn.MultiheadAttention(..., need_weights=False)``: ``(out, None)``) are allowed as long
-    as the tuple holds a tensor. Anything else (sizes, Python numbers) is not dataflow: None.
+    Nested tuples are what recurrent layers return (``nn.LSTM``: ``(out, (h, c))``). Items that
+    are not tensors are None (``nn.MultiheadAttention(..., need_weights=False)``: ``(out, None)``;
+    torchvision's MViT helper ``_unsqueeze``: ``(x, ndim)``), as long as the tuple holds a tensor:
+    the tuple is dataflow, and its other items are read like sizes. Anything else (sizes, Python
+    numbers) is not dataflow: None.
     """
     if isinstance(value, torch.Tensor):
         return TensorMeta.of(value)
     if isinstance(value, (tuple, list)) and value and not isinstance(value, torch.Size):
-        items = []
-        for v in value:
-            if v is None:
-                items.append(None)
-                continue
-            m = _describe(v)
-            if m is None:
-                return None
-            items.append(m)
+        items = [_describe(v) for v in value]
         return tuple(items) if any(m is not None for m in items) else None
     return None
 
@@ -67,10 +63,19 @@ class _Recorder(fx.Interpreter):
     def __init__(self, root: nn.Module, graph: fx.Graph):
         super().__init__(root, graph=graph)
         self.metas: dict[fx.Node, Any] = {}
+        # call -> [(tensor argument it changed in place, whether it returned it)]
+        self.mutated: dict[fx.Node, list[tuple[fx.Node, bool]]] = {}
 
     def run_node(self, n: fx.Node) -> Any:
+        # a called function (a wrapped helper, opaque to the tracer) may change an argument in
+        # place: its version counter moves (views share their base's counter)
+        versions = {a: self.env[a]._version for a in n.all_input_nodes
+                    if n.op == "call_function" and isinstance(self.env.get(a), torch.Tensor)}
         result = super().run_node(n)
         self.metas[n] = _describe(result)
+        changed = [(a, result is self.env[a]) for a, v in versions.items() if self.env[a]._version != v]
+        if changed:
+            self.mutated[n] = changed
         return result
 
     def call_function(self, target, args, kwargs) -> Any:
@@ -91,9 +96,12 @@ def _mutable(a: Any) -> Any:
 
 
 def record(root: nn.Module, graph: fx.Graph, inputs: Sequence[torch.Tensor]) -> dict[fx.Node, Any]:
+    """Run ``graph`` on ``inputs`` (eval mode, no grad) and return each node's meta; calls found
+    changing an argument in place get a copy of it (:func:`isolate_mutating_calls`)."""
     with eval_mode(root), torch.no_grad():
         rec = _Recorder(root, graph)
         rec.run(*inputs)
+    isolate_mutating_calls(graph, rec.mutated, rec.metas)
     return rec.metas
 
 
@@ -133,6 +141,8 @@ class _Builder:
         self.dataflow: dict[fx.Node, bool] = {}
         self.data_occ: dict[fx.Node, list[fx.Node]] = {}
         self.jid: dict[fx.Node, str] = {}
+        self.deps: dict[fx.Node, set[fx.Node]] = {}  # memo of inlined_deps
+        self.inlined: dict[tuple, Op] = {}  # memo of inline: (node, how its reads resolve) -> Op
         # FLOPs are counted per example: divided by the first input's leading (batch) dimension
         first = next((metas[n] for n in self.nodes if n.op == "placeholder"), None)
         self.batch = max(1, first.shape[0]) if isinstance(first, TensorMeta) and first.shape else 1
@@ -165,7 +175,7 @@ class _Builder:
         return deps
 
     def find_junctions(self) -> set[fx.Node]:
-        memo: dict = {}
+        memo = self.deps
         out_node = self.nodes[-1]
         live = self._live(out_node)
         uses: dict[fx.Node, list[tuple[fx.Node, str]]] = {n: [] for n in self.nodes if self.dataflow.get(n)}
@@ -246,8 +256,18 @@ class _Builder:
         return a
 
     def inline(self, n: fx.Node, resolve) -> Op:
+        """Non-dataflow node ``n`` as a nested Op. Each node becomes one Op object per way its
+        dataflow reads resolve (the chain input, a junction, a join operand), shared by every use:
+        sizes threaded through many blocks (MViT's ``thw``) make a DAG, whose expansion as a tree
+        grows exponentially with depth."""
         if n.op == "placeholder":
             raise TraceError(f"non-tensor input '{n.name}' is not supported")
+        key = (n, frozenset((d, resolve(d)) for d in self.inlined_deps(n, self.deps)))
+        if key not in self.inlined:
+            self.inlined[key] = self._inline_new(n, resolve)
+        return self.inlined[key]
+
+    def _inline_new(self, n: fx.Node, resolve) -> Op:
         if n.op == "get_attr":
             return Op("get_attr", n.target, meta={"name": n.name})
         # a nested expression reads dataflow values only through their sizes
@@ -553,18 +573,21 @@ def _op_signature(g: Graph, op: Op, path: str, configs: dict) -> str:
     return f"{op.name}({_const_signature((op.args, op.kwargs), path)})"
 
 
-def _const_signature(v: Any, path: str) -> str:
-    """Constant arguments as text; tensor values (the chain's input, junctions, operands) as ``_``."""
+def _const_signature(v: Any, path: str, names: SharedNames | None = None) -> str:
+    """Constant arguments as text; tensor values (the chain's input, junctions, operands) as ``_``.
+    Shared parts of a large expression are numbered (:class:`~archir.ir.graph.SharedNames`)."""
+    names = names if names is not None else SharedNames(v, numbered=True)
     if isinstance(v, Op):
         if v.kind == "get_attr":
             return _relative(str(v.target), path)
-        return f"{v.name}({_const_signature((v.args, v.kwargs), path)})"
+        return names.wrap(v, lambda: f"{v.name}({_const_signature((v.args, v.kwargs), path, names)})")
     if isinstance(v, (list, tuple)):
-        return "[" + ",".join(_const_signature(x, path) for x in v) + "]"
+        return "[" + ",".join(_const_signature(x, path, names) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ",".join(f"{k}:{_const_signature(x, path)}" for k, x in v.items() if k != "inplace") + "}"
+        return "{" + ",".join(f"{k}:{_const_signature(x, path, names)}" for k, x in v.items()
+                              if k != "inplace") + "}"
     if isinstance(v, slice):
-        return f"{_const_signature(v.start, path)}:{_const_signature(v.stop, path)}:{_const_signature(v.step, path)}"
+        return ":".join(_const_signature(x, path, names) for x in (v.start, v.stop, v.step))
     if v is None or isinstance(v, (bool, int, float, str, torch.dtype)):
         return repr(v)
     return "_"

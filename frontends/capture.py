@@ -8,7 +8,8 @@ Two tracers, tried in order:
    (branches on shapes, for instance). Its ATen-level graph is brought back to the level of (1):
    every call of a torch.nn leaf module becomes one ``call_module`` node again. This keeps the link
    to the user's module and parameter names, and makes BatchNorm and Dropout follow ``.train()`` /
-   ``.eval()`` (an exported graph otherwise fixes their mode at export time).
+   ``.eval()`` (an exported graph otherwise fixes their mode at export time); functional dropout
+   that reads ``self.training`` is made to follow it too (:mod:`.mode_dropout`).
 
 When both fail, :class:`~archir.errors.TraceError` names the file and line of the user's code
 where tracing stopped.
@@ -30,6 +31,9 @@ from torch import nn
 from archir.errors import TraceError
 from archir.ir import fetch_attr
 from archir.layers import STANDALONE_CLASSES
+
+from .mode_dropout import dropout_to_modules as mode_dropout_to_modules
+from .mode_dropout import export_following_modes
 
 
 def is_torch_leaf(module: nn.Module) -> bool:
@@ -93,6 +97,8 @@ def export_trace(root: nn.Module, example_inputs: Sequence[torch.Tensor],
 
     Returns the graph (targets are qualified names in ``root``) and the output pytree spec.
     A dynamic batch dimension is asked for first; if the model pins it, a static export follows.
+    Where modules read ``self.training``, the model is exported in both modes to find their
+    dropout (:func:`.mode_dropout.export_following_modes`).
     """
     extra = set(leaves)
 
@@ -100,9 +106,16 @@ def export_trace(root: nn.Module, example_inputs: Sequence[torch.Tensor],
         return path in extra or is_torch_leaf(m)
 
     register_output_objects(root, example_inputs)
-    with _quiet_torch(), _leaf_calls(root, is_leaf) as simple, _dropout_visible(root, is_leaf):
-        ep = _export(root, tuple(example_inputs))
-    gm = ep.module()
+    leaf_calls: dict[int, dict[str, bool]] = {}  # per exported module: see _leaf_calls
+
+    def export() -> fx.GraphModule:
+        with _quiet_torch(), _leaf_calls(root, is_leaf) as simple, _dropout_visible(root, is_leaf):
+            gm = _export(root, tuple(example_inputs)).module()
+        leaf_calls[id(gm)] = simple
+        return gm
+
+    gm = export_following_modes(root, tuple(example_inputs), is_leaf, export)  # exports once or more (see there)
+    simple = leaf_calls[id(gm)]
     out_spec = gm.graph._codegen.pytree_info.out_spec if hasattr(gm.graph._codegen, "pytree_info") else None
     graph = fx.Graph()  # detached from the exported module: targets are resolved on ``root``
     out, _ = graph.graph_copy(gm.graph, {}, return_output_node=True)
@@ -119,6 +132,7 @@ def export_trace(root: nn.Module, example_inputs: Sequence[torch.Tensor],
     _adopt_constants(graph, gm, root)
     _drop_buffer_writebacks(graph)
     _collapse_leaf_calls(graph, root, is_leaf, simple)
+    mode_dropout_to_modules(graph, root)
     _remove_unused(graph)
     return graph, out_spec
 

@@ -17,6 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from archir.errors import TraceError
 from archir.layers import StochasticDepth
 
 _INPLACE_OPERATORS = {
@@ -67,11 +68,12 @@ def _is_view(node: fx.Node) -> bool:
     return name in _VIEW_NAMES
 
 
-def _alias_read_later(mutated: fx.Node, node: fx.Node, position: dict) -> bool:
+def _alias_read_later(mutated: fx.Node, node: fx.Node, position: dict, *, taken_before: bool = False) -> bool:
     """Does a value that shares memory with ``mutated`` (its bases and their views, through
     view operations) get read after the in-place ``node``? Then the update is visible through it,
     and making ``node`` out of place would change what that read sees. (``flatten(x).dropout_()``
-    where nothing reads ``x`` again is safe.)"""
+    where nothing reads ``x`` again is safe.) ``taken_before``: only views taken before ``node``
+    count (the caller redirects later views of ``mutated`` to the updated value)."""
     base = mutated
     while _is_view(base) and base.args and isinstance(base.args[0], fx.Node):
         base = base.args[0]
@@ -83,6 +85,8 @@ def _alias_read_later(mutated: fx.Node, node: fx.Node, position: dict) -> bool:
         aliases.add(a)
         stack.extend(u for u in a.users if _is_view(u) and u.args and u.args[0] is a)
     aliases.discard(mutated)
+    if taken_before:
+        aliases = {a for a in aliases if position.get(a, -1) < position[node]}
     return any(position.get(u, -1) > position[node] for a in aliases for u in a.users if u is not node)
 
 
@@ -130,6 +134,39 @@ def functionalize(graph: fx.Graph, root: nn.Module) -> int:
         for user in list(mutated.users):
             if user is not node and position.get(user, -1) > position[node]:
                 user.replace_input_with(mutated, node)
+    return count
+
+
+def isolate_mutating_calls(graph: fx.Graph, mutated: dict, metas: dict) -> int:
+    """Give each called function that changes a tensor argument in place a copy of it; return how
+    many arguments were copied.
+
+    ``mutated`` maps a call to ``[(argument, returned), ...]``: the arguments whose version
+    counter moved when the graph was run, and whether the call returned that same tensor
+    (torchvision's MViT ``_add_shortcut(x, q)`` adds ``q`` into ``x`` in place and returns ``x``,
+    and the caller reads ``x`` on). The call gets ``x.clone()`` instead and later reads of ``x``
+    read its result, as :func:`functionalize` does for in-place operations, so the update
+    happens where the IR can see it and whichever order consumers of ``x`` run in. Raises
+    TraceError where that would change the function: ``x`` is read later but the call returned
+    something else, or the update shows through a view that is read later."""
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    count = 0
+    for node, args in mutated.items():
+        for arg, returned in args:
+            if arg.op == "get_attr":
+                continue  # a buffer update: the functional graph keeps no state changes
+            later = [u for u in arg.users if u is not node and position.get(u, -1) > position[node]]
+            if (later and not returned) or _alias_read_later(arg, node, position, taken_before=True):
+                raise TraceError(f"'{node.name}' changes its argument '{arg.name}' in place, and the "
+                                 "change is read later in a way archir cannot rewrite")
+            with graph.inserting_before(node):
+                copy = graph.call_method("clone", (arg,))
+            copy.meta = dict(node.meta)  # module stack of the call that needs the copy
+            metas[copy] = metas.get(arg)
+            node.replace_input_with(arg, copy)
+            for user in later:
+                user.replace_input_with(arg, node)
+            count += 1
     return count
 
 

@@ -269,6 +269,29 @@ def unfreeze_scales(graph: Graph) -> bool:
     return True
 
 
+def budget_pruning(graph: Graph, lams: dict[str, float], budget: float) -> set[str]:
+    """The nonzero edges (of ``lams``, ``{edge id: λ}``) that must be pruned besides the λ = 0 ones
+    for :func:`kept_flops` to fit ``budget``: greedily, the one with the smallest |λ| among those
+    whose pruning frees FLOPs and leaves its sum another operand, until it fits (or none is left)."""
+    pruned = {eid for eid, v in lams.items() if v == 0.0}
+    forced: set[str] = set()
+    now = kept_flops(graph, pruned)
+    while now > budget:
+        order = sorted((abs(v), eid) for eid, v in lams.items() if eid not in pruned)
+        pick = None
+        for _, eid in order:
+            kept = kept_flops(graph, pruned | {eid})
+            if kept < now and any(e.id not in pruned | {eid} for e in graph.in_edges(graph.edges[eid].dst)):
+                pick = eid
+                break
+        if pick is None:
+            break
+        pruned.add(pick)
+        forced.add(pick)
+        now = kept
+    return forced
+
+
 class DeriveScale(Pass):
     """Label every scaled edge: ``decision`` ``none`` (λ exactly 0, or pruned to meet ``budget``),
     ``zero`` (the one operand a sum keeps when all of them are 0) or ``same`` (a densified
@@ -291,16 +314,7 @@ class DeriveScale(Pass):
         if not lams:
             return PassResult(graph, unfrozen)
         none = {eid for eid, v in lams.items() if v == 0.0}
-        forced: set[str] = set()
-        if self.budget is not None:
-            while kept_flops(graph, none | forced) > self.budget:
-                order = sorted((abs(v), eid) for eid, v in lams.items() if eid not in none | forced)
-                now = kept_flops(graph, none | forced)
-                pick = next((eid for _, eid in order if kept_flops(graph, none | forced | {eid}) < now
-                             and self._keeps_operand(graph, none | forced | {eid}, eid)), None)
-                if pick is None:
-                    break
-                forced.add(pick)
+        forced = budget_pruning(graph, lams, self.budget) if self.budget is not None else set()
         pruned = none | forced
         zero: set[str] = set()
         for jid, j in graph.junctions.items():  # a sum keeps one operand (exact: it computes 0)
@@ -321,9 +335,6 @@ class DeriveScale(Pass):
                 e.labels["budget"] = True
         return PassResult(graph, True)
 
-    @staticmethod
-    def _keeps_operand(graph: Graph, pruned: set[str], eid: str) -> bool:
-        return any(e.id not in pruned for e in graph.in_edges(graph.edges[eid].dst))
 
 
 def _is_relu(graph: Graph, op: Op) -> bool:

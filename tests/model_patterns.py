@@ -10,6 +10,56 @@ import torch.nn.functional as F
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
+#: A model file for ``archir transform`` (one residual sum, 3×8×8 inputs, 32 generated examples),
+#: filled in by :func:`tiny_model_file`.
+_TINY_MODEL_FILE = '''import os
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self, n={outputs}):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.res = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, n)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        x = x + F.relu(self.res(x))
+        return self.head(x.mean((2, 3)))
+
+
+def build_model():
+    return Net()
+
+
+def example_input():
+    return torch.randn(2, 3, 8, 8)
+
+
+def data():
+    {data_prelude}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn({examples}, {channels}, 8, 8, generator=g)
+    y = {labels}
+    ds = torch.utils.data.TensorDataset(x, y)
+    return ds, torch.utils.data.TensorDataset(x[:16], y[:16])
+{extra}'''
+
+
+def tiny_model_file(outputs: int = 4, channels: int = 3, examples: int = 32, labels: str | None = None,
+                    data_prelude: str = "pass", extra: str = "") -> str:
+    """The source of a small model file: ``outputs`` classes, data of ``channels`` channels (a
+    mismatch with the model's 3 is a user error to test), ``labels`` an expression (default
+    ``arange(examples) % 4``), ``data_prelude`` a statement run first in ``data()``, ``extra``
+    more top-level code (e.g. a ``loss``)."""
+    labels = labels or f"torch.arange({examples}) % 4"
+    return _TINY_MODEL_FILE.format(outputs=outputs, channels=channels, examples=examples, labels=labels,
+                                   data_prelude=data_prelude, extra=extra)
+
 
 def load_example(name: str):
     spec = importlib.util.spec_from_file_location(f"archir_example_{name}", EXAMPLES / f"{name}.py")

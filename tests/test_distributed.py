@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import textwrap
 
 import pytest
 import torch
@@ -14,42 +13,16 @@ from click.testing import CliRunner
 from archir.cli import main
 from archir.distributed import World
 
+from model_patterns import tiny_model_file
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MODEL = textwrap.dedent('''
-    import os
+MODEL = tiny_model_file(examples=40, labels="torch.randint(0, 4, (40,), generator=g)", extra='''
 
-    import torch
-    from torch import nn
-    import torch.nn.functional as F
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 8, 3, padding=1)
-            self.res = nn.Conv2d(8, 8, 3, padding=1)
-            self.head = nn.Linear(8, 4)
-
-        def forward(self, x):
-            x = F.relu(self.conv(x))
-            x = x + F.relu(self.res(x))
-            return self.head(x.mean((2, 3)))
-
-    def build_model():
-        return Net()
-
-    def example_input():
-        return torch.randn(2, 3, 8, 8)
-
-    def loss(output, target):
-        if os.environ.get("FAIL_RANK") == os.environ.get("RANK", "0"):
-            raise ValueError("this process's loss is broken")
-        return F.cross_entropy(output, target)
-
-    def data():
-        g = torch.Generator().manual_seed(0)
-        x, y = torch.randn(40, 3, 8, 8, generator=g), torch.randint(0, 4, (40,), generator=g)
-        return torch.utils.data.TensorDataset(x, y), torch.utils.data.TensorDataset(x[:16], y[:16])
+def loss(output, target):
+    if os.environ.get("FAIL_RANK") == os.environ.get("RANK", "0"):
+        raise ValueError("this process's loss is broken")
+    return F.cross_entropy(output, target)
 ''')
 
 ARGS = ["--epochs", "3", "--arch-epochs", "2", "--warmup-epochs", "0", "--arch-lr", "0.5", "--share", "full",

@@ -343,6 +343,31 @@ def test_target_flops_budget_is_met_at_derive():
     assert s.recorded_decisions[scaled_edges(s.graph)[0].id]["decision"] == "same"  # largest λ kept
 
 
+def test_target_flops_controller_reaches_the_budget_by_the_end_of_its_ramp():
+    """With no loss gradient, the budget penalty brings the owed λ (smallest |λ| first) to 0 right
+    after step R, leaves the others at γ, and keeps the pruned ones at 0 from then on."""
+    model, x = _model(), torch.randn(4, 3, 8, 8)
+    s = archir.search(model, x, method="dso", target_flops=0.6, target_steps=6, gamma=1e-3)
+    _set_lambdas(s, [0.9, 0.3, 0.5, 0.8])
+    params = s.arch_parameters()
+    opt = s.arch_optimizer(lr=0.1)
+    fractions = []
+    for _ in range(9):  # G = 0: only the proximal step moves λ
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        fractions.append(s.method.flops_fraction(s.graph))
+    assert fractions[0] > 0.6 and fractions[-1] <= 0.6
+    # zeroed from R on: exact zeros take APG-NAG two thresholded steps, so by step R + 2 (index R + 1)
+    assert next(i for i, f in enumerate(fractions) if f <= 0.6) == 7
+    assert all(f > 0.6 for f in fractions[:6])  # and not before the ramp ends: the push grows gradually
+    lams = [float(p.detach()) for p in params]
+    assert lams[1] == lams[2] == 0.0 and min(lams[0], lams[3]) > 0.79  # the owed went; the others kept γ
+    assert set(s.method.budget_scales) == {"e7", "e11"}  # after R the pruned stay pruned (S_∞)
+    state = s.method.state_dict()
+    assert state["lambda_steps"] == 9
+
+
 @pytest.mark.parametrize("mode", ["identity", "conv1x1"])
 def test_densified_edges_that_survive_are_derived_exactly(mode):
     model, x = _model(), torch.randn(4, 3, 8, 8)

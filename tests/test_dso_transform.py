@@ -94,14 +94,18 @@ def test_user_choice_beats_the_methods_defaults(tiny):
     assert all(w["λ"] == 0.0 for w in res.report["arch_history"][0]["weights"].values())
 
 
-def test_target_flops_through_transform(tiny):
+def test_target_flops_search_zeroes_lambda_before_derive(tiny):
+    """Through the trainer: the ramp is half of the search's λ steps, and λ reaches 0 during the
+    search, so derive has nothing left to force (no ``budget`` decision)."""
     _, ns = tiny
     train, val = ns["data"]()
     res = archir.transform(ns["build_model"](), ns["example_input"](), method="dso", train_data=train,
-                           val_data=val, epochs=2, arch_epochs=1, batch_size=32, gamma=0.01,
-                           target_flops=0.7, progress=False)
+                           val_data=val, epochs=3, arch_epochs=2, batch_size=16, target_flops=0.7,
+                           progress=False)
     r = res.report
     assert r["transformed"]["flops_per_example"] <= 0.7 * r["original"]["flops_per_example"]
+    assert any(w["λ"] == 0.0 for w in r["arch_history"][-1]["weights"].values())
+    assert not any(d.get("budget") for d in r["decisions"])
 
 
 def test_cli_transform_method_dso(tiny, tmp_path):

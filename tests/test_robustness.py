@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import os
 import pickle
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -20,44 +19,17 @@ from archir.data.datasets import DataError
 from archir.data.sources import read_data_pickle
 from archir.output_dir import staging_dir
 
+from model_patterns import tiny_model_file
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = textwrap.dedent('''
-    import torch
-    from torch import nn
-    import torch.nn.functional as F
-
-    class Net(nn.Module):
-        def __init__(self, n=OUTPUTS):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 8, 3, padding=1)
-            self.res = nn.Conv2d(8, 8, 3, padding=1)
-            self.head = nn.Linear(8, n)
-
-        def forward(self, x):
-            x = F.relu(self.conv(x))
-            x = x + F.relu(self.res(x))
-            return self.head(x.mean((2, 3)))
-
-    def build_model():
-        return Net()
-
-    def example_input():
-        return torch.randn(2, 3, 8, 8)
-
-    def data():
-        RAISE
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(32, CHANNELS, 8, 8, generator=g)
-        y = LABELS
-        ds = torch.utils.data.TensorDataset(x, y)
-        return ds, ds
-''')
+_RAISE = "raise ValueError('no data on this machine')"
+_RAISE_LINE = tiny_model_file(data_prelude=_RAISE).splitlines().index(f"    {_RAISE}") + 1
 
 
 def _model(root: Path, name: str, outputs=4, channels=3, labels="torch.arange(32) % 4", raise_=False) -> Path:
-    text = (TINY.replace("OUTPUTS", str(outputs)).replace("CHANNELS", str(channels)).replace("LABELS", labels)
-            .replace("RAISE", "raise ValueError('no data on this machine')" if raise_ else "pass"))
+    text = tiny_model_file(outputs, channels, labels=labels,
+                           data_prelude=_RAISE if raise_ else "pass")
     path = root / f"{name}.py"
     path.write_text(text)
     return path
@@ -106,7 +78,7 @@ CASES = [
     ("from-weights holding a list", ["transform", "{root}/tiny.py", *GOOD, "--from-weights", "{root}/list.pt"], 2,
      "holds a list, not a state_dict"),
     ("data() raising", ["transform", "{root}/data_raises.py", *GOOD], 2,
-     "data() failed: {root}/data_raises.py:25: ValueError: no data on this machine"),
+     f"data() failed: {{root}}/data_raises.py:{_RAISE_LINE}: ValueError: no data on this machine"),
     ("one-class data", ["transform", "{root}/one_class.py", *GOOD], 2, "needs at least two classes"),
     ("unwritable --out", ["transform", "{root}/tiny.py", "--out", "{root}/a_file/out", "--quiet"], 2,
      "is not writable"),

@@ -6,6 +6,8 @@ in ``graph.leaves`` with the reason. torchvision and timm are used only when ins
 """
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -695,6 +697,122 @@ def test_export_keeps_dropout_modules_following_train_and_eval():
     assert not torch.equal(model.eval()(*x)["logits"], want)  # dropout did act in training
 
 
+class SdpaDropoutAttention(nn.Module):
+    """Hugging Face's SDPA attention: the dropout is an argument of a function call."""
+
+    def __init__(self, d=16, heads=2, p=0.3):
+        super().__init__()
+        self.qkv, self.proj, self.heads, self.p = nn.Linear(d, 3 * d), nn.Linear(d, d), heads, p
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0)
+        return self.proj(a.transpose(1, 2).reshape(b, n, d))
+
+
+class FunctionalDropoutMlp(nn.Module):
+    """Hugging Face's eager attention and T5: ``F.dropout(x, p, training=self.training)``."""
+
+    def __init__(self, d=16, p=0.3):
+        super().__init__()
+        self.lin, self.p = nn.Linear(d, d), p
+
+    def forward(self, x):
+        return nn.functional.dropout(self.lin(x).softmax(-1), self.p, training=self.training)
+
+
+class FunctionalBatchStats(nn.Module):
+    """Training changes more than dropout here: batch statistics (a functional BatchNorm)."""
+
+    def __init__(self, d=16, p=0.3):
+        super().__init__()
+        self.lin, self.p = nn.Linear(d, d), p
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("var", torch.ones(d))
+
+    def forward(self, x):
+        y = nn.functional.batch_norm(self.lin(x).transpose(1, 2), self.mean, self.var,
+                                     training=self.training).transpose(1, 2)
+        return nn.functional.dropout(y, self.p, training=self.training)
+
+
+class PreNormBlock(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.ln, self.inner = nn.LayerNorm(16), inner
+
+    def forward(self, x):
+        return x + self.inner(self.ln(x))
+
+
+def _same_outputs_in_both_modes(model, traced, x, seeds=(1, 2)):
+    """Eval: equal. Training: equal when the same seed precedes each call, and dropping out."""
+    for mode in (False, True):
+        model.train(mode), traced.train(mode)
+        for seed in seeds:
+            assert _same_under_seed(model, traced, x, seed)
+    torch.manual_seed(seeds[0])
+    assert not torch.equal(traced(x), traced.eval()(x))  # it did drop out in training
+    model.eval(), traced.eval()
+
+
+@pytest.mark.parametrize("inner, layer", [(SdpaDropoutAttention, "TrainingDropoutAttention"),
+                                          (FunctionalDropoutMlp, "Dropout")])
+@pytest.mark.parametrize("traced_in", ["eval", "train"])
+def test_export_makes_functional_dropout_follow_train_and_eval(inner, layer, traced_in, tmp_path):
+    """torch.export fixes ``self.training`` at the traced mode; archir exports the modules that
+    read it in both modes, checks that only dropout differs, and makes that dropout a module of
+    the caller (``nn.Dropout``, or attention whose dropout acts in training only)."""
+    from archir.backends.standalone import emit_standalone
+
+    torch.manual_seed(0)
+    model = PreNormBlock(inner()).train(traced_in == "train")
+    x = torch.randn(2, 5, 16)
+    gm = archir.trace(model, x, frontend="export").to_module()
+    calls = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    added = [m for m in calls if type(m).__name__ == layer]
+    assert len(added) == 1 and added[0].p == 0.3 and added[0].training == (traced_in == "train")
+    _same_outputs_in_both_modes(model, gm, x)
+    files = emit_standalone(gm, tmp_path / "o", example_inputs=(x,))
+    src = files.model_py.read_text()  # archir's layer is copied in: model.py needs only torch
+    assert layer == "Dropout" or f"class {layer}(torch.nn.Module):" in src
+    assert not [ln for ln in src.splitlines() if ln.startswith(("import ", "from ")) and "archir" in ln]
+    _same_outputs_in_both_modes(model, _load_emitted(files.model_py, f"emitted_{layer}_{traced_in}"), x)
+
+
+def test_export_keeps_the_traced_mode_where_training_changes_more_than_dropout(caplog):
+    """A module whose training mode also changes batch statistics is exported in its own mode
+    (today's behaviour, with a warning giving the reason); the other module's dropout still
+    follows the mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(PreNormBlock(FunctionalBatchStats()), PreNormBlock(FunctionalDropoutMlp())).eval()
+    x = torch.randn(2, 5, 16)
+    with caplog.at_level("WARNING", logger="archir.frontends.mode_dropout"):
+        gm = archir.trace(model, x, frontend="export").to_module()
+    assert "'0.inner' keeps the traced mode" in caplog.text and "batch_norm" in caplog.text
+    added = [n.target for n in gm.graph.nodes if n.op == "call_module" and "_archir_dropout" in n.target]
+    assert added == ["1.inner._archir_dropout0"]
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    model[0].eval(), gm.train()  # the first block stays at eval, as traced
+    model[1].train()
+    assert _same_under_seed(model, gm, x)
+
+
+@pytest.mark.parametrize("p, exports", [(0.0, 1), (0.3, 2)])
+def test_export_runs_twice_only_where_training_draws_random_numbers(p, exports, monkeypatch):
+    """A module reading ``self.training`` costs a second export only when an eager run in
+    training mode draws random numbers inside it (Llama's attention dropout is 0)."""
+    from archir.frontends import capture
+
+    calls = []
+    export = capture._export
+    monkeypatch.setattr(capture, "_export", lambda *a: calls.append(1) or export(*a))
+    archir.trace(PreNormBlock(FunctionalDropoutMlp(p=p)).eval(), torch.randn(2, 5, 16), frontend="export")
+    assert len(calls) == exports
+
+
 def test_exported_views_become_reshapes():
     """torch.export lowers ``reshape`` to ``view`` when the example's strides allow it; a kernel
     may lay its result out otherwise at run time (Hugging Face T5), so the graph keeps reshape."""
@@ -708,8 +826,6 @@ def test_exported_views_become_reshapes():
 def test_transformer_residuals_are_searchable_and_start_exact(method, tmp_path):
     """A transformer's residual adds are sum junctions: the attention and MLP branches become
     searchable edges, the supernet starts at the original, and so does the emitted model.py."""
-    import importlib.util
-
     torch.manual_seed(0)
     model = TinyDecoder().eval()
     x = _decoder_inputs()
@@ -721,13 +837,129 @@ def test_transformer_residuals_are_searchable_and_start_exact(method, tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(want, _flat(s.supernet.eval()(*x))))
     if method == "dnat":  # derive at initialisation keeps every edge as it was
         files = s.emit(tmp_path / "o", onnx=False)
-        spec = importlib.util.spec_from_file_location("emitted_decoder", files["model.py"])
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
         with torch.no_grad():
-            got = _flat(mod.load_model().eval()(*x))
+            got = _flat(_load_emitted(files["model.py"], "emitted_decoder").eval()(*x))
         assert len(got) == 5 and all(torch.equal(a, b) for a, b in zip(want, got))
     s.close()
+
+
+def _load_emitted(model_py, name: str) -> nn.Module:
+    """The model an emitted ``model.py`` loads (with its weights)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, model_py)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.load_model()
+
+
+# ---- sizes threaded through every block (torchvision's video MViT) -------------------------------
+
+class SizeBlock(nn.Module):
+    """Takes the ``(T, H, W)`` sizes from the previous block and hands on the next ones, each
+    computed from several of the previous (MViT's pooled ``thw``)."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.lin = nn.Linear(c, c)
+
+    def forward(self, x, thw):
+        t, h, w = thw
+        b, n, c = x.shape
+        y = self.lin(x).reshape(b, t, h, w, c).reshape(b, n, c)
+        return x + y, ((t + h) // 2 + (w - h), (h + w) // 2 + (t - t), (w + t) // 2 + (h - h))
+
+
+class SizeThreading(nn.Module):
+    """As an fx graph the sizes after block k are a DAG of depth k; written out as an expression
+    tree, each has about 6^k nodes."""
+
+    def __init__(self, depth=30, c=4):
+        super().__init__()
+        self.blocks = nn.ModuleList(SizeBlock(c) for _ in range(depth))
+
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        thw = (t, h, w)
+        x = x.flatten(2).transpose(1, 2)
+        for blk in self.blocks:
+            x, thw = blk(x, thw)
+        return x.reshape(b, thw[0], thw[1], thw[2], c).mean((1, 2, 3))
+
+
+def test_sizes_threaded_through_many_blocks_stay_a_dag(tmp_path):
+    """The IR shares a size computation wherever the traced node was used, and lowering, the text
+    form, the supernet and the emitted model.py each compute it once: 30 blocks trace in well
+    under a second (as a tree, 6^30 nodes) and every step is exact."""
+    torch.manual_seed(0)
+    model = SizeThreading().eval()
+    x = torch.randn(1, 4, 2, 2, 2)
+    graph = _check_roundtrip(model, x)
+    lowered = graph.to_module()
+    assert len(lowered.graph.nodes) < 1000  # each size node once, not once per path to it
+    assert len(str(graph)) < 300_000  # shared parts named: (floordiv_3 := ...), floordiv_3
+    assert "floordiv" in str(graph) and ":=" in str(graph)
+    again = pickle.loads(pickle.dumps(graph))  # pickling keeps the sharing (and the depth fits)
+    with torch.no_grad():
+        assert torch.equal(again.to_module()(x), model(x))
+    s = archir.search(model, x, "dnat")
+    with torch.no_grad():
+        want = model(x)
+        assert torch.equal(s.supernet.eval()(x), want)
+        files = s.emit(tmp_path / "o", onnx=False)
+        assert torch.equal(_load_emitted(files["model.py"], "emitted_sizes").eval()(x), want)
+    s.close()
+
+
+# ---- helpers returning a tensor with a plain value, or changing an argument in place (MViT) -----
+
+def _unsqueeze_to(x: torch.Tensor, ndim: int) -> tuple[torch.Tensor, int]:
+    """Returns the tensor and a Python int, as torchvision's MViT ``_unsqueeze``."""
+    dim = x.dim()
+    return x.reshape((1,) * (ndim - dim) + tuple(x.shape)), dim
+
+
+def _add_tail(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Adds into ``x`` in place and returns it, as torchvision's MViT ``_add_shortcut``."""
+    x[:, 1:] += y[:, 1:]
+    return x
+
+
+torch.fx.wrap("_unsqueeze_to")
+torch.fx.wrap("_add_tail")
+
+
+class TupleAndInplaceHelpers(nn.Module):
+    def __init__(self, c=6):
+        super().__init__()
+        self.a = nn.Linear(c, c)
+        self.b = nn.Linear(c, c)
+        self.out = nn.Linear(c, c)
+
+    def forward(self, x):
+        x, dim = _unsqueeze_to(x, 3)
+        x = x.flatten(0, 3 - dim)  # back to the input's rank: reads the plain value
+        y = self.a(x)
+        _add_tail(y, self.b(x))  # the result is dropped; y is read on, changed
+        return self.out(y) + y
+
+
+def test_helper_results_with_plain_values_and_in_place_arguments():
+    """``(tensor, int)`` is a tuple value (before: not dataflow, so the whole model ended up
+    inside the output expression), and a helper's in-place change of its argument is kept
+    (before: the call's result was unused, so it was dropped) and stays exact under EdgeChoice,
+    whose extra paths read the same value."""
+    torch.manual_seed(0)
+    model = TupleAndInplaceHelpers().eval()
+    x = torch.randn(4, 6)
+    graph = _check_roundtrip(model, x)
+    assert graph.frontend == "fx"
+    called = {op.target for e in graph.edges.values() for op in e.ops if op.kind == "call_module"}
+    assert {"a", "b", "out"} <= called  # on edges, not inlined into the output
+    assert any(op.name == "clone" for e in graph.edges.values() for op in e.ops)
+    PassManager([EdgeChoice("full")])(graph)
+    with torch.no_grad():
+        assert torch.equal(graph.to_module().eval()(x), model(x))
 
 
 # ---- the real zoos, when installed (not in CI) ---------------------------------------------------

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archir.layers import TrainingDropoutAttention
+
 _CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
 _LINEAR_FUNCS = {F.linear}
 _MATMUL_FUNCS = {torch.matmul, operator.matmul, torch.mm, torch.bmm}
@@ -101,6 +103,9 @@ def module_flops(module: nn.Module, in_shape, out_shape, arg_shapes: list | None
         return rnn_flops(in_shape, module.input_size, _rnn_weight_shapes(module))
     if isinstance(module, nn.MultiheadAttention):
         return _attention_flops(module, arg_shapes if arg_shapes is not None else [in_shape] * 3)
+    if isinstance(module, TrainingDropoutAttention):  # the SDPA call it wraps
+        return function_flops(F.scaled_dot_product_attention, "call_function",
+                              arg_shapes if arg_shapes is not None else [in_shape] * 3, out_shape)
     return 0  # unknown, in particular a user-defined module kept opaque
 
 

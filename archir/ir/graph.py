@@ -13,6 +13,8 @@ of one call, where tensor arguments are symbolic references (:class:`Input` for 
 :class:`Operand` for the i-th operand of a join, :class:`JunctionRef` for a size read of another
 junction) and non-tensor sub-expressions (``x.size(0)``, a parameter, a constant tensor) are nested
 ``Op`` s. So ``x.view(x.size(0), -1)`` is one operation on one edge: sizes never make junctions.
+A traced value used several times is one shared nested ``Op`` object, so expressions are DAGs;
+whatever walks them (lowering, text, signatures, rewrites) visits each shared part once.
 
 The graph owns an ``nn.Module`` (``graph.root``) that holds every module and parameter the
 operations name by their qualified names. Passes mutate the graph through its methods, which keep
@@ -86,7 +88,7 @@ _DTYPE_SHORT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf1
                 torch.int64: "i64", torch.int32: "i32", torch.bool: "b8", torch.uint8: "u8"}
 
 # A value's meta: one tensor, or a tuple of tensors (operations with several outputs), possibly
-# nested (``nn.LSTM`` returns ``(out, (h, c))``) and with None items (values that are None).
+# nested (``nn.LSTM`` returns ``(out, (h, c))``) and with None items (values that are None, or not tensors).
 Meta = TensorMeta | tuple["Meta", ...] | None
 
 
@@ -127,11 +129,19 @@ class Op:
         return target_name(self.kind, self.target)
 
     def refs(self) -> Iterator[Any]:
-        """Every symbolic reference and nested Op in this op's arguments, depth first."""
+        """Every symbolic reference and nested Op in this op's arguments, depth first. A nested Op
+        shared by several arguments (the frontend inlines each fx node once, so expressions are
+        DAGs) is visited once: the walk is linear in the DAG, not in its expansion as a tree."""
+        yield from self._refs(set())
+
+    def _refs(self, seen: set[int]) -> Iterator[Any]:
         for a in _flatten((self.args, self.kwargs)):
             if isinstance(a, Op):
+                if id(a) in seen:
+                    continue
+                seen.add(id(a))
                 yield a
-                yield from a.refs()
+                yield from a._refs(seen)
             elif isinstance(a, (Input, Operand, JunctionRef)):
                 yield a
 
@@ -153,19 +163,21 @@ class Op:
 
     def render(self) -> str:
         """The op as short text: ``target(args)`` for a module or attribute, ``name(args)`` otherwise
-        (the chain input ``x`` and ``inplace=False`` left out), ``target{a | b}`` for a choice."""
+        (the chain input ``x`` and ``inplace=False`` left out), ``target{a | b}`` for a choice. A
+        large expression names its shared parts (see :class:`SharedNames`)."""
         if self.kind == "choice":
             cands = [c if isinstance(c, str) else "·".join(o.render() for o in c) or "identity"
                      for c in self.args]
             return f"{self.target}{{{' | '.join(cands)}}}"
+        names = SharedNames((self.args, self.kwargs))
         if self.kind in ("call_module", "get_attr"):
             base = str(self.target)
             args = [a for a in self.args if not isinstance(a, Input)]
-            return base + (f"({_render_args(args, self.kwargs)})" if (args or self.kwargs) else "")
+            return base + (f"({_render_args(args, self.kwargs, names)})" if (args or self.kwargs) else "")
         args = list(self.args)
         if args and isinstance(args[0], Input):
             args = args[1:]
-        inner = _render_args(args, self.kwargs)
+        inner = _render_args(args, self.kwargs, names)
         return f"{self.name}({inner})" if inner else self.name
 
 
@@ -181,17 +193,69 @@ def target_name(kind: str, target: Any) -> str:
     return name
 
 
-def _render_value(v: Any) -> str:
+# An expression that would expand to more nested ops than this, written out as a tree, names its
+# shared parts instead; smaller ones are written out in full (the text form golden tests compare).
+TREE_LIMIT = 256
+
+
+def expression_uses(obj: Any) -> tuple[int, dict[int, int]]:
+    """``(tree size, uses)`` of the nested ops in ``obj`` (nested args): how many ops it would hold
+    written out as a tree (counted up to ``TREE_LIMIT + 1``), and per nested Op (by ``id``) how
+    many arguments of distinct ops, or of ``obj`` itself, refer to it. Linear in the DAG."""
+    sizes: dict[int, int] = {}
+    uses: dict[int, int] = {}
+
+    def visit(v: Any) -> int:
+        total = 0
+        for a in _flatten(v):
+            if isinstance(a, Op):
+                uses[id(a)] = uses.get(id(a), 0) + 1
+                if id(a) not in sizes:
+                    sizes[id(a)] = min(1 + visit((a.args, a.kwargs)), TREE_LIMIT + 1)
+                total += sizes[id(a)]
+        return min(total, TREE_LIMIT + 1)
+
+    return visit(obj), uses
+
+
+class SharedNames:
+    """Names for the shared parts of one expression written as text.
+
+    A nested Op that two or more arguments refer to is written out where it first occurs as
+    ``(name := text)`` and as ``name`` afterwards, so the text grows with the DAG, not with its
+    expansion as a tree (MViT threads its sizes through every block). Only where the tree would
+    exceed :data:`TREE_LIMIT` ops: smaller expressions are written out in full. ``numbered``
+    names them ``#0``, ``#1``... in order of first occurrence (text that must not depend on the
+    traced nodes' names), else by the traced node's name."""
+
+    def __init__(self, obj: Any, *, numbered: bool = False):
+        size, uses = expression_uses(obj)
+        self.shared = {i for i, n in uses.items() if n >= 2} if size > TREE_LIMIT else set()
+        self.numbered = numbered
+        self.given: dict[int, str] = {}
+        self.taken: set[str] = set()
+
+    def wrap(self, op: Op, text: Callable[[], str]) -> str:
+        """``op`` as text: its name where it was written before, else ``text()`` (named if shared)."""
+        if id(op) not in self.shared:
+            return text()
+        if id(op) in self.given:
+            return self.given[id(op)]
+        body = text()
+        name = base = f"#{len(self.given)}" if self.numbered else str(op.meta.get("name") or "v")
+        while name in self.taken:
+            name = f"{base}_{len(self.taken)}"
+        self.taken.add(name)
+        self.given[id(op)] = name
+        return f"({name} := {body})"
+
+
+def _render_value(v: Any, names: SharedNames | None = None) -> str:
+    names = names if names is not None else SharedNames(v)
     if isinstance(v, Op):
-        if v.kind == "call_method" and v.args and isinstance(v.args[0], (Input, JunctionRef, Op)):
-            rest = _render_args(list(v.args[1:]), v.kwargs)
-            return f"{_render_value(v.args[0])}.{v.target}({rest})"
-        if v.kind == "get_attr":
-            return f"self.{v.target}"
-        args = _render_args(list(v.args), v.kwargs)
-        return f"{v.name}({args})"
+        return names.wrap(v, lambda: _render_op(v, names))
     if isinstance(v, (list, tuple)):
-        inner = ", ".join(_render_value(x) for x in v)
+        inner = ", ".join(_render_value(x, names) for x in v)
         return f"[{inner}]" if isinstance(v, list) else f"({inner}{',' if len(v) == 1 else ''})"
     if isinstance(v, torch.dtype):
         return str(v).replace("torch.", "")
@@ -202,10 +266,20 @@ def _render_value(v: Any) -> str:
     return repr(v)
 
 
-def _render_args(args: list, kwargs: dict) -> str:
-    parts = [_render_value(a) for a in args]
+def _render_op(v: Op, names: SharedNames) -> str:
+    if v.kind == "call_method" and v.args and isinstance(v.args[0], (Input, JunctionRef, Op)):
+        rest = _render_args(list(v.args[1:]), v.kwargs, names)
+        return f"{_render_value(v.args[0], names)}.{v.target}({rest})"
+    if v.kind == "get_attr":
+        return f"self.{v.target}"
+    return f"{v.name}({_render_args(list(v.args), v.kwargs, names)})"
+
+
+def _render_args(args: list, kwargs: dict, names: SharedNames) -> str:
+    parts = [_render_value(a, names) for a in args]
     # inplace=False is what the frontend makes of every in-place call: noise in the text form
-    parts += [f"{k}={_render_value(v)}" for k, v in kwargs.items() if not (k == "inplace" and v is False)]
+    parts += [f"{k}={_render_value(v, names)}" for k, v in kwargs.items()
+              if not (k == "inplace" and v is False)]
     return ", ".join(parts)
 
 
@@ -435,11 +509,15 @@ class Graph:
         for eid in list(self._out[old]):
             self.move_edge(eid, src=new)
 
+        rebuilt: dict[int, Op] = {}  # a nested Op shared by several arguments is rebuilt once
+
         def swap(r):
             if isinstance(r, JunctionRef) and r.id == old:
                 return JunctionRef(new)
             if isinstance(r, Op):
-                return _map_op_refs(r, swap)
+                if id(r) not in rebuilt:
+                    rebuilt[id(r)] = _map_op_refs(r, swap)
+                return rebuilt[id(r)]
             return r
 
         for e in self.edges.values():

@@ -40,6 +40,9 @@ class Lowering:
         self.values: dict[str, fx.Node] = {}
         self.attrs: dict[str, Any] = {}
         self.rename: dict[str, str] = {}
+        # nested ops already emitted: (op, its binding) -> node; see :meth:`nested`
+        self.emitted: dict[tuple, tuple[Op, fx.Node]] = {}
+        self.free: dict[int, bool] = {}  # id(op) -> reads no Input or Operand (memo)
 
     def safe_target(self, target: str) -> str:
         """``target`` with its first atom renamed (suffixed ``_``) where GraphModule reserves it, its
@@ -74,16 +77,36 @@ class Lowering:
                 return operands[r.index]
             if isinstance(r, JunctionRef):
                 return self.values[r.id]
-            return self.op(r, inp, operands)
+            return self.nested(r, inp, operands)
 
         args = map_refs(op.args, resolve)
         kwargs = map_refs(op.kwargs, resolve)
         target = self.safe_target(op.target) if op.kind in ("call_module", "get_attr") else op.target
         return self.fx.create_node(op.kind, target, args, kwargs, name=op.meta.get("name"))
 
+    def nested(self, op: Op, inp: fx.Node | None, operands: list[fx.Node] | None = None) -> fx.Node:
+        """A nested operation (a size computation, a parameter read), emitted once per binding.
+
+        The frontend shares a nested Op wherever the traced node was used (a DAG), so each is one
+        node here too, read by every use, rather than one copy per path to it (exponentially many
+        when sizes are threaded through every block). An op that reads no chain input and no join
+        operand is the same value everywhere in the graph; one that does is shared under the same
+        ``inp`` and ``operands`` only."""
+        key = (id(op),) if self.reads_nothing_local(op) else (id(op), inp, tuple(operands or ()))
+        if key not in self.emitted:
+            self.emitted[key] = (op, self.op(op, inp, operands))  # holding op keeps its id unique
+        return self.emitted[key][1]
+
+    def reads_nothing_local(self, op: Op) -> bool:
+        """Whether ``op`` (nested ops included) reads neither :class:`Input` nor :class:`Operand`."""
+        if id(op) not in self.free:
+            self.free[id(op)] = op.kind != "choice" and not any(
+                isinstance(r, (Input, Operand)) for r in op.refs())
+        return self.free[id(op)]
+
     def kwargs_of(self, op: Op, inp: fx.Node | None, operands: list[fx.Node] | None = None) -> dict:
         """``op``'s keyword arguments lowered (nested operations emitted)."""
-        return map_refs(op.kwargs, lambda r: self.op(r, inp, operands))
+        return map_refs(op.kwargs, lambda r: self.nested(r, inp, operands))
 
     def path(self, ops, inp: fx.Node | None) -> fx.Node | None:
         """A candidate path (a tuple of operations, or ``"identity"``) applied to ``inp``."""
@@ -136,7 +159,7 @@ class Lowering:
             self.values[jid] = self.combine(j.combine, ends) if j.combine is not None else ends[0]
 
         def out(r):
-            return self.values[r.id] if isinstance(r, JunctionRef) else self.op(r, None)
+            return self.values[r.id] if isinstance(r, JunctionRef) else self.nested(r, None)
 
         self.fx.output(map_refs(g.output, out))
         self.fx.lint()

@@ -90,6 +90,11 @@ class Method:
         raise NotImplementedError
 
     # -- training --------------------------------------------------------------------------
+    def plan_search(self, graph: "Graph", arch_steps: int) -> None:
+        """Called by the built-in trainer before training with the number of architecture steps it
+        will take (0 when the search has none), for methods whose schedule depends on the run's
+        length (DSO-NAS's FLOPs-budget ramp). A user's own loop need not call it. Default: nothing."""
+
     def after_arch_step(self, graph: "Graph") -> None:
         """Runs (under no_grad) after every optimiser step that updated the arch parameters."""
 

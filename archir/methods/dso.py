@@ -24,11 +24,21 @@ proximal step of the L1 term giving exact zeros. The pieces:
   step t), ``mac`` (Eq. (10), adaptive MAC: γ_e = MAC_e / MAC_max · γ, MAC_e the memory access
   cost of the edge and of what only it feeds, :func:`~archir.passes.edge_scale.edge_mac`). A λ
   shared by several edges (``share="cell"``) takes the mean of their γ_e;
-* ``target_flops``: instead of a fixed γ, a FLOPs budget (a fraction of the original network's):
-  after every λ step γ is multiplied by (1 + ``target_rate``) while the network that pruning now
-  would give is over the budget and divided by it while under (a multiplicative controller), and
-  at derive the budget is enforced by also pruning the smallest |λ| (those decisions are labelled
-  ``budget``; the network stage retrains after them);
+* ``target_flops``: a FLOPs budget B (a fraction of the original network's) that the search itself
+  reaches, by a budget-aware penalty. Before every λ step t, P_t is the set of edges that would
+  still have to be pruned for the network to fit B (the smallest |λ| first,
+  :func:`~archir.passes.edge_scale.budget_pruning`); the λ of P_t get the penalty
+
+      γ_e,t = max(γ, |λ_e| (1 − μ) / (η s_e (R − t)))   for t < R,     ∞   from R on,
+
+  (η the learning rate, s_e the penalty's multiplier, μ APG-NAG's momentum, whose extrapolation
+  adds a constant shrink up to 1/(1 − μ) times): before R, the smallest that brings them to 0 by
+  the end of the ramp R (``target_steps``: half of the search's λ steps with the built-in trainer); every
+  other λ keeps γ. Early in the ramp the push is small and the loss gradient decides which λ are
+  smallest (an edge the loss needs climbs out of P_t and another takes its place); from R on an
+  owed λ is zeroed at once (S_∞; exact after APG-NAG's two steps) and a zero λ stays 0, so the search
+  ends within the budget. At derive the budget is
+  enforced again on whatever is left (decisions labelled ``budget``);
 * derive: :class:`~archir.passes.edge_scale.DeriveScale` (λ = 0 → none; a sum keeps one operand),
   :class:`~archir.passes.derive.Prune` (none edges, dead code, unused parameters) and
   :class:`~archir.passes.edge_scale.FoldScale` (λ folded into the last conv/linear/BatchNorm) and
@@ -38,6 +48,7 @@ proximal step of the L1 term giving exact zeros. The pieces:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +57,9 @@ from archir.options import option
 from archir.passes.base import Pass, PassResult
 from archir.passes.derive import FoldIdentities, Prune
 from archir.passes.densify import Densify
-from archir.passes.edge_scale import (DeriveScale, EdgeScale, FoldScale, _cone, edge_lambdas, edge_mac, kept_flops,
-                                      lambda_of, lambda_parameters, scale_op, scale_reason, scaled_edges)
+from archir.passes.edge_scale import (DeriveScale, EdgeScale, FoldScale, _cone, budget_pruning, edge_lambdas,
+                                      edge_mac, kept_flops, lambda_of, lambda_parameters, scale_op, scale_reason,
+                                      scaled_edges)
 
 from . import Method, register
 
@@ -136,8 +148,9 @@ class DSOOptions:
     target_flops: float | None = option(None, "A FLOPs budget instead of a fixed γ: the fraction of the "
                                         "original network's FLOPs the derived network may keep (0.7: 70%).",
                                         minimum=0.01, maximum=1.0)
-    target_rate: float = option(0.05, "With --target-flops: γ grows by this factor per λ step while over the "
-                                "budget, shrinks while under.", minimum=0.0, cli=False)
+    target_steps: int | None = option(None, "With --target-flops: the λ steps over which γ brings the network "
+                                      "to the budget (default: half of the search's λ steps; 100 in your own "
+                                      "training loop).", minimum=1, cli=False)
 
 
 @register
@@ -151,14 +164,27 @@ class DSO(Method):
 
     def __init__(self, options=None):
         super().__init__(options)
-        self.gamma_scale = 1.0  # the budget controller's factor on γ (target_flops)
+        self.budget_scales: dict[str, float] = {}  # {edge id: γ_e,t / γ} of the owed edges (target_flops)
+        self.lambda_steps = 0  # λ steps taken (the controller's t)
+        self.planned_steps: int | None = None  # λ steps the built-in trainer will take (plan_search)
         self._static: dict | None = None
 
     @property
     def gamma(self) -> float:
-        """γ: the ``gamma`` option; with a FLOPs target and ``gamma=0``, 1e-3 as the controller's start."""
+        """γ: the ``gamma`` option; with a FLOPs target and ``gamma=0``, 1e-4 (the controller sets γ_t)."""
         o = self.options
-        return o.gamma if o.gamma > 0 or o.target_flops is None else 1e-3
+        return o.gamma if o.gamma > 0 or o.target_flops is None else 1e-4
+
+    @property
+    def ramp_steps(self) -> int:
+        """R: the λ steps by which the controller reaches the FLOPs budget (see the module docstring)."""
+        if self.options.target_steps is not None:
+            return self.options.target_steps
+        return max(self.planned_steps // 2, 1) if self.planned_steps else 100
+
+    def plan_search(self, graph, arch_steps: int) -> None:
+        """Keep the number of λ steps of the search, for the ramp of ``target_flops``."""
+        self.planned_steps = arch_steps
 
     # -- search space ----------------------------------------------------------------------
     def search_passes(self):
@@ -188,12 +214,13 @@ class DSO(Method):
                       penalty=lambda: self.penalty_scales(graph))
 
     def state_dict(self) -> dict:
-        """What a checkpoint must hold besides λ and the optimisers: the budget controller's factor
-        on γ (``--target-flops``), so that a resumed run continues it (``archir transform --resume``)."""
-        return {"gamma_scale": float(self.gamma_scale)}
+        """What a checkpoint must hold besides λ and the optimisers: the budget penalty's state
+        (``--target-flops``), so that a resumed run continues it (``archir transform --resume``)."""
+        return {"budget_scales": dict(self.budget_scales), "lambda_steps": int(self.lambda_steps)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.gamma_scale = float(state["gamma_scale"])
+        self.budget_scales = {str(k): float(v) for k, v in state.get("budget_scales", {}).items()}
+        self.lambda_steps = int(state.get("lambda_steps", 0))
 
     def after_optimizer_step(self, graph, optimizer):
         """After APG-NAG: only the budget controller (the proximal step is APG-NAG's own). After any
@@ -207,14 +234,37 @@ class DSO(Method):
                     if id(p) in ids:
                         p.copy_(soft_threshold(p, group["lr"] * self.gamma * scales.get(id(p), 1.0)))
         if self.options.target_flops is not None and optimizer is not None:
-            over = self.flops_fraction(graph) > self.options.target_flops
-            rate = 1.0 + self.options.target_rate
-            self.gamma_scale = min(max(self.gamma_scale * (rate if over else 1.0 / rate), 1e-3), 1e4)
+            self.lambda_steps += 1
+            self._steer_gamma(graph, optimizer.param_groups[0]["lr"])
+
+    def _steer_gamma(self, graph, lr: float) -> None:
+        """Set γ_e,t of the owed edges for the next λ step (``target_flops``; see the module docstring)."""
+        self.budget_scales = {}
+        lams = edge_lambdas(graph)
+        owed = budget_pruning(graph, lams, self.options.target_flops * self.original_flops(graph))
+        remaining = self.ramp_steps - self.lambda_steps
+        if remaining <= 0:  # the ramp is over: S_∞(z) = 0 whatever the gradient step added to λ, and
+            # what is pruned stays pruned (a zero λ revived by its gradient would be owed again)
+            self.budget_scales = dict.fromkeys(owed | {eid for eid, v in lams.items() if v == 0.0}, math.inf)
+            return
+        if not owed or lr <= 0:
+            return
+        multipliers = self._edge_multipliers(graph)
+        # APG-NAG's momentum μ makes a constant shrink per step add up to 1 / (1 − μ) times it
+        per_step = (1.0 - self.options.apg_momentum) / remaining
+        for eid in owed:
+            step = lr * self.gamma * max(multipliers.get(eid, 1.0), 1e-6)
+            self.budget_scales[eid] = max(abs(lams[eid]) * per_step / step, 1.0)
+
+    @staticmethod
+    def original_flops(graph) -> int:
+        """The original network's FLOPs (recorded before Densify)."""
+        return getattr(graph.root, FLOPS_ATTR, 0) or graph.total_flops()
 
     def flops_fraction(self, graph) -> float:
         """FLOPs of the network that pruning the λ = 0 edges now would give, over the original's."""
         zeros = {e.id for e in scaled_edges(graph) if float(lambda_of(graph, scale_op(e)).detach()) == 0.0}
-        return kept_flops(graph, zeros) / max(getattr(graph.root, FLOPS_ATTR, 0) or graph.total_flops(), 1)
+        return kept_flops(graph, zeros) / max(self.original_flops(graph), 1)
 
     def _statics(self, graph) -> dict:
         """What the penalties need that does not change during the search (computed once)."""
@@ -230,13 +280,12 @@ class DSO(Method):
                             "mac": mac, "mac_max": max(mac.values(), default=0)}
         return self._static
 
-    def penalty_scales(self, graph) -> dict[int, float]:
-        """``{id(λ): multiplier of γ}``: the adaptive penalty (Eq. (9) or (10)) times the budget
-        controller's factor; a shared λ takes the mean over its edges."""
+    def _edge_multipliers(self, graph) -> dict[str, float]:
+        """``{edge id: s_e}``, the adaptive penalty's multiplier of γ (Eq. (9) or (10); 1 with none)."""
         o = self.options
-        if o.penalty == "none":
-            return {id(p): self.gamma_scale for p in lambda_parameters(graph)}
         st = self._statics(graph)
+        if o.penalty == "none":
+            return {eid: 1.0 for eid, _ in st["edges"]}
         per_edge: dict[str, float] = {}
         if o.penalty == "mac":
             for eid, _ in st["edges"]:
@@ -249,10 +298,16 @@ class DSO(Method):
                 now = base - kept_flops(graph, zeros | members)
                 for eid in members:
                     per_edge[eid] = now / total if total else 1.0
+        return per_edge
+
+    def penalty_scales(self, graph) -> dict[int, float]:
+        """``{id(λ): multiplier of γ}``: the adaptive penalty (Eq. (9) or (10)) times the budget
+        penalty's factor (``target_flops``); a shared λ takes the mean over its edges."""
+        per_edge = self._edge_multipliers(graph)
         sums: dict[int, list[float]] = {}
-        for eid, p in st["edges"]:
-            sums.setdefault(id(p), []).append(per_edge[eid])
-        return {pid: self.gamma_scale * sum(v) / len(v) for pid, v in sums.items()}
+        for eid, p in self._statics(graph)["edges"]:
+            sums.setdefault(id(p), []).append(per_edge[eid] * self.budget_scales.get(eid, 1.0))
+        return {pid: sum(v) / len(v) for pid, v in sums.items()}
 
     # -- deriving --------------------------------------------------------------------------
     def derive_passes(self):
@@ -288,5 +343,5 @@ class _DeriveWithBudget(DeriveScale):
 
     def run(self, graph):
         if self.fraction is not None:
-            self.budget = self.fraction * (getattr(graph.root, FLOPS_ATTR, 0) or graph.total_flops())
+            self.budget = self.fraction * DSO.original_flops(graph)
         return super().run(graph)
