@@ -495,8 +495,10 @@ def _agreed(world, check: Callable[[], Any]) -> Any:
 
 def _check_finite_weights(module: nn.Module, opts: TransformOptions) -> None:
     """Refuse to write a network whose weights are NaN or infinite (with ``--nan-policy skip``
-    every step may have been skipped after the weights broke)."""
-    bad = [n for n, t in module.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    every step may have been skipped after the weights broke). Buffers may hold infinities on
+    purpose (clamp bounds such as timm Gemma's ``input_min = -inf``): only NaN counts there."""
+    bad = [n for n, t in module.named_parameters() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad += [n for n, t in module.named_buffers() if t.is_floating_point() and bool(torch.isnan(t).any())]
     if bad:
         from .errors import NonFiniteLoss
 

@@ -53,21 +53,29 @@ class Search:
     """
 
     def __init__(self, model: nn.Module, example_inputs, method, *, granularity: str = "layer",
-                 leaf_modules=(), groups: dict | None = None):
+                 leaf_modules=(), groups: dict | None = None, submodule: str | None = None):
         from archir.frontends import trace
         from archir.passes import PassManager
 
         if not isinstance(model, nn.Module):
             raise UserInputError(f"archir.search needs an nn.Module, not {type(model).__name__}")
         self.method = method
-        self.example_inputs = _as_inputs(example_inputs)
         model = copy.deepcopy(model)  # the user's model is never trained in place
+        self.submodule = submodule
+        self._whole: nn.Module | None = None
+        if submodule is not None:  # search inside ``submodule`` only; the rest of the model runs as is
+            self._whole = model
+            model = _find_submodule(model, submodule)
+            example_inputs = _inputs_of(self._whole, model, submodule, _as_inputs(example_inputs))
+        self.example_inputs = _as_inputs(example_inputs)
         self.graph: Graph = trace(model, self.example_inputs, granularity, leaf_modules=list(leaf_modules),
                                   groups=groups)
         self.graph.verify()
         self.original: Graph = self.graph.copy(share_root=False)
         PassManager(method.search_passes())(self.graph)
         self.supernet: nn.Module = self.graph.to_module()
+        if self._whole is not None:
+            self._whole.set_submodule(submodule, self.supernet)
         self._arch = list(method.arch_parameters(self.graph))
         self._arch_ids = frozenset(id(p) for p in self._arch)
         self.derived_graph: Graph | None = None
@@ -81,10 +89,26 @@ class Search:
         """The method's architecture parameters (θ, λ, α ...)."""
         return list(self._arch)
 
+    @property
+    def model(self) -> nn.Module:
+        """What to train: the supernet, or with ``submodule`` the whole model (a copy of the user's)
+        with the supernet in that submodule's place."""
+        return self._whole if self._whole is not None else self.supernet
+
+    def whole_model(self, module: nn.Module) -> nn.Module:
+        """With ``submodule``: a copy of the whole model (its current weights) with ``module`` (e.g.
+        :meth:`derive`'s slim network) in the submodule's place; without, ``module`` itself."""
+        if self._whole is None:
+            return module
+        whole = copy.deepcopy(self._whole)
+        whole.set_submodule(self.submodule, module)
+        return whole
+
     def weight_parameters(self) -> list[nn.Parameter]:
-        """Every trainable parameter of the supernet that is not an architecture parameter."""
+        """Every trainable parameter of :attr:`model` (the supernet, or the whole model with
+        ``submodule``) that is not an architecture parameter."""
         seen, out = set(), []
-        for p in self.supernet.parameters():
+        for p in self.model.parameters():
             if p.requires_grad and id(p) not in self._arch_ids and id(p) not in seen:
                 seen.add(id(p))
                 out.append(p)
@@ -118,6 +142,10 @@ class Search:
         of them) at learning rate ``lr`` (DSO-NAS: APG-NAG with its soft threshold), or Adam for a
         method that names none. Any other optimiser works too: the method's step still follows."""
         params = self.arch_parameters() if params is None else list(params)
+        if not params:
+            raise UserInputError(f"{self.method.name} found nothing to search in {self.graph.name} "
+                                 f"({self.method.candidates(self.graph)}): there are no architecture "
+                                 "parameters to optimise; train the weights alone, or try another method")
         opt = self.method.arch_optimizer(self.graph, params, lr)
         return opt if opt is not None else torch.optim.Adam(params, lr=lr)
 
@@ -163,7 +191,8 @@ class Search:
             evaluator = ArchEvaluator(val_data, calibration_data, task,
                                       first.device if first is not None else "cpu",
                                       calibration_batches=calibration_batches)
-        self.choice_log = self.method.choose_architecture(self.graph, self.supernet, evaluator)
+        # scored on the model the data is for: with ``submodule`` the whole one (the supernet inside)
+        self.choice_log = self.method.choose_architecture(self.graph, self.model, evaluator)
         return self.choice_log
 
     # -- derive and emit -------------------------------------------------------------------
@@ -217,10 +246,57 @@ class Search:
                 f"{len(self.arch_weights())} searchable edges, {len(self._arch)} architecture parameters)")
 
 
+def _find_submodule(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        children = ", ".join(name for name, _ in model.named_children()) or "none"
+        raise UserInputError(f"submodule {path!r} is not in {type(model).__name__} (its children: "
+                             f"{children}); give a dotted path as in model.named_modules()") from None
+
+
+def _inputs_of(whole: nn.Module, sub: nn.Module, path: str, example_inputs: tuple) -> tuple:
+    """The positional tensor arguments ``sub`` receives when ``whole`` runs on ``example_inputs``
+    (eval mode, no grad, random state restored): the submodule's own example inputs."""
+    from .modes import eval_mode
+
+    calls: list[tuple] = []
+
+    def capture(_module, args, kwargs):
+        calls.append((args, kwargs))
+
+    handle = sub.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with eval_mode(whole), torch.no_grad(), torch.random.fork_rng(devices=[]):
+            whole(*example_inputs)
+    except Exception as exc:
+        raise UserInputError(f"running {type(whole).__name__} on the example inputs to find what "
+                             f"{path!r} receives failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        handle.remove()
+    if len(calls) != 1:
+        raise UserInputError(f"submodule {path!r} ran {len(calls)} times in one forward of "
+                             f"{type(whole).__name__}; archir searches a submodule that runs exactly once")
+    args, kwargs = calls[0]
+    if kwargs or not args or not all(isinstance(a, torch.Tensor) for a in args):
+        got = [type(a).__name__ for a in args] + [f"{k}=" for k in kwargs]
+        raise UserInputError(f"submodule {path!r} is called with {', '.join(got) or 'nothing'}; archir "
+                             "searches a submodule called with positional tensors only")
+    return tuple(a.detach().clone() for a in args)
+
+
 def search(model: nn.Module, example_inputs, method: str = "dnat", *, granularity: str = "layer",
            leaf_modules=(), groups: dict | None = None, seed: int | None = None,
-           **method_options) -> Search:
+           submodule: str | None = None, **method_options) -> Search:
     """Trace ``model`` and build ``method``'s search space; returns a :class:`Search`.
+
+    ``submodule``: search inside that part only (a dotted path, e.g. a detector's ``"backbone"``),
+    for models whose own ``forward`` cannot be traced (detectors iterate over a list of images and
+    select boxes by their values): the whole model runs once on ``example_inputs`` to find the
+    tensors the submodule receives, the submodule is traced on those, and :attr:`Search.model` is
+    a copy of the whole model with the supernet in its place, to train with the model's own loss.
+    :meth:`Search.derive` and :meth:`Search.emit` give the submodule's slim network;
+    :meth:`Search.whole_model` puts it back into the model.
 
     ``method_options`` are the fields of the method's options dataclass (for DNAT: ``share``).
     ``seed`` seeds every random generator first (methods that initialise randomly repeat).
@@ -235,6 +311,6 @@ def search(model: nn.Module, example_inputs, method: str = "dnat", *, granularit
 
         seed_everything(seed)
     return Search(model, example_inputs, methods.create(method, **method_options), granularity=granularity,
-                  leaf_modules=leaf_modules, groups=groups)
+                  leaf_modules=leaf_modules, groups=groups, submodule=submodule)
 
 

@@ -39,8 +39,9 @@ Both torch exporters were measured with torch 2.14.1 / onnxscript 0.7 on plain `
   ``Shape/Gather/Unsqueeze/Concat`` chains for shape arithmetic, and names values ``/Constant_output_0``.
 
 So ``exporter="auto"`` (the default) uses the dynamo exporter and falls back to the TorchScript
-exporter only when torch.export cannot capture the module (data-dependent control flow, say); the
-reason is recorded in :attr:`OnnxReport.notes`. ``exporter="dynamo"`` / ``"torchscript"`` force one.
+exporter only when torch.export cannot capture the module (data-dependent control flow, say) or
+the model it writes fails ``onnx.checker`` (its optimiser left a node reading a value nothing
+produces: timm's Gemma ViT); the reason is recorded in :attr:`OnnxReport.notes`. ``exporter="dynamo"`` / ``"torchscript"`` force one.
 
 Identity nodes that remain
 --------------------------
@@ -644,9 +645,12 @@ def export_onnx(
                     with contextlib.redirect_stderr(held), \
                             _quiet_loggers("torch.fx.experimental.symbolic_shapes"):
                         _export_dynamo(module, args, raw, input_names, names, opset, dynamic_batch)
+                        # the exporter's own optimiser can write an invalid graph (timm Gemma's
+                        # clamp to a buffer of -inf: a Clip reading a value no node produces)
+                        onnx.checker.check_model(str(raw), full_check=True)
                     used = "dynamo"
                     sys.stderr.write(held.getvalue())
-                except Exception as exc:  # torch.export could not capture the module
+                except Exception as exc:  # torch.export could not capture the module, or the model is invalid
                     notes.append(f"dynamo exporter failed ({_first_line(exc)}); "
                                  f"used the TorchScript exporter")
                     shutil.rmtree(workdir)

@@ -15,7 +15,9 @@ run does, the search counted in the budget). Against:
 * the original, trained alone for the same E epochs (same data, seed, optimiser, schedule);
 * random controls per γ/target (``--random-draws``): the same number of λ-scaled edges pruned,
   chosen at random (seeded per draw), through the same derive passes (prune, fold), then trained
-  for the same E epochs from scratch.
+  for the same E epochs from scratch;
+* with ``--cost-control`` (and ``--penalty flops|mac``), the same number of edges that the
+  penalty weighs most, pruned without any search: what the cost prior alone would choose.
 
 Each row: parameters, FLOPs (multiply-adds per example), ONNX Runtime latency at batch 1 and at
 ``--latency-batch`` (all models exported and timed interleaved in one process,
@@ -81,11 +83,26 @@ def run_dso(label, options, train, val, args, device):
 def run_random(label, k, draw, train, val, args, device, earlier):
     """Prune ``k`` λ-scaled edges chosen at random (λ = 0 there, 1 elsewhere), derive, train E epochs
     (or take the accuracy of the same control from ``earlier`` runs: see :func:`earlier_controls`)."""
+    return run_control(label, lambda edges, _search: random.Random(args.seed + 1000 * k + 7 * draw).sample(
+        [e.id for e in edges], min(k, len(edges))), train, val, args, device, earlier)
+
+
+def run_cost(label, k, train, val, args, device, earlier):
+    """Prune the ``k`` λ-scaled edges that ``--penalty`` weighs most (ties: the lower edge id), with
+    no search at all: what the penalty's cost prior alone would choose."""
+    def costliest(edges, s):
+        weight = s.method._edge_multipliers(s.graph)
+        return sorted((e.id for e in edges), key=lambda eid: (-weight[eid], eid))[:k]
+    return run_control(label, costliest, train, val, args, device, earlier)
+
+
+def run_control(label, choose, train, val, args, device, earlier):
+    """Prune the edges ``choose(scaled edges, search)`` names (λ = 0 there, 1 elsewhere), derive,
+    train E epochs, or reuse an earlier run's accuracy for the same network."""
     model, x = build(args.seed)
-    s = archir.search(model, x, method="dso")
+    s = archir.search(model, x, method="dso", penalty=args.penalty)
     edges = scaled_edges(s.graph)
-    rng = random.Random(args.seed + 1000 * k + 7 * draw)
-    chosen = set(rng.sample([e.id for e in edges], min(k, len(edges))))
+    chosen = set(choose(edges, s))
     with torch.no_grad():
         for e in edges:
             lambda_of(s.graph, scale_op(e)).fill_(0.0 if e.id in chosen else 1.0)
@@ -118,7 +135,7 @@ def earlier_controls(paths, config) -> dict:
         for row in earlier["rows"]:
             if row["variant"] == "original":
                 found[("original",)] = row
-            elif row["variant"].startswith("random"):
+            elif row["variant"].startswith(("random", "costliest")):
                 found[("random", tuple(sorted(row["pruned_edges"])))] = row
     return found
 
@@ -146,6 +163,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--cost-control", action="store_true",
+                    help="also a control that prunes the edges --penalty weighs most, without searching")
     ap.add_argument("--reuse", nargs="*", default=[], metavar="JSON",
                     help="earlier results of this script with the same training configuration: their "
                          "original and random controls are not trained again (marked reused)")
@@ -185,6 +204,12 @@ def main(argv=None):
             if not rrow.get("reused"):
                 earlier[("random", tuple(rrow["pruned_edges"]))] = rrow  # a later target with the same k
             print(f"{rlabel}: {rrow['val_acc']:.4f}", flush=True)
+        if args.cost_control and k and args.penalty != "none":
+            clabel = f"costliest {k} edges by {args.penalty} ({label})"
+            modules[clabel], crow = run_cost(clabel, k, train, val, args, device, earlier)
+            result["rows"].append(crow)
+            earlier.setdefault(("random", tuple(crow["pruned_edges"])), crow)
+            print(f"{clabel}: {crow['val_acc']:.4f} ({', '.join(crow['pruned_edges'])})", flush=True)
         write_text(args.out, json.dumps(result, indent=2, default=str))  # nothing lost on interrupt
     for batch in sorted({1, args.latency_batch}):
         inputs = (torch.randn(batch, *x.shape[1:]),)
@@ -215,7 +240,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, marker in (("original", "*"), ("dso", "o"), ("random", "x")):
+    for kind, marker in (("original", "*"), ("dso", "o"), ("random", "x"), ("costliest", "s")):
         pts = [(r["flops"] / 1e6, 100 * r["val_acc"]) for r in rows if r["variant"].startswith(kind)]
         if pts:
             ax.scatter(*zip(*pts), marker=marker, s=70 if kind == "original" else 40, label=kind)

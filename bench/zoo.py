@@ -165,11 +165,16 @@ MEMORY_BUDGET = 8 * 2**30  # bytes one model may use on the shared machine
 COPIES = 7  # float32 weight copies alive at once: model, trace, lowered, supernet, transform's, emitted, ONNX
 
 
+def _base_selection(base: str) -> dict[str, dict]:
+    """The ``base`` suite's selection as recorded in the results (computed when it is not)."""
+    return load().get("selection", {}).get(base) or SELECTIONS[base]()
+
+
 def big_selection(base: str):
     """The classifiers the base suite leaves out (> 60M parameters), smallest first; a model whose
     weights times :data:`COPIES` pass :data:`MEMORY_BUDGET` stays excluded with that reason."""
     def select() -> dict[str, dict]:
-        chosen = SELECTIONS[base]()
+        chosen = _base_selection(base)
         out = {}
         for s in sorted(chosen.values(), key=lambda s: s.get("params") or 0):
             if (s.get("params") or 0) <= MAX_PARAMS or not s.get("name"):
@@ -182,6 +187,36 @@ def big_selection(base: str):
             out[s.get("family") or s["name"]] = rec
         return out
     return select
+
+
+def timm_big_selection() -> dict[str, dict]:
+    """One model per timm family that has none of at most 60M parameters (those the timm suite
+    excludes): its smallest, counted on the meta device, smallest first; memory-bound ones
+    excluded as in :func:`big_selection`."""
+    import timm
+
+    out = {}
+    for fam, rec in _base_selection("timm").items():
+        if rec.get("name") is not None:
+            continue
+        sizes = []
+        for name in (n for n in timm.list_models() if family(n) == fam):
+            try:
+                sizes.append((_count_params(lambda: timm.create_model(name, pretrained=False)), name))
+            except Exception:  # noqa: BLE001 - a model that cannot be built is not a candidate
+                continue
+        if not sizes:
+            out[fam] = {**rec, "suite": "timm_big", "excluded": "no model of the family can be built"}
+            continue
+        n, name = min(sizes)
+        cfg = timm.get_pretrained_cfg(name)
+        size = list(cfg.input_size) if cfg is not None and cfg.input_size else [3, 224, 224]
+        out[fam] = {"suite": "timm_big", "family": fam, "name": name, "params": n, "input": [1, *size]}
+        need = n * 4 * COPIES
+        if need > MEMORY_BUDGET:
+            out[fam]["excluded"] = (f"{n / 1e6:.0f}M parameters: about {need / 2**30:.1f} GiB for {COPIES} "
+                                    f"weight copies > {MEMORY_BUDGET / 2**30:.0f} GiB on a shared machine")
+    return dict(sorted(out.items(), key=lambda kv: kv[1].get("params") or 0))  # run smallest first
 
 
 # ---- torchvision's other tasks: segmentation, detection, video, optical flow -------------------
@@ -418,6 +453,11 @@ def run_model(sel: dict, args) -> dict:
             except Exception as exc:  # noqa: BLE001
                 steps["trace"] = {"ok": False, "error": _first(exc)}
                 rec["status"] = "trace failed"
+                if sel.get("task") == "detection" and sel.get("part") != "backbone":
+                    with timed("submodule"):
+                        steps["submodule"] = _search_inside(model, x, ref, "backbone")
+                    if steps["submodule"]["ok"]:
+                        rec["status"] = "ok (searched inside 'backbone')"
                 return rec
         rec["frontend"] = graph.frontend
         rec["leaves"] = dict(graph.leaves)
@@ -511,6 +551,55 @@ def run_model(sel: dict, args) -> dict:
         bad = [k for k, v in steps.items() if v.get("ok") is False]
         rec["status"] = "ok" if not bad else "failed: " + ", ".join(bad)
     return rec
+
+
+def _detection_targets(model: torch.nn.Module, images) -> list[dict]:
+    """One box per image (what a torchvision detector's training forward needs), with a mask and
+    keypoints where its ROI heads predict them."""
+    heads = getattr(model, "roi_heads", None)
+    out = []
+    for img in images:
+        h, w = img.shape[-2:]
+        t = {"boxes": torch.tensor([[0.1 * w, 0.2 * h, 0.6 * w, 0.7 * h]]), "labels": torch.tensor([1])}
+        if heads is not None and heads.has_mask():
+            t["masks"] = torch.zeros(1, h, w, dtype=torch.uint8)
+            t["masks"][0, int(0.2 * h):int(0.7 * h), int(0.1 * w):int(0.6 * w)] = 1
+        if heads is not None and heads.has_keypoint():
+            k = heads.keypoint_predictor.kps_score_lowres.out_channels
+            t["keypoints"] = torch.tensor([[[0.3 * w, 0.4 * h, 1.0]] * k])
+        out.append(t)
+    return out
+
+
+def _search_inside(model: torch.nn.Module, x: tuple, ref, path: str) -> dict:
+    """A detector whose own ``forward`` does not trace: ``archir.search(..., submodule=path)`` with
+    DNAT and DSO-NAS. Per method: the whole model with the supernet inside against the original in
+    eval mode (and its derive at initialisation), then one training step through the detector's
+    own losses and a derived whole model that runs."""
+    import archir
+
+    out: dict = {"path": path}
+    for method in ("dnat", "dso"):
+        torch.manual_seed(0)
+        s = archir.search(model, x, method, submodule=path)
+        with torch.no_grad():
+            inside = compare(ref, s.model.eval()(*x))
+            derived = compare(ref, s.whole_model(s.derive()).eval()(*x))
+        s.model.train()
+        images = [img for img in x[0] for _ in range(2)]  # two per example: BatchNorm trains on 1×1 maps
+        losses = s.model(images, _detection_targets(model, images))
+        loss = sum(losses.values())
+        loss.backward()
+        torch.optim.SGD(s.weight_parameters(), lr=1e-3).step()
+        if s.arch_parameters():  # VGG (SSD300) has no sum to search
+            s.arch_optimizer(lr=0.01).step()
+        with torch.no_grad():
+            s.whole_model(s.derive()).eval()(*x)
+        out[method] = {"exact": inside["exact"] and derived["exact"], "max_abs": max(inside["max_abs"] or 0.0,
+                       derived["max_abs"] or 0.0), "choice_edges": len(s.arch_weights()),
+                       "train_loss": float(loss.detach()), "loss_finite": bool(torch.isfinite(loss))}
+    out["ok"] = all(out[m]["exact"] and out[m]["loss_finite"] for m in ("dnat", "dso"))
+    return out
 
 
 def _train_parity(model: torch.nn.Module, lowered: torch.nn.Module, sel: dict) -> dict:
@@ -620,6 +709,13 @@ def _versions() -> dict:
 
 
 # ---- report ------------------------------------------------------------------------------------
+def _untraced(inside: dict | None) -> str:
+    """The frontend cell of a model that did not trace whole."""
+    if inside is None:
+        return "**fail**"
+    return f"inside `{inside['path']}`" if inside.get("ok") else f"**fail** (inside `{inside['path']}`: not exact)"
+
+
 def _cell(step: dict | None) -> str:
     if step is None:
         return "–"
@@ -637,11 +733,12 @@ def _cell(step: dict | None) -> str:
 SUITE_TITLES = {"torchvision": "torchvision classification (<= 60M)", "timm": "timm, one per family (<= 60M)",
                 "hf": "Hugging Face transformers (from configs)",
                 "tvtasks": "torchvision segmentation / detection / video / optical flow",
-                "torchvision_big": "torchvision classification (> 60M)"}
+                "torchvision_big": "torchvision classification (> 60M)",
+                "timm_big": "timm, families without a model <= 60M (their smallest)"}
 
 
 def _label(suite: str, s: dict) -> str:
-    if suite == "timm":
+    if suite in ("timm", "timm_big"):
         return f"{s['name']} ({s['family']})"
     if suite == "tvtasks":
         return f"{s['name']} ({s['task']})"
@@ -659,7 +756,8 @@ def report(args) -> None:
         t = totals.setdefault(suite, {"selected": len(chosen), "run": 0, "traced": 0, "exact": 0, "fx": 0,
                                       "export": 0, "with_leaves": 0, "train": 0, "train_run": 0,
                                       "edgechoice": 0, "dso": 0, "dso_run": 0, "emit": 0, "onnx": 0,
-                                      "onnx_run": 0, "seconds": 0.0, "excluded": len(sel) - len(chosen)})
+                                      "onnx_run": 0, "inside": 0, "seconds": 0.0,
+                                      "excluded": len(sel) - len(chosen)})
         for s in chosen:
             r = data["models"].get(f"{suite}/{s['name']}")
             label = _label(suite, s)
@@ -679,7 +777,12 @@ def report(args) -> None:
                 if key in st:
                     t[f"{key}_run"] += 1
                     t[key] += bool(st[key].get("ok"))
-            t["edgechoice"] += bool(st.get("edgechoice", {}).get("ok"))
+            inside = st.get("submodule")  # not traced whole: searched inside a submodule instead
+            t["inside"] += bool(inside and inside.get("ok"))
+            if inside:
+                st = {**st, **{k: {"ok": inside[m]["exact"], "max_abs": inside[m]["max_abs"]}
+                               for k, m in (("edgechoice", "dnat"), ("dso", "dso"))}}
+            t["edgechoice"] += bool(st.get("edgechoice", {}).get("ok")) and not inside
             t["emit"] += bool(st.get("emit", {}).get("ok"))
             if st.get("onnx") and not st["onnx"].get("skipped"):
                 t["onnx_run"] += 1
@@ -689,11 +792,14 @@ def report(args) -> None:
                             for k in ("trace", "roundtrip", "edgechoice", "emit", "onnx"))
             rows.append(f"| {suite} | {label} | {(r.get('params') or 0) / 1e6:.1f}M | "
                         f"{'×'.join(map(str, (r.get('input') or [])[1:]))} | "
-                        f"{r.get('frontend', '**fail**') if traced else '**fail**'} | {len(r.get('leaves') or {})} | "
+                        f"{r.get('frontend', '**fail**') if traced else _untraced(inside)} | "
+                        f"{len(r.get('leaves') or {})} | "
                         f"{_cell(st.get('roundtrip'))} | {_cell(st.get('train'))} | {_cell(st.get('edgechoice'))} | "
                         f"{_cell(st.get('dso'))} | {_cell(st.get('emit'))} | "
                         f"{_cell(st.get('onnx'))} | {tt} | {r.get('total_seconds') or 0:.0f} |")
             for k, v in st.items():
+                if k == "submodule":
+                    continue
                 if v.get("error"):
                     errors.append(f"- {suite}/{s['name']} — {k}: `{v['error']}`")
                 elif v.get("ok") is False and v.get("max_abs") is not None:
@@ -706,13 +812,14 @@ def report(args) -> None:
              "batch 1, CPU, one torch thread. See `bench/zoo.py` for how models are chosen.", "", "## Totals", "",
              "| suite | selected | run | traced | fx | export | with opaque leaves | exact round trip | "
              "train-mode parity (run) | DNAT supernet parity | DSO-NAS supernet parity (run) | "
-             "emitted model.py parity | ONNX parity (run) | time (s) | excluded |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "emitted model.py parity | ONNX parity (run) | not traced whole, searched inside a submodule | "
+             "time (s) | excluded |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for suite, t in totals.items():
         lines.append(f"| {SUITE_TITLES[suite]} | {t['selected']} | {t['run']} | {t['traced']} | {t['fx']} | "
                      f"{t['export']} | {t['with_leaves']} | {t['exact']} | {t['train']} / {t['train_run']} | "
                      f"{t['edgechoice']} | {t['dso']} / {t['dso_run']} | {t['emit']} | "
-                     f"{t['onnx']} / {t['onnx_run']} | {t['seconds']:.0f} | {t['excluded']} |")
+                     f"{t['onnx']} / {t['onnx_run']} | {t['inside']} | {t['seconds']:.0f} | {t['excluded']} |")
     lines += ["", "## Models", "",
               "Round trip, train mode, supernets and emitted: `exact` is bit-identical output (`torch.equal`), "
               "otherwise the max abs error; `–` not run (train mode: only the hf and tvtasks suites; DSO-NAS: "
@@ -733,7 +840,7 @@ def report(args) -> None:
 
 SELECTIONS = {"torchvision": torchvision_selection, "timm": timm_selection,
               "tvtasks": tvtasks_selection, "hf": hf_selection,
-              "torchvision_big": big_selection("torchvision")}
+              "torchvision_big": big_selection("torchvision"), "timm_big": timm_big_selection}
 
 
 def main(argv=None) -> None:

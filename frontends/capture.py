@@ -123,11 +123,13 @@ def export_trace(root: nn.Module, example_inputs: Sequence[torch.Tensor],
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target.startswith("_guards"):
             graph.erase_node(node)
-        elif node.op == "call_function" and node.target is torch.ops.aten.view.default:
+        elif node.op == "call_function" and node.target in (torch.ops.aten.view.default,
+                                                             torch.ops.aten._unsafe_view.default):
             # export lowers ``reshape`` to ``view`` where the fake tensor's strides allowed it,
             # but a kernel may lay its result out differently at run time (Hugging Face T5:
             # SDPA's output, transposed, then reshaped). The graph is functional, so ``reshape``
-            # (a view wherever ``view`` works, else a copy) computes the same values.
+            # (a view wherever ``view`` works, else a copy) computes the same values. Likewise
+            # ``_unsafe_view`` (reshape after a copy, timm SAM-ViT), which no ONNX exporter maps.
             node.target = torch.ops.aten.reshape.default
     _adopt_constants(graph, gm, root)
     _drop_buffer_writebacks(graph)

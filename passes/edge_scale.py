@@ -269,15 +269,21 @@ def unfreeze_scales(graph: Graph) -> bool:
     return True
 
 
-def budget_pruning(graph: Graph, lams: dict[str, float], budget: float) -> set[str]:
+def budget_pruning(graph: Graph, lams: dict[str, float], budget: float,
+                   penalty: dict[str, float] | None = None) -> set[str]:
     """The nonzero edges (of ``lams``, ``{edge id: λ}``) that must be pruned besides the λ = 0 ones
-    for :func:`kept_flops` to fit ``budget``: greedily, the one with the smallest |λ| among those
-    whose pruning frees FLOPs and leaves its sum another operand, until it fits (or none is left)."""
+    for :func:`kept_flops` to fit ``budget``: greedily, the one with the smallest |λ_e| / s_e among
+    those whose pruning frees FLOPs and leaves its sum another operand, until it fits (or none is
+    left). ``penalty``: s_e, the weight of the edge's λ in a weighted L1 penalty Σ s_e |λ_e| (default
+    1): what a proximal step at that weight takes |λ_e| / s_e steps to zero, so a costlier edge
+    goes first at equal λ."""
     pruned = {eid for eid, v in lams.items() if v == 0.0}
     forced: set[str] = set()
     now = kept_flops(graph, pruned)
+    weight = penalty or {}
     while now > budget:
-        order = sorted((abs(v), eid) for eid, v in lams.items() if eid not in pruned)
+        order = sorted((abs(v) / max(weight.get(eid, 1.0), 1e-12), eid) for eid, v in lams.items()
+                       if eid not in pruned)
         pick = None
         for _, eid in order:
             kept = kept_flops(graph, pruned | {eid})
@@ -299,13 +305,15 @@ class DeriveScale(Pass):
     ``weights`` (``{"λ": value}``). :class:`~archir.passes.derive.Prune` then removes the none edges.
 
     ``budget``: a FLOPs limit (multiply-adds per example): while :func:`kept_flops` exceeds it,
-    the nonzero edge with the smallest |λ| among those whose pruning frees FLOPs (and leaves its
-    sum another operand) is pruned too, labelled ``budget``. BatchNorm scales frozen by
+    the nonzero edge with the smallest |λ| (over its penalty weight, ``penalty(graph)``, when given:
+    :func:`budget_pruning`) among those whose pruning frees FLOPs (and leaves its sum another
+    operand) is pruned too, labelled ``budget``. BatchNorm scales frozen by
     :class:`EdgeScale` (``freeze_bn``) become trainable again.
     """
 
-    def __init__(self, budget: float | None = None):
+    def __init__(self, budget: float | None = None, penalty=None):
         self.budget = budget
+        self.penalty = penalty  # graph -> {edge id: s_e}, the weights of the L1 penalty (budget order)
 
     def run(self, graph: Graph) -> PassResult:
         """Decide and label every scaled edge (see the class docstring); unmodified when there is none."""
@@ -314,7 +322,8 @@ class DeriveScale(Pass):
         if not lams:
             return PassResult(graph, unfrozen)
         none = {eid for eid, v in lams.items() if v == 0.0}
-        forced = budget_pruning(graph, lams, self.budget) if self.budget is not None else set()
+        weights = self.penalty(graph) if self.penalty is not None and self.budget is not None else None
+        forced = budget_pruning(graph, lams, self.budget, weights) if self.budget is not None else set()
         pruned = none | forced
         zero: set[str] = set()
         for jid, j in graph.junctions.items():  # a sum keeps one operand (exact: it computes 0)

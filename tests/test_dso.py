@@ -13,7 +13,7 @@ from torch import nn
 import archir
 from archir.methods.dso import APGNAG, soft_threshold
 from archir.passes import Densify, DeriveScale, EdgeScale, FoldScale, PassManager, Prune
-from archir.passes.edge_scale import edge_lambdas, lambda_of, scale_op, scaled_edges
+from archir.passes.edge_scale import budget_pruning, edge_lambdas, kept_flops, lambda_of, scale_op, scaled_edges
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -341,6 +341,20 @@ def test_target_flops_budget_is_met_at_derive():
     budget = [d for d in s.recorded_decisions.values() if d.get("budget")]
     assert budget and all(d["decision"] == "none" for d in budget)
     assert s.recorded_decisions[scaled_edges(s.graph)[0].id]["decision"] == "same"  # largest λ kept
+
+
+def test_budget_pruning_takes_the_smallest_lambda_over_its_penalty_weight():
+    """At equal λ the edge whose λ the penalty weighs more goes first (|λ_e| / s_e: the steps a
+    proximal step at that weight needs to reach 0); weights that reverse the λ order reverse it."""
+    model, x = _model(), torch.randn(4, 3, 8, 8)
+    s = archir.search(model, x, method="dso")
+    ids = [e.id for e in scaled_edges(s.graph)][:3]  # the three conv blocks: equal FLOPs
+    budget = kept_flops(s.graph, {ids[0]}) + 1  # one conv block must go
+    lams = {eid: 1.0 for eid in edge_lambdas(s.graph)}
+    assert budget_pruning(s.graph, lams, budget, {ids[1]: 2.0}) == {ids[1]}
+    lams[ids[0]] = 0.5
+    assert budget_pruning(s.graph, lams, budget) == {ids[0]}
+    assert budget_pruning(s.graph, lams, budget, {ids[2]: 4.0}) == {ids[2]}  # 1/4 < 0.5/1
 
 
 def test_target_flops_controller_reaches_the_budget_by_the_end_of_its_ramp():

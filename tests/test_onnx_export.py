@@ -533,6 +533,25 @@ def test_dynamo_failure_falls_back_to_torchscript(tmp_path):
     assert "dynamo exporter failed" in report.notes[0]
 
 
+def test_invalid_dynamo_model_falls_back_to_torchscript(tmp_path, monkeypatch):
+    """The dynamo exporter's optimiser can leave a node reading a value no node produces (timm's
+    Gemma ViT): ``onnx.checker`` refuses that model, and ``auto`` uses the TorchScript exporter."""
+    from onnx import helper
+
+    from archir.backends import onnx_export
+
+    def broken(module, args, f, input_names, output_names, opset, dynamic_batch):
+        node = helper.make_node("Clip", [input_names[0], "nowhere"], [output_names[0]])
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(input_names[0], 1, [2, 3])],
+                                  [helper.make_tensor_value_info(output_names[0], 1, [2, 3])])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(f))
+
+    monkeypatch.setattr(onnx_export, "_export_dynamo", broken)
+    report = export_onnx(nn.ReLU(), torch.randn(2, 3), tmp_path / "r.onnx")
+    assert report.exporter == "torchscript" and report.passed
+    assert "dynamo exporter failed" in report.notes[0] and "topologically sorted" in report.notes[0]
+
+
 def test_cuda_provider_only_when_torch_sees_a_gpu(monkeypatch):
     import onnxruntime
 

@@ -220,3 +220,29 @@ def test_a_crash_between_the_two_renames_of_a_commit_is_repaired(tmp_path):
     assert (out / "report.json").read_text() == "old" and not (tmp_path / ".out.archir-old").exists()
     replace_directory(new, out)
     assert (out / "report.json").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_infinite_buffers_on_purpose_are_not_broken_weights(tmp_path):
+    """A clamp bound kept as a buffer (timm's Gemma ViT: ``input_min = -inf``) is written out;
+    only NaN in a buffer, or a non-finite parameter, means training broke the weights."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    import archir
+
+    class Clamped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.res, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.Linear(4, 2)
+            self.register_buffer("low", torch.tensor(float("-inf")))
+
+        def forward(self, x):
+            x = F.relu(self.conv(x))
+            x = x + self.res(x).clamp(min=self.low)
+            return self.head(x.mean((2, 3)))
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3, 8, 8, generator=g), torch.arange(16) % 2)
+    res = archir.transform(Clamped(), torch.randn(2, 3, 8, 8), "dnat", data, data, out=tmp_path / "out",
+                           epochs=1, arch_epochs=1, batch_size=8, onnx=False, progress=False)
+    assert float(res.module.state_dict()["low"]) == float("-inf") and (tmp_path / "out" / "model.py").is_file()

@@ -822,6 +822,25 @@ def test_exported_views_become_reshapes():
     assert torch.ops.aten.reshape.default in targets and torch.ops.aten.view.default not in targets
 
 
+class ReshapeAfterTranspose(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return x + self.lin(x).transpose(1, 2).reshape(x.shape[0], 4, 6)  # a copy, then a view
+
+
+def test_exported_unsafe_views_become_reshapes():
+    """A reshape that must copy exports as ``clone`` + ``_unsafe_view`` (timm SAM-ViT), which no
+    ONNX exporter maps: the graph keeps ``reshape``, with the same values."""
+    model, x = ReshapeAfterTranspose().eval(), torch.randn(2, 4, 6)
+    gm = archir.trace(model, (x,), frontend="export").to_module()
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten._unsafe_view.default not in targets and torch.ops.aten.reshape.default in targets
+    assert torch.equal(gm(x), model(x))
+
+
 @pytest.mark.parametrize("method", ["dnat", "dso"])
 def test_transformer_residuals_are_searchable_and_start_exact(method, tmp_path):
     """A transformer's residual adds are sum junctions: the attention and MLP branches become

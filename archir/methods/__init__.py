@@ -160,7 +160,9 @@ class Method:
 
     def choose_architecture(self, graph: "Graph", supernet: "nn.Module",
                             evaluator: "Any | None") -> "dict[str, Any] | None":
-        """Called before derive with an :class:`archir.arch_eval.ArchEvaluator` (held-out data and
+        """Called before derive with ``supernet`` (the model to score: the supernet, or with
+        ``archir.search(..., submodule=...)`` the whole model around it) and an
+        :class:`archir.arch_eval.ArchEvaluator` (held-out data and
         the task's metric; None without data, e.g. ``epochs=0``): a method may pick the
         architecture to derive here. Returns a JSON-able log for the report, or None (the default:
         nothing to choose, derive decides from the architecture parameters)."""

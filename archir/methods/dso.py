@@ -26,8 +26,9 @@ proximal step of the L1 term giving exact zeros. The pieces:
   shared by several edges (``share="cell"``) takes the mean of their γ_e;
 * ``target_flops``: a FLOPs budget B (a fraction of the original network's) that the search itself
   reaches, by a budget-aware penalty. Before every λ step t, P_t is the set of edges that would
-  still have to be pruned for the network to fit B (the smallest |λ| first,
-  :func:`~archir.passes.edge_scale.budget_pruning`); the λ of P_t get the penalty
+  still have to be pruned for the network to fit B (the smallest |λ_e| / s_e first, s_e the
+  adaptive penalty's multiplier, so that with ``flops`` or ``mac`` a costlier edge goes first at
+  equal λ: :func:`~archir.passes.edge_scale.budget_pruning`); the λ of P_t get the penalty
 
       γ_e,t = max(γ, |λ_e| (1 − μ) / (η s_e (R − t)))   for t < R,     ∞   from R on,
 
@@ -241,7 +242,8 @@ class DSO(Method):
         """Set γ_e,t of the owed edges for the next λ step (``target_flops``; see the module docstring)."""
         self.budget_scales = {}
         lams = edge_lambdas(graph)
-        owed = budget_pruning(graph, lams, self.options.target_flops * self.original_flops(graph))
+        multipliers = self._edge_multipliers(graph)
+        owed = budget_pruning(graph, lams, self.options.target_flops * self.original_flops(graph), multipliers)
         remaining = self.ramp_steps - self.lambda_steps
         if remaining <= 0:  # the ramp is over: S_∞(z) = 0 whatever the gradient step added to λ, and
             # what is pruned stays pruned (a zero λ revived by its gradient would be owed again)
@@ -249,7 +251,6 @@ class DSO(Method):
             return
         if not owed or lr <= 0:
             return
-        multipliers = self._edge_multipliers(graph)
         # APG-NAG's momentum μ makes a constant shrink per step add up to 1 / (1 − μ) times it
         per_step = (1.0 - self.options.apg_momentum) / remaining
         for eid in owed:
@@ -313,7 +314,8 @@ class DSO(Method):
     def derive_passes(self):
         """:class:`DeriveScale` (with the FLOPs budget of ``target_flops``), :class:`Prune`,
         :class:`FoldScale`, :class:`FoldIdentities`."""
-        return [_DeriveWithBudget(self.options.target_flops), Prune(), FoldScale(), FoldIdentities()]
+        return [_DeriveWithBudget(self.options.target_flops, self._edge_multipliers), Prune(), FoldScale(),
+                FoldIdentities()]
 
     # -- inspecting ------------------------------------------------------------------------
     def searchable(self, graph):
@@ -337,8 +339,8 @@ class _DeriveWithBudget(DeriveScale):
 
     name = "DeriveScale"
 
-    def __init__(self, fraction: float | None):
-        super().__init__(None)
+    def __init__(self, fraction: float | None, penalty=None):
+        super().__init__(None, penalty)
         self.fraction = fraction
 
     def run(self, graph):
