@@ -179,9 +179,9 @@ class EdgeScale(Pass):
 
 # -- costs of what pruning keeps ---------------------------------------------------------------
 
-def kept_flops(graph: Graph, pruned: set[str] | frozenset = frozenset()) -> int:
-    """FLOPs (multiply-adds per example) of ``graph`` once the edges ``pruned`` are removed along
-    with the dead code they leave (what :class:`~archir.passes.derive.Prune` would keep)."""
+def live_edges(graph: Graph, pruned: set[str] | frozenset = frozenset()) -> list[Edge]:
+    """The edges of ``graph`` that remain once the edges ``pruned`` are removed along with the
+    dead code they leave (what :class:`~archir.passes.derive.Prune` would keep)."""
     live = set(graph.output_junctions()) | set(graph.size_readers())
     stack = list(live)
     edges = []
@@ -193,6 +193,14 @@ def kept_flops(graph: Graph, pruned: set[str] | frozenset = frozenset()) -> int:
             if e.src not in live:
                 live.add(e.src)
                 stack.append(e.src)
+    return edges
+
+
+def kept_flops(graph: Graph, pruned: set[str] | frozenset = frozenset()) -> int:
+    """FLOPs (multiply-adds per example) of ``graph`` once the edges ``pruned`` are removed along
+    with the dead code they leave (what :class:`~archir.passes.derive.Prune` would keep)."""
+    edges = live_edges(graph, pruned)
+    live = {j for e in edges for j in (e.src, e.dst)} | set(graph.output_junctions()) | set(graph.size_readers())
     joins = sum(j.combine.op.meta.get("flops", 0) for jid, j in graph.junctions.items()
                 if jid in live and j.combine is not None and j.combine.op is not None)
     return sum(e.flops for e in edges) + joins
@@ -272,29 +280,46 @@ def unfreeze_scales(graph: Graph) -> bool:
 def budget_pruning(graph: Graph, lams: dict[str, float], budget: float,
                    penalty: dict[str, float] | None = None) -> set[str]:
     """The nonzero edges (of ``lams``, ``{edge id: λ}``) that must be pruned besides the λ = 0 ones
-    for :func:`kept_flops` to fit ``budget``: greedily, the one with the smallest |λ_e| / s_e among
-    those whose pruning frees FLOPs and leaves its sum another operand, until it fits (or none is
-    left). ``penalty``: s_e, the weight of the edge's λ in a weighted L1 penalty Σ s_e |λ_e| (default
-    1): what a proximal step at that weight takes |λ_e| / s_e steps to zero, so a costlier edge
-    goes first at equal λ."""
+    for :func:`kept_flops` to fit ``budget``, greedily by the smallest r_e = |λ_e| / s_e until it
+    fits (or nothing is left): ``penalty`` gives s_e, the weight of the edge's λ in a weighted L1
+    penalty Σ s_e |λ_e| (default 1), and r_e is the number of steps a proximal step at that weight
+    needs to bring λ_e to 0, so a costlier edge goes first at equal λ.
+
+    A candidate must free FLOPs and leave its sum another operand, and should not take along (as
+    dead code) a scaled edge that ranks above it: pruning an image trunk whose λ is small would
+    also remove the blocks inside it whose λ the search kept large, far below the budget. Such a
+    candidate is used only when no other one is left. Once the network fits, a pick that is no
+    longer needed (one that freed little, made early) is kept after all, the highest ranked first."""
     pruned = {eid for eid, v in lams.items() if v == 0.0}
     forced: set[str] = set()
     now = kept_flops(graph, pruned)
-    weight = penalty or {}
+    rank = {eid: abs(v) / max((penalty or {}).get(eid, 1.0), 1e-12) for eid, v in lams.items()}
     while now > budget:
-        order = sorted((abs(v) / max(weight.get(eid, 1.0), 1e-12), eid) for eid, v in lams.items()
-                       if eid not in pruned)
-        pick = None
-        for _, eid in order:
+        pick, fallback = None, None
+        for eid in sorted((e for e in lams if e not in pruned), key=lambda e: (rank[e], e)):
+            if not any(e.id not in pruned | {eid} for e in graph.in_edges(graph.edges[eid].dst)):
+                continue
+            kept_edges = {e.id for e in live_edges(graph, pruned | {eid})}
             kept = kept_flops(graph, pruned | {eid})
-            if kept < now and any(e.id not in pruned | {eid} for e in graph.in_edges(graph.edges[eid].dst)):
-                pick = eid
+            if kept >= now:
+                continue
+            takes_along = [o for o in lams if o not in pruned and o != eid and o not in kept_edges]
+            if all(rank[o] <= rank[eid] for o in takes_along):
+                pick = (eid, kept)
                 break
+            fallback = fallback or (eid, kept)
+        pick = pick or fallback
         if pick is None:
             break
-        pruned.add(pick)
-        forced.add(pick)
-        now = kept
+        pruned.add(pick[0])
+        forced.add(pick[0])
+        now = pick[1]
+    # an early pick that freed little may not be needed once larger ones fit the budget: keep it
+    for eid in sorted(forced, key=lambda e: (rank[e], e), reverse=True):
+        if now <= budget and kept_flops(graph, pruned - {eid}) <= budget:
+            pruned.discard(eid)
+            forced.discard(eid)
+            now = kept_flops(graph, pruned)
     return forced
 
 

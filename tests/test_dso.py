@@ -357,6 +357,39 @@ def test_budget_pruning_takes_the_smallest_lambda_over_its_penalty_weight():
     assert budget_pruning(s.graph, lams, budget, {ids[2]: 4.0}) == {ids[2]}  # 1/4 < 0.5/1
 
 
+class TrunkAndSide(nn.Module):
+    """An image trunk of two residual blocks, summed with a cheap side input's branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(Block(8), Block(8))
+        self.side = nn.Linear(4, 8)
+
+    def forward(self, image, vec):
+        return self.blocks(F.relu(self.stem(image))).mean((2, 3)) + self.side(vec)
+
+
+def test_budget_pruning_does_not_take_along_edges_the_search_ranks_higher():
+    """The trunk's λ is the smallest, but pruning it would also remove both blocks, whose λ are
+    larger, and leave almost nothing: a block goes instead, and the network lands near the budget."""
+    model, x = TrunkAndSide(), (torch.randn(2, 3, 8, 8), torch.randn(2, 4))
+    s = archir.search(model, x, method="dso")
+    lams = edge_lambdas(s.graph)
+    trunk = next(e.id for e in scaled_edges(s.graph) if "mean" in " ".join(op.name for op in s.graph.edges[e.id].ops))
+    block = [e.id for e in scaled_edges(s.graph) if e.id != trunk and s.graph.edges[e.id].dst != s.graph.edges[trunk].dst]
+    side = next(e.id for e in scaled_edges(s.graph) if e.id not in (trunk, *block))
+    lams.update({trunk: 0.3, block[0]: 0.9, block[1]: 0.5})
+    total = kept_flops(s.graph)
+    assert budget_pruning(s.graph, lams, 0.7 * total) == {block[1]}
+    assert kept_flops(s.graph, {block[1]}) > 0.4 * total
+    lams[side] = 0.1  # ranks first but frees almost nothing: not needed once a block has gone
+    assert budget_pruning(s.graph, lams, 0.7 * total) == {block[1]}
+    lams.update({side: 1.0, block[0]: 0.2, block[1]: 0.25})  # blocks below the trunk: they go first,
+    # then the trunk may go too; the blocks, dead with it, need no pruning of their own
+    assert budget_pruning(s.graph, lams, 0.05 * total) == {trunk}
+
+
 def test_target_flops_controller_reaches_the_budget_by_the_end_of_its_ramp():
     """With no loss gradient, the budget penalty brings the owed λ (smallest |λ| first) to 0 right
     after step R, leaves the others at γ, and keeps the pruned ones at 0 from then on."""
