@@ -502,7 +502,28 @@ def _export_dynamo(module, args, f, input_names, output_names, opset, dynamic_ba
                           external_data=True)
 
 
+def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
+    """``aten::rms_norm`` for the TorchScript exporter, which has none (timm's Gemma ViT):
+    y = x / sqrt(mean(x², last len(normalized_shape) axes) + eps) · weight, eps defaulting to the
+    float32 machine epsilon as in ``torch.rms_norm``."""
+    from torch.onnx import symbolic_helper as sh
+
+    dims = sh._get_const(normalized_shape, "is", "normalized_shape")
+    axes = list(range(-len(dims), 0))
+    eps_value = None if sh._is_none(eps) else sh._maybe_get_const(eps, "f")
+    if not isinstance(eps_value, float):
+        eps_value = float(torch.finfo(torch.float32).eps)
+    square = g.op("Mul", x, x)
+    if sh.GLOBALS.export_onnx_opset_version >= 18:  # axes became an input of ReduceMean
+        mean = g.op("ReduceMean", square, g.op("Constant", value_t=torch.tensor(axes)), keepdims_i=1)
+    else:
+        mean = g.op("ReduceMean", square, axes_i=axes, keepdims_i=1)
+    y = g.op("Div", x, g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(eps_value)))))
+    return y if sh._is_none(weight) else g.op("Mul", y, weight)
+
+
 def _export_torchscript(module, args, f, input_names, output_names, opset, dynamic_batch, outputs):
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, 9)
     dynamic_axes = None
     if dynamic_batch:
         dynamic_axes = {name: {0: "batch"} for name in input_names}

@@ -552,6 +552,26 @@ def test_invalid_dynamo_model_falls_back_to_torchscript(tmp_path, monkeypatch):
     assert "dynamo exporter failed" in report.notes[0] and "topologically sorted" in report.notes[0]
 
 
+def test_rms_norm_exports_through_torchscript(tmp_path):
+    """The TorchScript exporter has no ``aten::rms_norm`` (timm's Gemma ViT, after the dynamo
+    exporter wrote an invalid model): archir decomposes it, with and without a weight and eps."""
+    class Normed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.norm, self.bare = nn.Linear(8, 8), nn.RMSNorm(8), nn.RMSNorm(8, eps=1e-3,
+                                                                                      elementwise_affine=False)
+
+        def forward(self, x):
+            return self.bare(self.norm(self.lin(x)) * 3)
+
+    model = Normed()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+    report = export_onnx(model, torch.randn(2, 4, 8), tmp_path / "n.onnx", exporter="torchscript")
+    assert report.passed and report.exporter == "torchscript"
+    assert {"ReduceMean", "Sqrt"} <= set(count_nodes(tmp_path / "n.onnx"))
+
+
 def test_cuda_provider_only_when_torch_sees_a_gpu(monkeypatch):
     import onnxruntime
 
