@@ -514,7 +514,7 @@ def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
     if not isinstance(eps_value, float):
         eps_value = float(torch.finfo(torch.float32).eps)
     square = g.op("Mul", x, x)
-    if sh.GLOBALS.export_onnx_opset_version >= 18:  # axes became an input of ReduceMean
+    if g.opset >= 18:  # axes became an input of ReduceMean
         mean = g.op("ReduceMean", square, g.op("Constant", value_t=torch.tensor(axes)), keepdims_i=1)
     else:
         mean = g.op("ReduceMean", square, axes_i=axes, keepdims_i=1)
