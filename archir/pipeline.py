@@ -391,6 +391,12 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
         recipe = f" (recipe {opts.recipe})" if opts.recipe else ""
         _say(opts, f"{chosen.describe()}: {len(initial_weights)} searchable edges, {cfg.arch_epochs} architecture"
                    f"{warmup} then {cfg.epochs - cfg.arch_epochs} network epochs{recipe}")
+        if not initial_weights:  # not an error (the weights still train), but rarely what was meant
+            from .progress import say
+
+            say(f"warning: {chosen.name} finds nothing to search in {search.graph.name} "
+                f"({chosen.candidates(search.graph)}): this run only trains the weights; "
+                "`archir inspect MODEL.py --method NAME` shows what each method could change")
     has_penalty = type(chosen).extra_loss is not methods.Method.extra_loss
     # held-out data a method may score architectures on before derive (NAO); none without training
     evaluator = (_arch_evaluator(opts, train_ds, val_ds, loaders, device, task)

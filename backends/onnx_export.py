@@ -653,7 +653,7 @@ def export_onnx(
 
         workdir = Path(tempfile.mkdtemp(prefix=f".{path.stem}.export-", dir=path.parent))
         try:
-            raw = workdir / "model.onnx"
+            raw = workdir / "exported.onnx"  # not the candidate's name: its external data would linger
             used = None
             if exporter == "dynamo":
                 _export_dynamo(module, args, raw, input_names, names, opset, dynamic_batch)
@@ -752,11 +752,18 @@ def export_onnx(
 def _install(candidate: Path, path: Path) -> None:
     """Move a checked (and verified) model from its work folder to ``path`` with ``os.replace``
     (atomic on POSIX), its external data file first when it has one."""
-    data = candidate.with_name(f"{candidate.name}.data")
+    data, old_data = candidate.with_name(f"{candidate.name}.data"), path.with_name(f"{path.name}.data")
     if data.exists():
-        os.replace(data, path.with_name(f"{path.name}.data"))
+        os.replace(data, old_data)
     os.chmod(candidate, 0o666 & ~_umask())
     os.replace(candidate, path)
+    if not data.exists() and old_data.exists() and not _uses_external_data(path):
+        old_data.unlink()  # the replaced model's weights: the new model holds its own
+
+
+def _uses_external_data(path: Path) -> bool:
+    model = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
 def _runs_at_other_batch(module, args, seed: int, notes: list[str]) -> bool:

@@ -574,6 +574,15 @@ def test_rms_norm_exports_through_torchscript(tmp_path):
         assert {"ReduceMean", "Sqrt"} <= set(count_nodes(tmp_path / f"n{opset}.onnx"))
 
 
+def test_a_small_model_is_one_file_and_replaces_an_external_data_one(tmp_path):
+    """The exporter's own external-data file stays in the work folder: a small model is one
+    ``.onnx`` file, and one that replaces a model with external data takes its ``.data`` along."""
+    path = tmp_path / "m.onnx"
+    (tmp_path / "m.onnx.data").write_bytes(b"weights of an earlier, bigger model")
+    report = export_onnx(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), torch.randn(2, 3), path)
+    assert report.passed and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
 def test_cuda_provider_only_when_torch_sees_a_gpu(monkeypatch):
     import onnxruntime
 

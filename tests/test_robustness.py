@@ -246,3 +246,19 @@ def test_infinite_buffers_on_purpose_are_not_broken_weights(tmp_path):
     res = archir.transform(Clamped(), torch.randn(2, 3, 8, 8), "dnat", data, data, out=tmp_path / "out",
                            epochs=1, arch_epochs=1, batch_size=8, onnx=False, progress=False)
     assert float(res.module.state_dict()["low"]) == float("-inf") and (tmp_path / "out" / "model.py").is_file()
+
+
+def test_nothing_to_search_is_said_not_silent(capsys):
+    """A method that finds no candidate (proxyless on a model without k×k convolutions) still
+    trains the weights, and says so once, whatever the progress setting."""
+    from torch import nn
+
+    import archir
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 6, generator=g), torch.arange(16) % 2)
+    archir.transform(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(2, 6), "proxyless",
+                     data, data, epochs=1, arch_epochs=1, batch_size=8, onnx=False, progress=False)
+    err = capsys.readouterr().err
+    assert err.count("warning: proxyless finds nothing to search in Sequential") == 1
+    assert "this run only trains the weights" in err
