@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archir.ir import Graph, Input, Op
+from archir.ir import Edge, Graph, Input, Op
 
 from .base import Pass, PassResult
 from .edge_choice import _theta_of, choice_weights
@@ -118,6 +118,23 @@ class Prune(Pass):
                     graph.remove_edge(e.id)
                 graph.remove_junction(jid)
             removed = True
+
+
+def live_edges(graph: Graph, pruned: set[str] | frozenset = frozenset()) -> list[Edge]:
+    """The edges of ``graph`` that remain once the edges ``pruned`` are removed along with the
+    dead code they leave (what :class:`~archir.passes.derive.Prune` would keep)."""
+    live = set(graph.output_junctions()) | set(graph.size_readers())
+    stack = list(live)
+    edges = []
+    while stack:
+        for e in graph.in_edges(stack.pop()):
+            if e.id in pruned:
+                continue
+            edges.append(e)
+            if e.src not in live:
+                live.add(e.src)
+                stack.append(e.src)
+    return edges
 
 
 def remove_unused_attributes(graph: Graph) -> bool:

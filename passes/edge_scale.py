@@ -62,7 +62,7 @@ from archir.errors import IRError, UserInputError
 from archir.ir import IN, Edge, Graph, Op, TensorMeta, fetch_attr
 
 from .base import Pass, PassResult
-from .derive import remove_unused_attributes
+from .derive import live_edges, remove_unused_attributes
 from .edge_choice import WHY_SHORTCUT, choice_reason
 
 LAMBDA_ROOT = "archir_lambda"
@@ -178,23 +178,6 @@ class EdgeScale(Pass):
 
 
 # -- costs of what pruning keeps ---------------------------------------------------------------
-
-def live_edges(graph: Graph, pruned: set[str] | frozenset = frozenset()) -> list[Edge]:
-    """The edges of ``graph`` that remain once the edges ``pruned`` are removed along with the
-    dead code they leave (what :class:`~archir.passes.derive.Prune` would keep)."""
-    live = set(graph.output_junctions()) | set(graph.size_readers())
-    stack = list(live)
-    edges = []
-    while stack:
-        for e in graph.in_edges(stack.pop()):
-            if e.id in pruned:
-                continue
-            edges.append(e)
-            if e.src not in live:
-                live.add(e.src)
-                stack.append(e.src)
-    return edges
-
 
 def kept_flops(graph: Graph, pruned: set[str] | frozenset = frozenset()) -> int:
     """FLOPs (multiply-adds per example) of ``graph`` once the edges ``pruned`` are removed along

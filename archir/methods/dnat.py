@@ -19,7 +19,7 @@ import torch
 
 from archir.errors import UserInputError
 from archir.options import option
-from archir.passes.derive import Derive, FoldIdentities, Prune
+from archir.passes.derive import Derive, FoldIdentities, Prune, live_edges
 from archir.passes.edge_choice import (SLOTS, WHY_ACTIVATION, WHY_OTHER, WHY_PARAMETRISED, WHY_SHORTCUT,
                                        EdgeChoice, arch_parameters, edge_weights, project_thetas,
                                        searchable_choices)
@@ -135,18 +135,8 @@ class DNAT(Method):
         its second chose none)."""
         edges = _decision_edges(graph)
         removed = {e.id for name, es in edges.items() for e in es if architecture.get(name) == "none"}
-        live_edges = {eid for eid in graph.edges if eid not in removed}
-        keep = set(graph.output_junctions()) | set(graph.size_readers())
-        keep |= {jid for jid, j in graph.junctions.items() if j.is_input}
-        live = set(keep)
-        changed = True
-        while changed:  # a junction lives when one of its remaining out-edges ends at a live one
-            changed = False
-            for eid in live_edges:
-                e = graph.edges[eid]
-                if e.dst in live and e.src not in live:
-                    live.add(e.src)
-                    changed = True
+        live = {j for e in live_edges(graph, removed) for j in (e.src, e.dst)}
+        live |= set(graph.output_junctions()) | set(graph.size_readers())
         return {name: (choice if any(e.dst in live for e in edges[name]) else "same")
                 for name, choice in architecture.items()}
 
