@@ -105,10 +105,12 @@ def main(debug: bool) -> None:
               help="Write the IR's full text form.")
 @click.option("--method", default="dnat", show_default=True,
               help="Say what this method could change (see `archir transform --help` for the methods).")
+@click.option("--submodule", help="Trace only this part of the model (a dotted path, e.g. backbone), on "
+              "the tensors it receives when the whole model runs on the example input.")
 @click.option("--groups", "show_groups", is_flag=True,
               help="Also list the cell-sharing groups (edges that share one θ with --share cell).")
 def inspect(model_file: Path, input_shape, granularity, dot_path, svg_path, json_path, text_path, method,
-            show_groups) -> None:
+            show_groups, submodule) -> None:
     """Trace MODEL_FILE and print a summary and its IR table."""
     from . import methods, trace
     from .drawing import GRAPHVIZ_HINT, write_svg
@@ -118,7 +120,12 @@ def inspect(model_file: Path, input_shape, granularity, dot_path, svg_path, json
 
     chosen = methods.create(method)
     spec = load_model_file(model_file, input_shape)
-    graph = trace(spec.model, spec.example_inputs, granularity, groups=spec.groups)
+    model, inputs = spec.model, spec.example_inputs
+    if submodule:
+        from .search_space import submodule_and_inputs
+
+        model, inputs = submodule_and_inputs(model, submodule, inputs)
+    graph = trace(model, inputs, granularity, groups=spec.groups)
     graph.verify()
     click.echo(format_summary(graph, str(model_file), chosen))
     click.echo()
@@ -211,7 +218,9 @@ def transform_summary(res) -> str:
 
     changed = [d for d in r["decisions"] if decision_changed(d)]
     shown = ", ".join(f"{d['edge']}→{d['decision']}" for d in changed[:8]) + (" …" if len(changed) > 8 else "")
-    lines = [f"{res.graph.name}: {len(changed)} of {len(r['decisions'])} edges changed"
+    sub = r.get("submodule")
+    where = f" (inside {sub['path']} of {sub['model']})" if sub else ""
+    lines = [f"{res.graph.name}{where}: {len(changed)} of {len(r['decisions'])} edges changed"
              + (f" ({shown})" if changed else "")]
 
     def fmt(v):

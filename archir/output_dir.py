@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from .drawing import write_svg
@@ -138,6 +139,9 @@ def write_outputs(res: "Result", inputs: tuple, onnx: bool = True) -> dict[str, 
                                     header=header)
     if onnx_report is not None:
         report["onnx"] = onnx_report.to_dict()
+    if res.whole is not None:
+        files["whole_weights.pt"] = str(_save_whole_weights(res.whole, report["submodule"]["path"],
+                                                            Path(files["weights.pt"]), out / "whole_weights.pt"))
     report["graph_svg_drawn_with"] = write_svg(res.original_graph, out / "graph.svg")
     files["graph.svg"] = str(out / "graph.svg")
     if plot_arch_weights(report, out / "arch.png"):
@@ -146,6 +150,19 @@ def write_outputs(res: "Result", inputs: tuple, onnx: bool = True) -> dict[str, 
     files["report.md"] = str(out / "report.md")
     files["report.json"] = str(out / "report.json")
     return files
+
+
+def _save_whole_weights(whole: nn.Module, path: str, part_weights: Path, dest: Path) -> Path:
+    """The whole model's state dict with the part at ``path`` as model.py names it (its
+    ``weights.pt``, whose names differ from the derived module's): what ``load_state_dict`` wants
+    once ``model.set_submodule(path, load_model())`` put the emitted part in place. The rest of
+    the model needs the user's code, so only its weights are written."""
+    from .fileio import save_torch
+
+    prefix = path + "."
+    state = {k: v for k, v in whole.state_dict().items() if not k.startswith(prefix)}
+    state.update({prefix + k: v for k, v in torch.load(part_weights, weights_only=True).items()})
+    return save_torch(state, dest)
 
 
 def _options_text(options: dict[str, Any]) -> str:
@@ -222,6 +239,11 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"# archir transform: {report['method']} ({_options_text(report['method_options']).rstrip(', ')})",
         "",
     ]
+    sub = report.get("submodule")
+    if sub:
+        whole = sub["whole_parameters"]
+        lines += [f"Searched inside `{sub['path']}` of {sub['model']} only; the figures below are that "
+                  f"part's. The whole model: {whole['original']:,} → {whole['transformed']:,} parameters.", ""]
     if "baseline" in report:
         lines += comparison_markdown(report["baseline"])
     else:
@@ -276,5 +298,14 @@ def report_markdown(report: dict[str, Any]) -> str:
     if "onnx" in report:
         lines += ["", f"ONNX: `model.onnx` verified against ONNX Runtime: {report['onnx'].get('passed')}."]
     lines += ["", "Files: `model.py` + `weights.pt` (standalone slim module, needs only torch), `model.onnx`, "
-              "`report.json` (everything above, architecture weights per epoch, timings, versions).", ""]
+              "`report.json` (everything above, architecture weights per epoch, timings, versions)."]
+    if sub:
+        lines += ["", f"`model.py`, `weights.pt` and `model.onnx` hold the slim `{sub['path']}`; "
+                  "`whole_weights.pt` is the state dict of the whole trained model with it in place. "
+                  "To rebuild that model (its other parts need your own code):", "", "```python",
+                  "import torch", "from model import load_model  # this directory's model.py",
+                  "model = build_model()  # your MODEL.py's model",
+                  f"model.set_submodule({sub['path']!r}, load_model())",
+                  "model.load_state_dict(torch.load('whole_weights.pt'))", "```"]
+    lines.append("")
     return "\n".join(lines)

@@ -113,6 +113,10 @@ class TransformOptions:
                              "good checkpoint) or skip (drop that step's update and go on).",
                              choices=("stop", "skip"))
     onnx: bool = option(True, "Write model.onnx (checked against ONNX Runtime).")
+    submodule: str | None = option(None, "Search inside this part of the model only (a dotted path as in "
+                                   "named_modules(), e.g. backbone), for a model whose own forward cannot be "
+                                   "traced (a detector): the whole model trains with its loss; model.py holds "
+                                   "the slim part, whole_weights.pt the whole model's weights.")
     progress: bool = option(True, "Progress bars and per-epoch lines.", cli=False)
 
 
@@ -127,6 +131,8 @@ class Result:
     out: Path | None = None
     files: dict[str, str] = field(default_factory=dict)
     baseline: nn.Module | None = None
+    #: with ``submodule``: the whole trained model, ``module`` in the submodule's place
+    whole: nn.Module | None = None
 
 
 def apply_recipe(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -349,8 +355,8 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
     seed_everything(opts.seed)
     baseline_model = copy.deepcopy(model) if opts.baseline else None
     search = Search(model, example_inputs, chosen, granularity=opts.granularity, leaf_modules=leaf_modules,
-                    groups=groups)
-    inputs = search.example_inputs
+                    groups=groups, submodule=opts.submodule)
+    inputs = search.example_inputs  # with ``submodule``: what that part receives (model.py's inputs)
     if out_dir is not None:  # refuse what model.py or model.onnx cannot hold before any training
         from .backends.standalone import check_emittable
 
@@ -405,7 +411,7 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
     if opts.epochs > 0:  # one architecture step per batch of the search epochs (after the warm-up)
         search_epochs = min(cfg.arch_epochs, cfg.epochs) - min(cfg.warmup_epochs, cfg.arch_epochs, cfg.epochs)
         chosen.plan_search(search.graph, max(search_epochs, 0) * len(loaders["train"]))
-    result = train_two_stage(search.supernet, search.arch_parameters(), loaders["train"], loaders["val"], cfg,
+    result = train_two_stage(search.model, search.arch_parameters(), loaders["train"], loaders["val"], cfg,
                              derive=lambda _supernet: _choose_and_derive(search, evaluator, timings),
                              arch_loader=loaders["arch"], net_loader=loaders["net"],
                              # a method's extra_loss may answer None (no penalty): add 0 then
@@ -416,8 +422,9 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
                              arch_optimizer=lambda params, lr: chosen.arch_optimizer(search.graph, params, lr))
     if run_log is not None:
         run_log.close()
-    slim = result.network.cpu().eval()
-    _check_finite_weights(slim, opts)
+    whole = result.network.cpu().eval()  # with ``submodule``: the whole model, the slim part inside
+    _check_finite_weights(whole, opts)
+    slim = whole.get_submodule(opts.submodule) if opts.submodule else whole
     timings.update({f"train_{k}": v for k, v in result.stage_seconds.items()})
     timings.update(eval=result.eval_seconds, derive=result.derive_seconds)  # outside train_* (validation, derive)
 
@@ -431,8 +438,11 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
     report["method_defaults"] = method_defaults  # the method's suggested options that were used
     if search.choice_log is not None:  # what the method's own architecture search did (NAO)
         report["architecture_search"] = search.choice_log
+    if opts.submodule:
+        report["submodule"] = _submodule_report(opts.submodule, model, whole)
     res = Result(slim, graph, report, search.original, out_dir,
-                 baseline=baseline.network.cpu().eval() if baseline is not None else None)
+                 baseline=baseline.network.cpu().eval() if baseline is not None else None,
+                 whole=whole if opts.submodule else None)
     if world is not None:
         report["distributed"] = {"processes": world.size, "backend": world.backend}
     if not writes:  # ranks other than 0 return the same network and write nothing
@@ -441,7 +451,9 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
     if baseline is not None:
         from .comparison import compare
 
-        report["baseline"] = compare(res.baseline, slim, inputs, baseline, result, search.original, graph)
+        # latency of the part searched (with ``submodule`` the rest of the model is the same)
+        original_part = res.baseline.get_submodule(opts.submodule) if opts.submodule else res.baseline
+        report["baseline"] = compare(original_part, slim, inputs, baseline, result, search.original, graph)
     if out_dir is not None:
         from .output_dir import write_outputs
 
@@ -527,11 +539,22 @@ def _arch_evaluator(opts: TransformOptions, train_ds, val_ds, loaders: dict, dev
 
 def _choose_and_derive(search, evaluator, timings: dict[str, float]) -> nn.Module:
     """The method's own choice of architecture (:meth:`Search.choose_architecture`; timed as
-    ``choose_architecture``), then the in-place derive."""
+    ``choose_architecture``), then the in-place derive; with ``submodule`` the network to train
+    next is the whole model with the derived part in place."""
     t = time.perf_counter()
     search.choose_architecture(evaluator)
     timings["choose_architecture"] = time.perf_counter() - t
-    return search.derive(in_place=True)
+    return search.whole_model(search.derive(in_place=True), copy=False)
+
+
+def _submodule_report(path: str, original: nn.Module, whole: nn.Module) -> dict[str, Any]:
+    """report.json's ``submodule``: which part was searched, and the whole model's parameters
+    before and after (the graphs' figures are the part's)."""
+    def count(m: nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    return {"path": path, "model": type(whole).__name__, "whole_parameters": {
+        "original": count(original), "transformed": count(whole)}}
 
 
 def _zero_if_none(value):

@@ -20,7 +20,7 @@ the optimiser the method wants for them (DSO-NAS: APG-NAG), Adam for a method th
 """
 from __future__ import annotations
 
-import copy
+import copy as _copy
 import weakref
 from pathlib import Path
 from typing import Any
@@ -60,13 +60,12 @@ class Search:
         if not isinstance(model, nn.Module):
             raise UserInputError(f"archir.search needs an nn.Module, not {type(model).__name__}")
         self.method = method
-        model = copy.deepcopy(model)  # the user's model is never trained in place
+        model = _copy.deepcopy(model)  # the user's model is never trained in place
         self.submodule = submodule
         self._whole: nn.Module | None = None
         if submodule is not None:  # search inside ``submodule`` only; the rest of the model runs as is
             self._whole = model
-            model = _find_submodule(model, submodule)
-            example_inputs = _inputs_of(self._whole, model, submodule, _as_inputs(example_inputs))
+            model, example_inputs = submodule_and_inputs(model, submodule, example_inputs)
         self.example_inputs = _as_inputs(example_inputs)
         self.graph: Graph = trace(model, self.example_inputs, granularity, leaf_modules=list(leaf_modules),
                                   groups=groups)
@@ -95,12 +94,14 @@ class Search:
         with the supernet in that submodule's place."""
         return self._whole if self._whole is not None else self.supernet
 
-    def whole_model(self, module: nn.Module) -> nn.Module:
+    def whole_model(self, module: nn.Module, *, copy: bool = True) -> nn.Module:
         """With ``submodule``: a copy of the whole model (its current weights) with ``module`` (e.g.
-        :meth:`derive`'s slim network) in the submodule's place; without, ``module`` itself."""
+        :meth:`derive`'s slim network) in the submodule's place; without, ``module`` itself.
+        ``copy=False`` puts ``module`` into :attr:`model` itself (after an in-place derive, to
+        train on with the same parameter objects)."""
         if self._whole is None:
             return module
-        whole = copy.deepcopy(self._whole)
+        whole = _copy.deepcopy(self._whole) if copy else self._whole
         whole.set_submodule(self.submodule, module)
         return whole
 
@@ -244,6 +245,13 @@ class Search:
     def __repr__(self) -> str:
         return (f"Search({self.graph.name}, method={self.method.describe()}, "
                 f"{len(self.arch_weights())} searchable edges, {len(self._arch)} architecture parameters)")
+
+
+def submodule_and_inputs(model: nn.Module, path: str, example_inputs) -> tuple[nn.Module, tuple]:
+    """``model``'s submodule at ``path`` and the positional tensors it receives when ``model``
+    runs on ``example_inputs``: what ``submodule=`` searches and traces."""
+    sub = _find_submodule(model, path)
+    return sub, _inputs_of(model, sub, path, _as_inputs(example_inputs))
 
 
 def _find_submodule(model: nn.Module, path: str) -> nn.Module:

@@ -479,5 +479,6 @@ def trace_failure(model_name: str, fx_exc: BaseException, export_exc: BaseExcept
     else:
         hint = "Keep the submodule that fails opaque with leaf_modules=[...], or run with --debug for details."
     msg = (f"cannot trace {model_name}{where}: torch.fx symbolic tracing failed ({first_line(fx_exc)}) "
-           f"and torch.export failed ({first_line(export_exc)}). {hint}")
+           f"and torch.export failed ({first_line(export_exc)}). {hint} Where it fails in the model's own "
+           "forward, search inside a part that traces: --submodule PATH (archir.search(..., submodule=PATH)).")
     return TraceError(msg, loc)

@@ -14,35 +14,67 @@ from archir.errors import UserInputError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+#: A detector-like MODEL.py: the tests below use its classes, and the CLI tests the file itself.
+DETECTOR_FILE = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
 class Backbone(nn.Module):
     def __init__(self, c=8):
         super().__init__()
         self.stem = nn.Conv2d(3, c, 3, padding=1)
-        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
-        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.block1 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+        self.block2 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
 
     def forward(self, x):
         x = F.relu(self.stem(x))
-        x = F.relu(x + self.b1(self.c1(x)))
-        return {"0": x, "1": F.relu(x + self.b2(self.c2(x)))}  # FPN-like: a dict of feature maps
+        x = F.relu(x + self.block1(x))
+        return {"0": x, "1": F.relu(x + self.block2(x))}  # FPN-like: a dict of feature maps
 
 
 class Detector(nn.Module):
-    """Iterates over a list of images and keeps the boxes whose score passes a threshold: neither
-    torch.fx nor torch.export follows this ``forward``, its backbone they do."""
+    """Iterates over its images and keeps the boxes whose score passes a threshold: neither
+    torch.fx nor torch.export follows this forward, its backbone they do."""
 
     def __init__(self):
         super().__init__()
         self.backbone = Backbone()
         self.head = nn.Conv2d(8, 5, 1)
 
-    def forward(self, images: list[torch.Tensor]):
+    def forward(self, images):  # a list of (3, H, W) images, or a batch tensor
         batch = torch.stack([F.interpolate(img[None], size=(16, 16))[0] for img in images])
         features = self.backbone(batch)
         out = self.head(features["0"] + features["1"])  # (N, 5, H, W): a score and a box per place
         scores = out[:, 0].flatten(1)
-        keep = [s > s.median() for s in scores]  # selected by value: no tracer follows the shapes
+        # selected by value, and a branch on a value: no tracer follows this
+        keep = [s > s.median() if s.std() > 0 else torch.ones_like(s, dtype=torch.bool) for s in scores]
         return [{"boxes": o[1:].flatten(1).T[k], "scores": s[k]} for o, s, k in zip(out, scores, keep)]
+
+
+def build_model():
+    return Detector()
+
+
+def example_input():
+    return torch.randn(2, 3, 20, 24)
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    images, quality = torch.randn(24, 3, 20, 24, generator=g), torch.rand(24, generator=g)
+    return (torch.utils.data.TensorDataset(images[:16], quality[:16]),
+            torch.utils.data.TensorDataset(images[16:], quality[16:]))
+
+
+def loss(output, target):  # the detector's own loss: a list of dicts, one per image
+    return torch.stack([(o["scores"].mean() - t) ** 2 + o["boxes"].abs().mean()
+                        for o, t in zip(output, target)]).mean()
+'''
+_detector = {}
+exec(compile(DETECTOR_FILE, "detector.py", "exec"), _detector)
+Backbone, Detector = _detector["Backbone"], _detector["Detector"]
 
 
 def _images(seed=0):
@@ -125,3 +157,60 @@ def test_arch_optimizer_without_anything_to_search_is_one_clear_error():
     assert s.arch_parameters() == []
     with pytest.raises(UserInputError, match="dso found nothing to search in Sequential"):
         s.arch_optimizer()
+
+
+def _write_detector(tmp_path):
+    path = tmp_path / "detector.py"
+    path.write_text(DETECTOR_FILE)
+    return path
+
+
+def test_transform_inside_a_submodule_trains_the_whole_model_and_writes_both_weights(tmp_path):
+    """``archir.transform(..., submodule=...)``: the detector trains with its own loss, model.py holds
+    the slim backbone, whole_weights.pt rebuilds the trained detector exactly as report.md says."""
+    from archir.model_file import import_file, load_model_file
+
+    spec = load_model_file(_write_detector(tmp_path))
+    train, val = spec.data()
+    res = archir.transform(spec.model, spec.example_inputs, "dso", train, val, tmp_path / "out", task=spec.task,
+                           submodule="backbone", epochs=2, arch_epochs=1, warmup_epochs=0, batch_size=8,
+                           progress=False)
+    out = res.out
+    assert {"model.py", "weights.pt", "whole_weights.pt", "model.onnx"} <= {p.name for p in out.iterdir()}
+    assert type(res.whole).__name__ == "Detector" and res.whole.backbone is res.module
+    assert res.report["submodule"]["path"] == "backbone"
+    assert res.report["example_inputs"][0]["shape"] == [2, 3, 16, 16]  # the backbone's, for model.py
+    assert res.report["onnx"]["passed"]
+    assert [h["stage"] for h in res.report["history"]] == ["arch", "net"]
+    assert not torch.equal(res.whole.head.weight, spec.model.head.weight)  # the whole model trained
+    # rebuilt as report.md shows: the user's model, the emitted backbone, the whole weights
+    emitted = import_file(out / "model.py", "archir_emitted")
+    rebuilt = spec.model
+    rebuilt.set_submodule("backbone", emitted.load_model())
+    rebuilt.load_state_dict(torch.load(out / "whole_weights.pt", weights_only=True))
+    images = _images()
+    with torch.no_grad():
+        assert _same(rebuilt.eval()(images), res.whole.eval()(images))
+    assert "whole_weights.pt" in (out / "report.md").read_text()
+
+
+def test_cli_transform_and_inspect_with_submodule(tmp_path):
+    from click.testing import CliRunner
+
+    from archir.cli import main
+
+    path = _write_detector(tmp_path)
+    res = CliRunner().invoke(main, ["inspect", str(path)])
+    assert res.exit_code == 2 and "--submodule PATH" in res.output  # the whole model does not trace
+    res = CliRunner().invoke(main, ["inspect", str(path), "--submodule", "backbone"])
+    assert res.exit_code == 0, res.output
+    assert "Backbone" in res.output
+    res = CliRunner().invoke(main, ["transform", str(path), "--submodule", "backbone", "--method", "dnat",
+                                    "--epochs", "1", "--arch-epochs", "1", "--batch-size", "8", "--no-onnx",
+                                    "--out", str(tmp_path / "out"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "Backbone (inside backbone of Detector)" in res.output
+    assert "whole_weights.pt" in res.output
+    res = CliRunner().invoke(main, ["transform", str(path), "--submodule", "neck", "--epochs", "0",
+                                    "--out", str(tmp_path / "out2"), "--quiet"])
+    assert res.exit_code == 2 and "'neck' is not in Detector" in res.output
