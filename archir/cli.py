@@ -107,10 +107,12 @@ def main(debug: bool) -> None:
               help="Say what this method could change (see `archir transform --help` for the methods).")
 @click.option("--submodule", help="Trace only this part of the model (a dotted path, e.g. backbone), on "
               "the tensors it receives when the whole model runs on the example input.")
+@click.option("--leaf-module", "leaf_modules", multiple=True, metavar="PATH",
+              help="Keep this submodule whole (one opaque operation) when tracing; repeatable.")
 @click.option("--groups", "show_groups", is_flag=True,
               help="Also list the cell-sharing groups (edges that share one θ with --share cell).")
 def inspect(model_file: Path, input_shape, granularity, dot_path, svg_path, json_path, text_path, method,
-            show_groups, submodule) -> None:
+            show_groups, submodule, leaf_modules) -> None:
     """Trace MODEL_FILE and print a summary and its IR table."""
     from . import methods, trace
     from .drawing import GRAPHVIZ_HINT, write_svg
@@ -125,7 +127,7 @@ def inspect(model_file: Path, input_shape, granularity, dot_path, svg_path, json
         from .search_space import submodule_and_inputs
 
         model, inputs = submodule_and_inputs(model, submodule, inputs)
-    graph = trace(model, inputs, granularity, groups=spec.groups)
+    graph = trace(model, inputs, granularity, groups=spec.groups, leaf_modules=leaf_modules)
     graph.verify()
     click.echo(format_summary(graph, str(model_file), chosen))
     click.echo()
@@ -149,7 +151,7 @@ def inspect(model_file: Path, input_shape, granularity, dot_path, svg_path, json
         click.echo(f"wrote {text_path}")
 
 
-def _run_transform(model_file: Path, method: str, input_shape, out, quiet, **flags) -> None:
+def _run_transform(model_file: Path, method: str, input_shape, out, quiet, leaf_modules, **flags) -> None:
     """Transform MODEL_FILE: search, train, derive, and write the slim model to --out."""
     from . import methods
     from .model_file import load_model_file
@@ -187,7 +189,7 @@ def _run_transform(model_file: Path, method: str, input_shape, out, quiet, **fla
         train_data, val_data = datasets
     try:
         res = run_transform(spec.model, spec.example_inputs, method, train_data, val_data, out, task=spec.task,
-                            groups=spec.groups, progress=not quiet, **options)
+                            groups=spec.groups, leaf_modules=leaf_modules, progress=not quiet, **options)
     finally:
         distributed.teardown()
     world_rank = int(os.environ.get("RANK", "0") or 0)
@@ -266,6 +268,9 @@ def transform_command() -> click.Command:
         click.Option(["--input-shape"], help="Example input shape (default: MODEL.py's example_input())."),
         click.Option(["--out"], type=click.Path(file_okay=False, path_type=Path), default=Path(DEFAULT_OUT),
                      show_default=True, help="Output directory (must be empty unless --force)."),
+        click.Option(["--leaf-module", "leaf_modules"], multiple=True, metavar="PATH",
+                     help="Keep this submodule whole (one opaque operation) when tracing; repeatable. "
+                          "model.py must be able to rebuild it (torch.nn modules, plain ones of yours)."),
         click.Option(["--quiet"], is_flag=True, help="No progress bars or per-epoch lines."),
     ]
     return click.Command("transform", callback=_run_transform, params=params, help=_run_transform.__doc__,

@@ -24,7 +24,7 @@ from torch import nn
 from archir.errors import TraceError, UserInputError
 from archir.ir import (CONCAT_TARGETS, IN, PRODUCT_TARGETS, SUM_TARGETS, Combine, Edge, Graph, Junction,
                        JunctionRef, Op, Operand, TensorMeta, fetch_attr)
-from archir.ir.costs import ATEN_RNN, function_flops, module_flops, rnn_flops
+from archir.ir.costs import ATEN_RNN, counted_by_costs, function_flops, module_flops, rnn_flops
 from archir.ir.graph import SharedNames, _flatten
 from archir.modes import eval_mode
 
@@ -65,13 +65,21 @@ class _Recorder(fx.Interpreter):
         self.metas: dict[fx.Node, Any] = {}
         # call -> [(tensor argument it changed in place, whether it returned it)]
         self.mutated: dict[fx.Node, list[tuple[fx.Node, bool]]] = {}
+        self.leaf_macs: dict[fx.Node, int] = {}  # opaque leaf call -> the multiply-adds it ran
 
     def run_node(self, n: fx.Node) -> Any:
         # a called function (a wrapped helper, opaque to the tracer) may change an argument in
         # place: its version counter moves (views share their base's counter)
         versions = {a: self.env[a]._version for a in n.all_input_nodes
                     if n.op == "call_function" and isinstance(self.env.get(a), torch.Tensor)}
-        result = super().run_node(n)
+        if n.op == "call_module" and not counted_by_costs(self.fetch_attr(n.target)):
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:  # an opaque leaf: count what it runs
+                result = super().run_node(n)
+            self.leaf_macs[n] = counter.get_total_flops() // 2  # FLOPs of products are 2 per multiply-add
+        else:
+            result = super().run_node(n)
         self.metas[n] = _describe(result)
         changed = [(a, result is self.env[a]) for a, v in versions.items() if self.env[a]._version != v]
         if changed:
@@ -95,14 +103,15 @@ def _mutable(a: Any) -> Any:
     return a
 
 
-def record(root: nn.Module, graph: fx.Graph, inputs: Sequence[torch.Tensor]) -> dict[fx.Node, Any]:
-    """Run ``graph`` on ``inputs`` (eval mode, no grad) and return each node's meta; calls found
-    changing an argument in place get a copy of it (:func:`isolate_mutating_calls`)."""
+def record(root: nn.Module, graph: fx.Graph, inputs: Sequence[torch.Tensor]) -> tuple[dict, dict]:
+    """Run ``graph`` on ``inputs`` (eval mode, no grad) and return each node's meta, and the
+    multiply-adds each opaque leaf call ran (see :mod:`archir.ir.costs`); calls found changing an
+    argument in place get a copy of it (:func:`isolate_mutating_calls`)."""
     with eval_mode(root), torch.no_grad():
         rec = _Recorder(root, graph)
         rec.run(*inputs)
     isolate_mutating_calls(graph, rec.mutated, rec.metas)
-    return rec.metas
+    return rec.metas, rec.leaf_macs
 
 
 def _base_name(node: fx.Node) -> str:
@@ -133,8 +142,9 @@ def _combine_kind(node: fx.Node, n_operands: int) -> tuple[str, int | None]:
 
 class _Builder:
     def __init__(self, root: nn.Module, graph: fx.Graph, metas: dict, granularity: str, name: str,
-                 frontend: str, out_spec=None):
+                 frontend: str, out_spec=None, leaf_macs: dict | None = None):
         self.root, self.fxg, self.metas = root, graph, metas
+        self.leaf_macs = leaf_macs or {}
         self.granularity, self.out_spec = granularity, out_spec
         self.ir = Graph(root, name=name, granularity=granularity, frontend=frontend)
         self.nodes = list(graph.nodes)
@@ -334,7 +344,7 @@ class _Builder:
         out_shape = out.shape if isinstance(out, TensorMeta) else None
         mod = self._module(n)
         if mod is not None:
-            flops = module_flops(mod, shapes[0] if shapes else None, out_shape, shapes)
+            flops = module_flops(mod, shapes[0] if shapes else None, out_shape, shapes) or self.leaf_macs.get(n, 0)
         elif n.op == "call_function" and n.target in ATEN_RNN:
             flops = self._aten_rnn_flops(n)
         else:
@@ -722,6 +732,6 @@ def expand_tuple_uses(graph: fx.Graph, metas: dict) -> None:
 
 def build_graph(root: nn.Module, graph: fx.Graph, inputs: Sequence[torch.Tensor], *, granularity: str,
                 name: str, frontend: str, out_spec=None) -> Graph:
-    metas = record(root, graph, inputs)
+    metas, leaf_macs = record(root, graph, inputs)
     expand_tuple_uses(graph, metas)
-    return _Builder(root, graph, metas, granularity, name, frontend, out_spec).build()
+    return _Builder(root, graph, metas, granularity, name, frontend, out_spec, leaf_macs).build()

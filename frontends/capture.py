@@ -475,9 +475,10 @@ def trace_failure(model_name: str, fx_exc: BaseException, export_exc: BaseExcept
     text = f"{fx_exc} {export_exc}".lower()
     if any(k in text for k in ("control flow", "data-dependent", "data dependent", "guardondatadependent")):
         hint = ("The code branches on tensor values there: compute both branches and select with "
-                "torch.where, or keep that submodule opaque with leaf_modules=[...].")
+                "torch.where, or keep that submodule opaque: --leaf-module PATH (leaf_modules=[...] in Python).")
     else:
-        hint = "Keep the submodule that fails opaque with leaf_modules=[...], or run with --debug for details."
+        hint = ("Keep the submodule that fails opaque: --leaf-module PATH (leaf_modules=[...] in Python), or "
+                "run with --debug for details.")
     msg = (f"cannot trace {model_name}{where}: torch.fx symbolic tracing failed ({first_line(fx_exc)}) "
            f"and torch.export failed ({first_line(export_exc)}). {hint} Where it fails in the model's own "
            "forward, search inside a part that traces: --submodule PATH (archir.search(..., submodule=PATH)).")

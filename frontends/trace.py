@@ -139,6 +139,7 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
     name = type(model).__name__
     root = _traceable_copy(model)
     leaves = list(leaf_modules)
+    _check_leaf_paths(model, leaves)
     fx_exc = fx_root = None
     graph, out_spec, used = None, None, frontend
     if frontend in ("auto", "fx"):
@@ -178,6 +179,16 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
     if groups:
         assign_groups(g, groups)
     return g
+
+
+def _check_leaf_paths(model: nn.Module, leaves: list[str]) -> None:
+    """Every requested leaf is a submodule of ``model`` (a typo would silently trace it through)."""
+    paths = {p for p, _ in model.named_modules() if p}
+    unknown = [p for p in leaves if p not in paths]
+    if unknown:
+        children = ", ".join(n for n, _ in model.named_children()) or "none"
+        raise UserInputError(f"leaf module {unknown[0]!r} is not in {type(model).__name__} (its children: "
+                             f"{children}); give dotted paths as in model.named_modules()")
 
 
 def _fx_with_auto_leaves(model: nn.Module, fx_root: nn.Module, name: str, leaves: list[str],

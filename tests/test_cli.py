@@ -39,6 +39,21 @@ def test_inspect_prints_summary_and_table(tmp_path):
     assert (tmp_path / "g.txt").read_text().startswith("graph ResNet")
 
 
+def test_leaf_module_keeps_a_submodule_whole_and_a_wrong_path_is_one_error(tmp_path):
+    res = run("inspect", EXAMPLES / "resnet20.py", "--leaf-module", "layer1", "--leaf-module", "layer2.0")
+    assert res.exit_code == 0, res.output
+    assert "opaque      layer1 (requested), layer2.0 (requested)" in res.output
+    assert "layer1.0.conv1" not in res.output and "layer2.1.conv1" in res.output
+    assert "FLOPs       40.81M" in res.output  # the opaque blocks' convolutions still count
+    res = run("inspect", EXAMPLES / "resnet20.py", "--leaf-module", "layer9")
+    assert res.exit_code == 2 and "leaf module 'layer9' is not in ResNet (its children: conv1" in res.output
+    res = run("transform", EXAMPLES / "resnet20.py", "--leaf-module", "layer1", "--epochs", "0", "--no-onnx",
+              "--out", tmp_path / "out", "--quiet")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "layer1" in [op for d in report["decisions"] for op in d["ops"]]
+
+
 def test_inspect_block_granularity_and_input_shape():
     res = run("inspect", EXAMPLES / "mbconv.py", "--granularity", "block", "--input-shape", "1,3,32,32")
     assert res.exit_code == 0, res.output

@@ -153,11 +153,13 @@ def test_recurrent_flops_by_hand():
     g = archir.trace(seq, _x(), frontend="export")
     (lstm_edge,) = [e for e in g.edges.values() if "self.lstm.weight_ih_l0" in e.render_ops()]
     assert lstm_edge.flops == 4 * 32 * (16 + 32) * T
-    # a user-defined leaf counts 0 (unknown); nn.MultiheadAttention: projections + attention
+    # a user-defined leaf counts what it ran (its Linear(16, 16) at every step); nn.MultiheadAttention:
+    # projections + attention
     leaf, kw = _model("user_leaf")
-    g = archir.trace(leaf, _x(), **kw)
-    gate = next(op for e in g.edges.values() for op in e.ops if op.target == "gate")
-    assert gate.meta["flops"] == 0
+    for frontend in ("fx", "export"):
+        g = archir.trace(leaf, _x(), frontend=frontend, **kw)
+        gate = next(op for e in g.edges.values() for op in e.ops if op.target == "gate")
+        assert gate.meta["flops"] == T * 16 * 16, frontend
     attn, _ = _model("attn")
     g = archir.trace(attn, _x())
     (j,) = [j for j in g.junctions.values() if j.combine is not None and j.combine.kind == "other"]

@@ -24,9 +24,12 @@ Opaque leaves (a module kept as one call):
   projections ``N_q·E·E + N_k·kdim·E + N_v·vdim·E`` (N_* = number of query/key/value vectors),
   the attention products ``N_q · S · 2E`` (S = source length, + 1 each with ``add_bias_kv`` /
   ``add_zero_attn``) and the output projection ``N_q · E · E``.
-* **Any other module kept opaque** (a user-defined module in ``leaf_modules``, or one made opaque
-  because tracing could not follow it) counts **0**: archir does not know what it computes. Its
-  parameters are still counted (``Graph.total_params``).
+* **Any other module kept opaque** (a user-defined module or a container in ``leaf_modules``, or
+  one made opaque because tracing could not follow it; :func:`counted_by_costs` is False) counts
+  what it ran on the example input: the frontend runs each such call under
+  ``torch.utils.flop_counter.FlopCounterMode``, whose FLOPs (2 per multiply-add of a convolution,
+  a matrix product or attention) are halved. Work that depends on the input's values (a loop over
+  detected boxes) is counted as the example ran it.
 
 The frontend divides every count by the leading dimension of the model's first input, so the
 numbers in the IR are per example.
@@ -86,6 +89,16 @@ def _attention_flops(module: nn.MultiheadAttention, arg_shapes: list) -> int:
     source = k[1] if module.batch_first and len(k) == 3 else k[0]
     source += int(module.bias_k is not None) + int(module.add_zero_attn)
     return n_q * e * e + n_k * kdim * e + n_v * vdim * e + n_q * source * 2 * e + n_q * e * e
+
+
+def counted_by_costs(module: nn.Module) -> bool:
+    """Whether :func:`module_flops` accounts for ``module`` (a torch.nn layer, counted or zero by
+    the convention above); False for an opaque module whose work must be measured."""
+    if isinstance(module, TrainingDropoutAttention):
+        return True
+    if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return False
+    return type(module).__module__.startswith("torch.nn.")
 
 
 def module_flops(module: nn.Module, in_shape, out_shape, arg_shapes: list | None = None) -> int:
