@@ -14,6 +14,10 @@ Pipeline (one straight function, :func:`export_onnx`, of named stages):
    when its largest error is small next to its largest value (see :func:`_compare`):
 
        max_i |onnx_i - torch_i| <= atol + rtol * max_i |torch_i|
+   An output that fails this gets a second opinion from PyTorch in float64
+   (:func:`_float64_verdict`): it passes when ONNX Runtime is at most ``FLOAT64_FACTOR`` times
+   as far from the float64 result as PyTorch's own float32 runs are (an ill-conditioned network,
+   e.g. random weights with activations in the thousands, where float32 itself is inexact);
 
 6. **replace**: only a verified candidate is moved to ``path`` with ``os.replace`` (atomic on
    POSIX: a reader sees the old model or the new one, never half of one). On a mismatch the
@@ -56,6 +60,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import dataclasses
 import io
 import logging
@@ -95,6 +100,9 @@ __all__ = [
 # Models whose weights exceed this are saved with external data (protobuf's hard limit is 2 GiB).
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 _BATCH_EXTRA = 3  # the second verification batch size is B + 3
+#: an output that fails the float32 comparison passes when ONNX Runtime's error against PyTorch in
+#: float64 is at most this many times PyTorch float32's own (see :func:`_float64_verdict`)
+FLOAT64_FACTOR = 2.0
 
 
 class OnnxExportError(ArchirError):
@@ -155,6 +163,10 @@ class OutputError:
     passed: bool
     detail: str = ""
     ref_scale: float = 0.0
+    #: where the float32 check failed: the largest errors of ONNX Runtime and of PyTorch's own
+    #: float32 run against PyTorch in float64 (see :func:`_float64_verdict`); None otherwise
+    float64_onnx_err: float | None = None
+    float64_torch_err: float | None = None
 
 
 @dataclasses.dataclass
@@ -598,6 +610,66 @@ def _compare(name: str, batch: int, got: np.ndarray, ref: np.ndarray, rtol: floa
     return OutputError(name, batch, list(ref.shape), max_abs, rel, excess, bool(excess <= 0), ref_scale=scale)
 
 
+def _outputs(module: nn.Module, inputs: tuple) -> list[np.ndarray]:
+    with torch.no_grad():
+        return [t.detach().cpu().numpy() for _, t in flatten_outputs(module(*inputs))]
+
+
+@contextlib.contextmanager
+def _without_onednn():
+    # (``torch.backends.mkldnn.flags`` would also set oneDNN's TF32 flag, which warns on CPU builds)
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+def _second_opinion(module: nn.Module, inputs: tuple) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+    """For :func:`_float64_verdict`: the module's outputs in float64 (a copy of it, floating
+    inputs cast), and in float32 with PyTorch's native CPU kernels instead of oneDNN's (another
+    float32 implementation); None where the module does not run so."""
+    try:
+        with _without_onednn():
+            native = _outputs(module, inputs)
+        wide = _outputs(copy.deepcopy(module).double(), tuple(x.double() if x.is_floating_point() else x
+                                                               for x in inputs))
+        return wide, native
+    except Exception:  # noqa: BLE001 - any failure: no second opinion, the float32 verdict stands
+        return None
+
+
+def _float64_verdict(err: OutputError, got: np.ndarray, refs: Sequence[np.ndarray], ref64: np.ndarray
+                     ) -> OutputError:
+    """A second opinion on an output that failed :func:`_compare`. With ``x*`` PyTorch's float64
+    result (a stand-in for the exact function), ``e_onnx = max_i |onnx_i - x*_i|`` and ``e_torch``
+    the largest ``max_i |torch_i - x*_i|`` of PyTorch's float32 runs ``refs`` (its default kernels
+    and its native CPU ones: float32's own error, measured by two implementations), the output
+    passes when
+
+        e_onnx <= FLOAT64_FACTOR * e_torch
+
+    i.e. ONNX Runtime computes the function about as well as float32 in PyTorch does. Where float32
+    is accurate (``e_torch`` tiny) this is stricter than the first check, so it only matters where
+    float32 itself is inexact: a network whose activations grow into the thousands with random
+    weights, where float32 implementations differ by more than ``rtol`` of the output and none is
+    wrong (timm's EfficientNetV2-RW-T: oneDNN 0.19, native kernels 0.46, ONNX Runtime 0.49..0.77
+    from float64, at max|x*| 844). What it gives up is a bug smaller than float32's own error
+    there, which no float32 comparison can tell from rounding."""
+    if any(r.shape != ref64.shape for r in refs) or got.shape != ref64.shape:
+        return err
+    onnx_err = _compare(err.name, err.batch, got, ref64, 0.0, 0.0).max_abs_err
+    torch_err = max(_compare(err.name, err.batch, r, ref64, 0.0, 0.0).max_abs_err for r in refs)
+    passed = bool(np.isfinite(onnx_err) and onnx_err <= FLOAT64_FACTOR * torch_err)
+    detail = (f"against PyTorch in float64: ONNX Runtime {onnx_err:.3g}, PyTorch float32 {torch_err:.3g}"
+              + (" (within float32's own error)" if passed else ""))
+    return dataclasses.replace(
+        err, passed=passed, detail="; ".join(d for d in (err.detail, detail) if d),
+        worst_excess=onnx_err - FLOAT64_FACTOR * torch_err if passed else err.worst_excess,
+        float64_onnx_err=onnx_err, float64_torch_err=torch_err)
+
+
 def export_onnx(
     module: nn.Module,
     example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
@@ -819,7 +891,15 @@ def _verify(module, args, path, report: OnnxReport, seed: int, providers) -> Non
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
                 reason = _first_line(exc)
                 raise _OtherBatchFailed(b, reason if len(reason) <= 200 else reason[:199] + "…") from exc
-        for name, g, r in zip(report.output_names, got, ref):
-            report.errors.append(_compare(name, b, np.asarray(g), r, report.rtol, report.atol))
+        errors = [_compare(name, b, np.asarray(g), r, report.rtol, report.atol)
+                  for name, g, r in zip(report.output_names, got, ref)]
+        if not all(e.passed for e in errors):
+            second = _second_opinion(module, inputs)
+            if second is not None and len(second[0]) == len(second[1]) == len(errors):
+                errors = [e if e.passed else _float64_verdict(e, np.asarray(g), (r, rn), r64)
+                          for e, g, r, rn, r64 in zip(errors, got, ref, second[1], second[0])]
+        report.errors.extend(errors)
+        report.notes += [f"output {e.name!r} at batch {b}: {e.max_rel_err:.3g} of max|ref| from PyTorch float32, "
+                         f"over rtol, but passed {e.detail}" for e in errors if e.passed and e.float64_onnx_err is not None]
     report.verified = True
     report.passed = all(e.passed for e in report.errors)

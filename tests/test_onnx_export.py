@@ -398,6 +398,37 @@ def test_rounding_at_outputs_near_zero_passes(tmp_path):
     assert bad.any() and np.abs(ref[bad]).max() < 0.01 * np.abs(ref).max()
 
 
+class CancelsInFloat32(nn.Module):
+    """``y = a @ w1 - a @ w2`` with ``w1 ~ 100`` and ``w2 = w1 + 1e-3 z``: terms of about 1e3
+    cancel to outputs of about 1e-2, so PyTorch's float32 is off by more than ``rtol`` of its
+    output. Exported, the same sum is computed in float64 (exact to float32 rounding of ``y``)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        w1 = 100 * torch.randn(64, 16, generator=g)
+        self.w1 = nn.Parameter(w1)
+        self.w2 = nn.Parameter(w1 + 1e-3 * torch.randn(64, 16, generator=g))
+
+    def forward(self, a):
+        if torch.onnx.is_in_onnx_export():
+            a, w1, w2 = a.double(), self.w1.double(), self.w2.double()
+            return (a @ w1 - a @ w2).float()
+        return a @ self.w1 - a @ self.w2
+
+
+def test_float32_error_of_pytorch_itself_gets_a_float64_second_opinion(tmp_path):
+    """ONNX Runtime closer to the exact function than PyTorch's float32: the first check fails
+    (they differ by PyTorch's own rounding), PyTorch in float64 says ONNX Runtime is right."""
+    report = export_onnx(CancelsInFloat32(), torch.randn(2, 64), tmp_path / "cancel.onnx")
+    assert report.passed
+    for e in report.errors:
+        assert e.max_rel_err > 1e-3  # far over rtol against PyTorch's float32 ...
+        assert e.float64_onnx_err < 1e-3 * e.float64_torch_err  # ... which is the inexact one
+        assert e.worst_excess < 0 and "within float32's own error" in e.detail
+    assert any("passed against PyTorch in float64" in n for n in report.notes)
+
+
 class TransposedWeightInOnnx(nn.Module):
     def __init__(self):
         super().__init__()
@@ -452,6 +483,8 @@ def test_real_bugs_still_fail_the_normwise_check(tmp_path, monkeypatch, bug):
         export_onnx(model, x, tmp_path / "bug.onnx")
     worst = info.value.report.worst()
     assert worst.max_rel_err > 3e-4 and worst.worst_excess > 0  # above rtol=1e-4 by a margin
+    # and PyTorch in float64 agrees: ONNX Runtime is far off where float32 itself is not
+    assert worst.float64_onnx_err > 100 * worst.float64_torch_err
     assert not (tmp_path / "bug.onnx").exists()
 
 
