@@ -8,8 +8,10 @@ Two tracers, tried in order:
    (branches on shapes, for instance). Its ATen-level graph is brought back to the level of (1):
    every call of a torch.nn leaf module becomes one ``call_module`` node again. This keeps the link
    to the user's module and parameter names, and makes BatchNorm and Dropout follow ``.train()`` /
-   ``.eval()`` (an exported graph otherwise fixes their mode at export time); functional dropout
-   that reads ``self.training`` is made to follow it too (:mod:`.mode_dropout`).
+   ``.eval()`` (an exported graph otherwise fixes their mode at export time).
+
+Under both, functional dropout that reads ``self.training`` is made to follow the mode too
+(:mod:`.mode_dropout`).
 
 When both fail, :class:`~archir.errors.TraceError` names the file and line of the user's code
 where tracing stopped.
@@ -32,8 +34,7 @@ from archir.errors import TraceError
 from archir.ir import fetch_attr
 from archir.layers import STANDALONE_CLASSES
 
-from .mode_dropout import dropout_to_modules as mode_dropout_to_modules
-from .mode_dropout import export_following_modes
+from .mode_dropout import dropout_to_modules, trace_following_modes
 
 
 def is_torch_leaf(module: nn.Module) -> bool:
@@ -80,6 +81,35 @@ def fx_trace(root: nn.Module, leaves: Iterable[str] = (), n_inputs: int | None =
     return graph
 
 
+def fx_trace_following_modes(root: nn.Module, inputs: Sequence[torch.Tensor], leaves: Iterable[str] = (),
+                             n_inputs: int | None = None) -> fx.Graph:
+    """:func:`fx_trace`, with the functional dropout of modules that read ``self.training``
+    marked to follow the mode (:func:`.mode_dropout.trace_following_modes`; symbolic tracing
+    reads the flag at trace time). Such models are traced a second time, their readers in the
+    other mode; the tensor constants each trace stores on ``root`` are those of the graph kept."""
+    extra = set(leaves)
+
+    def is_leaf(path: str, m: nn.Module) -> bool:
+        return path in extra or is_torch_leaf(m)
+
+    before = set(vars(root))
+    constants: dict[int, dict] = {}  # per graph: the attributes its trace added to ``root``
+
+    def trace() -> fx.Graph:
+        for name in set(vars(root)) - before:
+            delattr(root, name)  # an earlier trace's: this one names its own from 0 again
+        graph = fx_trace(root, leaves, n_inputs)
+        constants[id(graph)] = {name: vars(root)[name] for name in set(vars(root)) - before}
+        return graph
+
+    graph = trace_following_modes(root, tuple(inputs), is_leaf, trace, as_is=trace())
+    for name in set(vars(root)) - before:
+        delattr(root, name)
+    for name, value in constants[id(graph)].items():
+        setattr(root, name, value)
+    return graph
+
+
 def _defaults_after(root: nn.Module, n_inputs: int) -> dict:
     import inspect
 
@@ -98,7 +128,7 @@ def export_trace(root: nn.Module, example_inputs: Sequence[torch.Tensor],
     Returns the graph (targets are qualified names in ``root``) and the output pytree spec.
     A dynamic batch dimension is asked for first; if the model pins it, a static export follows.
     Where modules read ``self.training``, the model is exported in both modes to find their
-    dropout (:func:`.mode_dropout.export_following_modes`).
+    dropout (:func:`.mode_dropout.trace_following_modes`).
     """
     extra = set(leaves)
 
@@ -114,7 +144,7 @@ def export_trace(root: nn.Module, example_inputs: Sequence[torch.Tensor],
         leaf_calls[id(gm)] = simple
         return gm
 
-    gm = export_following_modes(root, tuple(example_inputs), is_leaf, export)  # exports once or more (see there)
+    gm = trace_following_modes(root, tuple(example_inputs), is_leaf, export)  # exports once or more (see there)
     simple = leaf_calls[id(gm)]
     out_spec = gm.graph._codegen.pytree_info.out_spec if hasattr(gm.graph._codegen, "pytree_info") else None
     graph = fx.Graph()  # detached from the exported module: targets are resolved on ``root``
@@ -134,7 +164,7 @@ def export_trace(root: nn.Module, example_inputs: Sequence[torch.Tensor],
     _adopt_constants(graph, gm, root)
     _drop_buffer_writebacks(graph)
     _collapse_leaf_calls(graph, root, is_leaf, simple)
-    mode_dropout_to_modules(graph, root)
+    dropout_to_modules(graph, root)
     _remove_unused(graph)
     return graph, out_spec
 
@@ -469,7 +499,18 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def trace_failure(model_name: str, fx_exc: BaseException, export_exc: BaseException) -> TraceError:
+def largest_parts(model: nn.Module, n: int = 3) -> str:
+    """``"backbone (26.80M parameters), roi_heads (13.90M), rpn (593.94K)"``: the children of ``model``
+    holding the most parameters, what ``--submodule`` could name."""
+    from archir.ir.printer import human
+
+    sizes = sorted(((sum(p.numel() for p in child.parameters()), name) for name, child in model.named_children()),
+                   reverse=True)
+    shown = [(size, name) for size, name in sizes if size][:n]
+    return ", ".join(f"{name} ({human(size)}{' parameters' if i == 0 else ''})" for i, (size, name) in enumerate(shown))
+
+
+def trace_failure(model_name: str, fx_exc: BaseException, export_exc: BaseException, parts: str = "") -> TraceError:
     loc = user_location(export_exc) or user_location(fx_exc)
     where = f" at {loc}" if loc else ""
     text = f"{fx_exc} {export_exc}".lower()
@@ -481,5 +522,6 @@ def trace_failure(model_name: str, fx_exc: BaseException, export_exc: BaseExcept
                 "run with --debug for details.")
     msg = (f"cannot trace {model_name}{where}: torch.fx symbolic tracing failed ({first_line(fx_exc)}) "
            f"and torch.export failed ({first_line(export_exc)}). {hint} Where it fails in the model's own "
-           "forward, search inside a part that traces: --submodule PATH (archir.search(..., submodule=PATH)).")
+           "forward, search inside a part that traces: --submodule PATH (archir.search(..., submodule=PATH))"
+           + (f"; its largest parts: {parts}." if parts else "."))
     return TraceError(msg, loc)

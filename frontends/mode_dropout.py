@@ -1,26 +1,30 @@
-"""Functional dropout under torch.export follows ``.train()``/``.eval()``.
+"""Functional dropout follows ``.train()``/``.eval()`` under both tracers.
 
-torch.export runs the model's code once, so ``self.training`` is read at its traced value. A
-module whose code calls ``F.dropout(x, p, training=self.training)``, or
-``F.scaled_dot_product_attention(..., dropout_p=p if self.training else 0.0)`` (Hugging Face
-attention), leaves no dropout at all when exported in eval mode, and a dropout that never stops
-when exported in training mode. (Dropout *modules* are handled by ``capture._dropout_visible``.)
+torch.fx and torch.export both run the model's code once, so ``self.training`` is read at its
+traced value. A module whose code calls ``F.dropout(x, p, training=self.training)``,
+``F.scaled_dot_product_attention(..., dropout_p=p if self.training else 0.)`` (Hugging Face and
+timm attention) or torchvision's ``stochastic_depth(x, p, mode, self.training)`` leaves no dropout
+when traced in eval mode, and a dropout that never stops when traced in training mode. (Dropout
+*modules* are leaves under fx and are handled by ``capture._dropout_visible`` under export.)
 
-1. Readers: the modules whose own ``forward`` reads ``training`` and whose code the export
-   traces (not leaves, nor inside one), kept if they draw random numbers in training mode (one
+1. Readers: the modules whose own ``forward`` reads ``training`` and whose code the tracer
+   follows (not leaves, nor inside one), kept if they draw random numbers in training mode (one
    eager run, :func:`dropping_readers`). Only their own flag changes, never their children's.
-2. Export twice, the readers in training mode ("on") and in eval mode ("off"), and walk both
-   graphs in order. They must be the same graph but for dropout: ``native_dropout``/``dropout``
-   found only in "on", and attention whose ``dropout_p`` is 0 in "off" only (a copy, or the same
-   view written otherwise, counts as no difference: the attention kernel that drops out lays its
-   output out differently, which changes how ``reshape`` is exported). Anything else that
-   differs (batch statistics, an auxiliary head) means that training changes more than dropout
-   there: the innermost reader around the difference keeps its own mode (a warning says why),
-   and the walk is repeated without it.
+2. Trace twice, the readers in training mode ("on") and in eval mode ("off"), and walk both
+   graphs in order (:func:`trace_following_modes`). They must be the same graph but for dropout:
+   a dropout call found only in "on" (ATen ``native_dropout``/``dropout``), or a call found in
+   both that drops out in "on" only (fx: ``F.dropout``'s ``training``; both tracers: attention
+   whose ``dropout_p`` is 0 in "off"). Under export a copy, or the same view written otherwise,
+   counts as no difference: the attention kernel that drops out lays its output out differently,
+   which changes how ``reshape`` is exported. Anything else that differs (batch statistics, an
+   auxiliary head) means that training changes more than dropout there: the innermost reader
+   around the difference keeps its own mode (a warning says why), and the walk is repeated
+   without it.
 3. The "on" graph is kept; those dropout nodes are marked (``node.meta[FOLLOW]``, the calling
-   module's path) and :func:`dropout_to_modules` makes each an ``nn.Dropout`` and each such
+   module's path) and :func:`dropout_to_modules` makes each an ``nn.Dropout`` (or the
+   ``nn.Dropout2d``... matching the function), a :class:`archir.layers.StochasticDepth`, or for
    attention an :class:`archir.layers.TrainingDropoutAttention`, a child of the calling module in
-   its mode. Both call the functions the model's code calls, with the same arguments, so in
+   its mode. Each calls the function the model's code calls, with the same arguments, so in
    training they draw the same random numbers (same seed, bit-identical outputs).
 """
 from __future__ import annotations
@@ -32,9 +36,10 @@ import operator
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
-from archir.layers import TrainingDropoutAttention
+from archir.layers import StochasticDepth, TrainingDropoutAttention
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +47,15 @@ FOLLOW = "_archir_follows_mode"  # meta key: the path of the module that called 
 MAX_ROUNDS = 4  # readers given up one at a time before keeping every module in its own mode
 
 _aten = torch.ops.aten
-_DROPOUTS = {_aten.native_dropout.default, _aten.dropout.default}
 _SDPA = _aten.scaled_dot_product_attention.default
+_ATTENTIONS = {_SDPA, F.scaled_dot_product_attention}  # export's ATen op, fx's function
+_ATEN_DROPOUTS = {_aten.native_dropout.default, _aten.dropout.default}
+# fx records the functions the model's code calls; each becomes the module of the same name
+FUNCTIONAL_DROPOUTS = {F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d,
+                       F.dropout3d: nn.Dropout3d, F.alpha_dropout: nn.AlphaDropout,
+                       F.feature_alpha_dropout: nn.FeatureAlphaDropout}
+# what in a call's arguments turns its dropout on and off (the rest must match between modes)
+_SWITCHES = {"attention": ("dropout_p",), "dropout": ("train", "p", "inplace"), "depth": ("train", "p")}
 
 
 def mode_readers(root: nn.Module, is_leaf) -> dict[str, nn.Module]:
@@ -134,21 +146,24 @@ def _modes(modules: dict[str, nn.Module], training: bool):
             m.training = saved[p]
 
 
-def export_following_modes(root: nn.Module, inputs: tuple, is_leaf, export: Callable[[], fx.GraphModule]
-                           ) -> fx.GraphModule:
-    """``export()`` (which exports ``root`` as its modules are set) with the mode-following
-    dropout of the readers visible and marked; every module in its own mode where that is not
-    safe (see the module docstring)."""
+def trace_following_modes(root: nn.Module, inputs: tuple, is_leaf, trace: Callable[[], fx.GraphModule | fx.Graph],
+                          as_is: fx.GraphModule | fx.Graph | None = None) -> fx.GraphModule | fx.Graph:
+    """``trace()`` (which traces ``root`` as its modules are set, with either tracer) with the
+    mode-following dropout of the readers visible and marked; every module in its own mode where
+    that is not safe (see the module docstring). ``as_is``: ``trace()``'s result for the model as
+    it is, when the caller has it already (fx: a failing trace fails before the eager run)."""
     readers = mode_readers(root, is_leaf)
     readers = dropping_readers(root, readers, inputs, is_leaf) if readers else {}
     own = {p: m.training for p, m in readers.items()}
-    done: dict[tuple, fx.GraphModule] = {}
+    done: dict[tuple, fx.GraphModule | fx.Graph] = {}
+    if as_is is not None:
+        done[tuple(sorted(own.items()))] = as_is
 
-    def run(active: dict[str, nn.Module], training: bool) -> fx.GraphModule:
+    def run(active: dict[str, nn.Module], training: bool) -> fx.GraphModule | fx.Graph:
         key = tuple(sorted((p, training if p in active else own[p]) for p in own))
-        if key not in done:  # "off" is often the graph of the model as it is: export it once
+        if key not in done:  # "off" is often the graph of the model as it is: trace it once
             with _modes(active, training):
-                done[key] = export()
+                done[key] = trace()
         return done[key]
 
     for _ in range(MAX_ROUNDS):
@@ -156,12 +171,12 @@ def export_following_modes(root: nn.Module, inputs: tuple, is_leaf, export: Call
             break
         try:
             on, off = run(readers, True), run(readers, False)
-        except Exception as exc:  # noqa: BLE001 - exported as it is below, raising its own error
-            logger.warning("functional dropout keeps the traced mode: exporting with %s in the other "
+        except Exception as exc:  # noqa: BLE001 - traced as it is below, raising its own error
+            logger.warning("functional dropout keeps the traced mode: tracing with %s in the other "
                            "mode failed (%s)", _names(readers, root), (str(exc).splitlines() or [""])[0][:160])
             readers = {}
             break
-        result = _walk(on.graph, off.graph)
+        result = _walk(_graph(on), _graph(off))
         if result == []:
             break  # no dropout to follow: the model's graph as it is
         if isinstance(result, list):
@@ -171,7 +186,7 @@ def export_following_modes(root: nn.Module, inputs: tuple, is_leaf, export: Call
         node, why = result
         path = _innermost(node, readers)
         if path is None:
-            logger.warning("functional dropout keeps the traced mode: exporting in training mode "
+            logger.warning("functional dropout keeps the traced mode: tracing in training mode "
                            "changes more than dropout outside the modules that read self.training (%s)", why)
             readers = {}
             break
@@ -184,21 +199,60 @@ def export_following_modes(root: nn.Module, inputs: tuple, is_leaf, export: Call
     return run({}, False)
 
 
+def _graph(traced: fx.GraphModule | fx.Graph) -> fx.Graph:
+    return traced.graph if isinstance(traced, fx.GraphModule) else traced
+
+
 def _names(modules: dict, root: nn.Module) -> str:
     return ", ".join(f"'{p}'" if p else type(root).__name__ for p in sorted(modules))
 
 
+def _role(node: fx.Node) -> str | None:
+    """``"dropout"``, ``"depth"`` (stochastic depth), ``"attention"``, or None for other nodes."""
+    if node.op != "call_function":
+        return None
+    if node.target in _ATTENTIONS:
+        return "attention"
+    if node.target in _ATEN_DROPOUTS or node.target in FUNCTIONAL_DROPOUTS:
+        return "dropout"
+    if _is_torchvision_stochastic_depth(node.target):
+        return "depth"
+    return None
+
+
+def _is_torchvision_stochastic_depth(fn) -> bool:
+    return getattr(fn, "__module__", None) == "torchvision.ops.stochastic_depth" \
+        and getattr(fn, "__name__", None) == "stochastic_depth"
+
+
 def _bound(node: fx.Node) -> dict:
-    """An ATen call's arguments by name, defaults filled in."""
-    out = {}
-    for i, a in enumerate(node.target._schema.arguments):
-        if i < len(node.args):
-            out[a.name] = node.args[i]
-        elif a.name in node.kwargs:
-            out[a.name] = node.kwargs[a.name]
-        elif a.has_default_value():
-            out[a.name] = a.default_value
+    """A dropout or attention call's arguments by name, defaults filled in (ATen's names: the
+    ``training`` of ``F.dropout`` is ``train``; fx's attention function has the ATen op's)."""
+    target = _SDPA if node.target is F.scaled_dot_product_attention else node.target
+    if isinstance(target, torch._ops.OpOverload):
+        out = {}
+        for i, a in enumerate(target._schema.arguments):
+            if i < len(node.args):
+                out[a.name] = node.args[i]
+            elif a.name in node.kwargs:
+                out[a.name] = node.kwargs[a.name]
+            elif a.has_default_value():
+                out[a.name] = a.default_value
+        return out
+    bound = inspect.signature(target).bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    out = dict(bound.arguments)
+    out["train"] = out.pop("training")
     return out
+
+
+def _drops(node: fx.Node) -> bool:
+    """Does this dropout call (see :func:`_role`) drop out, with a probability the module can hold
+    (a number, not a value computed in the graph)?"""
+    b = _bound(node)
+    p = b["dropout_p"] if _role(node) == "attention" else b["p"]
+    on = p != 0 if _role(node) == "attention" else bool(b["train"]) and p != 0
+    return on and isinstance(p, (int, float))
 
 
 # Value-preserving differences: the attention kernel that runs with dropout (the math one) lays its
@@ -230,20 +284,24 @@ def _mapped(node: fx.Node, to: dict, keep: bool = False):
 
 
 def _is_new_dropout(a: fx.Node) -> bool:
-    if a.op != "call_function" or a.target not in _DROPOUTS or not _bound(a)["train"]:
+    """A dropout of "on" with no counterpart in "off" (ATen's, or an fx call under ``if self.training``)."""
+    if _role(a) not in ("dropout", "depth") or not _bound(a)["train"] or \
+            not isinstance(_bound(a)["p"], (int, float)):
         return False
     # native_dropout returns (output, mask): only its output may be read
     return a.target is not _aten.native_dropout.default or all(
         u.target is operator.getitem and u.args[1] == 0 for u in a.users)
 
 
-def _attention_dropout_only(a: fx.Node, b: fx.Node | None, to_off: dict, alias: dict) -> bool:
-    """The same attention, but for ``dropout_p``: 0 in "off", not in "on"."""
-    if b is None or a.target is not _SDPA or b.target is not _SDPA:
+def _switched_off(a: fx.Node, b: fx.Node | None, to_off: dict, alias: dict) -> bool:
+    """The same call, but dropping out in "on" (``a``) and not in "off" (``b``): attention whose
+    ``dropout_p`` is 0 in "off", fx's ``F.dropout`` whose ``training`` is False there."""
+    role = _role(a)
+    if b is None or role is None or b.op != a.op or b.target is not a.target or not _drops(a) or _drops(b):
         return False
     ba, bb = _bound(a), _bound(b)
-    if bb.pop("dropout_p") != 0 or ba.pop("dropout_p") == 0:
-        return False
+    for name in _SWITCHES[role]:
+        ba.pop(name, None), bb.pop(name, None)
     return fx.node.map_arg(ba, lambda n: to_off.get(n)) == fx.node.map_arg(bb, lambda n: alias.get(n, n))
 
 
@@ -269,13 +327,13 @@ def _walk(on: fx.Graph, off: fx.Graph) -> list[fx.Node] | tuple[fx.Node, str]:
         while True:
             if b is not None and _same(a, b, to_off, alias):
                 to_off[a], b = b, next(rest, None)
+            elif _switched_off(a, b, to_off, alias):
+                follow.append(a)
+                to_off[a], b = b, next(rest, None)
             elif _is_new_dropout(a):
                 to_off[a] = to_off.get(first)
                 follow.append(a)
                 dropped.add(a)
-            elif _attention_dropout_only(a, b, to_off, alias):
-                follow.append(a)
-                to_off[a], b = b, next(rest, None)
             elif _is_copy(a):
                 to_off[a] = to_off.get(first)
             elif _is_copy(b):
@@ -322,25 +380,28 @@ def _owner(node: fx.Node, root: nn.Module) -> str:
 
 
 def dropout_to_modules(graph: fx.Graph, root: nn.Module) -> int:
-    """Replace the nodes marked by :func:`export_following_modes` (carried into ``graph`` by
-    ``graph_copy``) by calls of new child modules of their callers; return how many."""
+    """Replace the nodes marked by :func:`trace_following_modes` (carried into ``graph`` by
+    ``graph_copy``, or that very graph under fx) by calls of new child modules of their callers;
+    return how many."""
     count = 0
     for node in list(graph.nodes):
         owner = node.meta.get(FOLLOW)
         if owner is None:
             continue
         module = root.get_submodule(owner)
-        b = _bound(node)
-        if node.target is _SDPA:
+        role, b = _role(node), _bound(node)
+        results = [node]
+        if role == "attention":
             layer = TrainingDropoutAttention(float(b["dropout_p"]), bool(b["is_causal"]), b["scale"],
                                              bool(b["enable_gqa"]))
             args = (b["query"], b["key"], b["value"]) + ((b["attn_mask"],) if b["attn_mask"] is not None else ())
-            results = [node]
+        elif role == "depth":
+            layer, args = StochasticDepth(float(b["p"]), b["mode"]), (b["input"],)
         else:
-            layer = nn.Dropout(float(b["p"]))
-            args = (b["input"],)
-            results = list(node.users) if node.target is _aten.native_dropout.default else [node]
-        name = _free_name(module, "_archir_attention" if node.target is _SDPA else "_archir_dropout")
+            layer, args = FUNCTIONAL_DROPOUTS.get(node.target, nn.Dropout)(float(b["p"])), (b["input"],)
+            if node.target is _aten.native_dropout.default:
+                results = list(node.users)
+        name = _free_name(module, "_archir_attention" if role == "attention" else "_archir_dropout")
         module.add_module(name, layer.train(module.training))
         with graph.inserting_before(node):
             call = graph.call_module(f"{owner}.{name}" if owner else name, args)

@@ -4,9 +4,9 @@
   ``x[i] = v``) become their out-of-place twins, and later uses of the mutated value read the new
   one. The IR may then give a value to several consumers (a fork gains an identity path, say)
   without one of them overwriting it for the others.
-* :func:`dropout_to_modules`: ``F.dropout(x, p, training=self.training)`` is baked to a constant
-  at trace time; it becomes an ``nn.Dropout`` call so that it follows ``.train()``/``.eval()``
-  (torchvision's functional ``stochastic_depth`` likewise becomes :class:`archir.layers.StochasticDepth`).
+
+(Functional dropout that reads ``self.training``, which tracing fixes at the traced mode, is made
+to follow ``.train()``/``.eval()`` by :mod:`.mode_dropout`.)
 """
 from __future__ import annotations
 
@@ -14,11 +14,9 @@ import operator
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from archir.errors import TraceError
-from archir.layers import StochasticDepth
 
 _INPLACE_OPERATORS = {
     operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
@@ -167,53 +165,4 @@ def isolate_mutating_calls(graph: fx.Graph, mutated: dict, metas: dict) -> int:
             for user in later:
                 user.replace_input_with(arg, node)
             count += 1
-    return count
-
-
-_DROPOUTS = {F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d,
-             F.dropout3d: nn.Dropout3d, F.alpha_dropout: nn.AlphaDropout}
-
-
-def _is_torchvision_stochastic_depth(fn) -> bool:
-    return getattr(fn, "__module__", None) == "torchvision.ops.stochastic_depth" \
-        and getattr(fn, "__name__", None) == "stochastic_depth"
-
-
-def _random_layer(node: fx.Node, training_mode: bool) -> nn.Module | None:
-    """The module for a functional dropout-like call whose ``training`` flag is the model's mode."""
-    if node.target in _DROPOUTS:
-        bound = dict(zip(("input", "p", "training", "inplace"), node.args)) | dict(node.kwargs)
-        p, training = bound.get("p", 0.5), bound.get("training", True)
-        if isinstance(p, float) and training is training_mode:
-            return _DROPOUTS[node.target](p)
-    elif _is_torchvision_stochastic_depth(node.target):
-        bound = dict(zip(("input", "p", "mode", "training"), node.args)) | dict(node.kwargs)
-        p, mode, training = bound.get("p"), bound.get("mode"), bound.get("training", True)
-        if isinstance(p, float) and mode in ("row", "batch") and training is training_mode:
-            return StochasticDepth(p, mode)
-    return None
-
-
-def dropout_to_modules(graph: fx.Graph, root: nn.Module) -> int:
-    """Turn functional dropout (and torchvision's functional stochastic depth) whose ``training``
-    flag equals the model's mode into a module, so that it follows ``.train()``/``.eval()``."""
-    count = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function":
-            continue
-        layer = _random_layer(node, root.training)
-        if layer is None:
-            continue
-        name = f"_archir_dropout{count}"
-        while hasattr(root, name):
-            count += 1
-            name = f"_archir_dropout{count}"
-        root.add_module(name, layer.train(root.training))
-        first = node.args[0] if node.args else node.kwargs["input"]
-        with graph.inserting_before(node):
-            call = graph.call_module(name, (first,))
-        call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        graph.erase_node(node)
-        count += 1
     return count

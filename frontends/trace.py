@@ -15,9 +15,10 @@ from archir.layers import stochastic_depth_for
 from archir.modes import eval_mode
 
 from .build import assign_groups, build_graph
-from .capture import (export_trace, failing_modules, first_line, fx_trace, is_torch_leaf, trace_failure,
-                      user_location)
-from .normalize import UnsafeMutation, dropout_to_modules, functionalize
+from .capture import (export_trace, failing_modules, first_line, fx_trace_following_modes, is_torch_leaf,
+                      largest_parts, trace_failure, user_location)
+from .mode_dropout import dropout_to_modules
+from .normalize import UnsafeMutation, functionalize
 
 GRANULARITIES = ("layer", "block")
 MAX_AUTO_LEAVES = 64  # submodules made opaque automatically before giving up
@@ -144,12 +145,12 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
     graph, out_spec, used = None, None, frontend
     if frontend in ("auto", "fx"):
         try:
-            graph = fx_trace(root, leaves, len(inputs))
+            graph = fx_trace_following_modes(root, inputs, leaves, len(inputs))
             functionalize(graph, root)
             used = "fx"
         except Exception as exc:  # noqa: BLE001 - any tracer failure sends us to the fallback
             if frontend == "fx":
-                raise trace_failure(name, exc, exc) from exc
+                raise trace_failure(name, exc, exc, largest_parts(model)) from exc
             fx_exc, fx_root, graph = exc, root, None  # functionalize may have failed on a traced graph
             root = _traceable_copy(model)  # a failed trace may have left constants on the copy
     auto: dict[str, str] = {}
@@ -161,11 +162,11 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
         except Exception as exc:  # noqa: BLE001
             _check_runs(model, inputs, name)  # a bad example input explains the failure best
             if frontend != "auto":
-                raise trace_failure(name, fx_exc or exc, exc) from exc
-            root, graph, auto = _fx_with_auto_leaves(model, fx_root, name, leaves, fx_exc, exc, len(inputs))
+                raise trace_failure(name, fx_exc or exc, exc, largest_parts(model)) from exc
+            root, graph, auto = _fx_with_auto_leaves(model, fx_root, name, leaves, fx_exc, exc, inputs)
             used = "fx"
     _register_constants(root, graph)
-    dropout_to_modules(graph, root)
+    dropout_to_modules(graph, root)  # fx's functional dropout marked to follow the mode (export's is done)
     try:
         g = build_graph(root, graph, inputs, granularity=granularity, name=name, frontend=used,
                         out_spec=out_spec)
@@ -193,7 +194,7 @@ def _check_leaf_paths(model: nn.Module, leaves: list[str]) -> None:
 
 def _fx_with_auto_leaves(model: nn.Module, fx_root: nn.Module, name: str, leaves: list[str],
                          fx_exc: BaseException, export_exc: BaseException,
-                         n_inputs: int) -> tuple[nn.Module, fx.Graph, dict[str, str]]:
+                         inputs: tuple[torch.Tensor, ...]) -> tuple[nn.Module, fx.Graph, dict[str, str]]:
     """Both tracers failed on the whole model: symbolic tracing again, keeping opaque (as one
     ``call_module`` operation) each submodule that symbolic tracing cannot follow.
 
@@ -215,7 +216,7 @@ def _fx_with_auto_leaves(model: nn.Module, fx_root: nn.Module, name: str, leaves
         candidates = [p for p in candidates if p not in auto and p not in leaves
                       and not is_torch_leaf(root.get_submodule(p))]
         if not candidates or _attempt == MAX_AUTO_LEAVES:
-            err = trace_failure(name, fx_exc, export_exc)
+            err = trace_failure(name, fx_exc, export_exc, largest_parts(model))
             if auto:
                 err.args = (f"{err.args[0]} Keeping {len(auto)} submodule(s) opaque did not help: "
                             f"{first_line(exc)}",)
@@ -227,7 +228,7 @@ def _fx_with_auto_leaves(model: nn.Module, fx_root: nn.Module, name: str, leaves
         auto[path] = f"torch.fx: {first_line(exc)}" + (f" at {loc}" if loc else "") + f"; {export_note}"
         root = _traceable_copy(model)  # a failed trace may have left constants on the copy
         try:
-            graph = fx_trace(root, leaves + list(auto), n_inputs)
+            graph = fx_trace_following_modes(root, inputs, leaves + list(auto), len(inputs))
             functionalize(graph, root)
             return root, graph, auto
         except Exception as retry_exc:  # noqa: BLE001

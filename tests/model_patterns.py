@@ -338,3 +338,73 @@ def assert_same(a, b):
             assert_same(x, y)
     else:
         assert a == b
+
+
+# -- functional dropout that reads self.training (tests/test_zoo_patterns.py, tests/test_fx_dropout.py)
+
+class SdpaDropoutAttention(nn.Module):
+    """Hugging Face's SDPA attention: the dropout is an argument of a function call."""
+
+    def __init__(self, d=16, heads=2, p=0.3):
+        super().__init__()
+        self.qkv, self.proj, self.heads, self.p = nn.Linear(d, 3 * d), nn.Linear(d, d), heads, p
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0)
+        return self.proj(a.transpose(1, 2).reshape(b, n, d))
+
+
+class FunctionalDropoutMlp(nn.Module):
+    """Hugging Face's eager attention and T5: ``F.dropout(x, p, training=self.training)``."""
+
+    def __init__(self, d=16, p=0.3):
+        super().__init__()
+        self.lin, self.p = nn.Linear(d, d), p
+
+    def forward(self, x):
+        return F.dropout(self.lin(x).softmax(-1), self.p, training=self.training)
+
+
+class FunctionalBatchStats(nn.Module):
+    """Training changes more than dropout here: batch statistics (a functional BatchNorm)."""
+
+    def __init__(self, d=16, p=0.3):
+        super().__init__()
+        self.lin, self.p = nn.Linear(d, d), p
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("var", torch.ones(d))
+
+    def forward(self, x):
+        y = F.batch_norm(self.lin(x).transpose(1, 2), self.mean, self.var,
+                                     training=self.training).transpose(1, 2)
+        return F.dropout(y, self.p, training=self.training)
+
+
+class PreNormBlock(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.ln, self.inner = nn.LayerNorm(16), inner
+
+    def forward(self, x):
+        return x + self.inner(self.ln(x))
+
+
+def same_outputs_in_both_modes(model, traced, x, seeds=(1, 2)):
+    """Eval: equal. Training: equal when the same seed precedes each call, and dropping out."""
+    for mode in (False, True):
+        model.train(mode), traced.train(mode)
+        for seed in seeds:
+            assert same_under_seed(model, traced, x, seed)
+    torch.manual_seed(seeds[0])
+    assert not torch.equal(traced(x), traced.eval()(x))  # it did drop out in training
+    model.eval(), traced.eval()
+
+
+def same_under_seed(a, b, x, seed=5):
+    """``a(x)`` and ``b(x)`` equal when the same seed precedes each call."""
+    torch.manual_seed(seed)
+    ya = a(x)
+    torch.manual_seed(seed)
+    return torch.equal(ya, b(x))

@@ -202,6 +202,7 @@ def test_cli_transform_and_inspect_with_submodule(tmp_path):
     path = _write_detector(tmp_path)
     res = CliRunner().invoke(main, ["inspect", str(path)])
     assert res.exit_code == 2 and "--submodule PATH" in res.output  # the whole model does not trace
+    assert "its largest parts: backbone (1.42K parameters), head (45)." in res.output
     res = CliRunner().invoke(main, ["inspect", str(path), "--submodule", "backbone"])
     assert res.exit_code == 0, res.output
     assert "Backbone" in res.output
@@ -214,3 +215,36 @@ def test_cli_transform_and_inspect_with_submodule(tmp_path):
     res = CliRunner().invoke(main, ["transform", str(path), "--submodule", "neck", "--epochs", "0",
                                     "--out", str(tmp_path / "out2"), "--quiet"])
     assert res.exit_code == 2 and "'neck' is not in Detector" in res.output
+
+
+def test_transform_inside_a_submodule_resumes_bit_identically(tmp_path):
+    """Stopped in the network stage (the whole model, the derived part inside) and resumed: the
+    same whole model as a run that was never stopped."""
+    import os
+    import signal
+
+    from archir.errors import RunInterrupted
+    from archir.model_file import load_model_file
+
+    spec = load_model_file(_write_detector(tmp_path))
+    train, val = spec.data()
+    opts = dict(task=spec.task, submodule="backbone", epochs=3, arch_epochs=1, warmup_epochs=0, batch_size=8,
+                onnx=False, progress=False)
+
+    def run(out, **kw):
+        torch.manual_seed(0)
+        return archir.transform(Detector(), spec.example_inputs, "dnat", train, val, tmp_path / out, **opts, **kw)
+
+    reference = run("ref")
+
+    def stop(record):
+        if record.epoch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(RunInterrupted):
+        run("run", on_epoch=stop)
+    resumed = run("run", resume=True)
+    a, b = reference.whole.state_dict(), resumed.whole.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    wa, wb = (torch.load(r.out / "whole_weights.pt", weights_only=True) for r in (reference, resumed))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -16,6 +16,8 @@ import archir
 from archir.errors import TraceError
 from archir.passes.base import PassManager
 from archir.passes.edge_choice import EdgeChoice, valid_choices
+from model_patterns import (FunctionalBatchStats, FunctionalDropoutMlp, PreNormBlock, SdpaDropoutAttention,
+                            same_outputs_in_both_modes, same_under_seed)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -378,13 +380,6 @@ class DropPathNet(nn.Module):
         return x + self.drop(self.conv(x))
 
 
-def _same_under_seed(a, b, x, seed=5):
-    torch.manual_seed(seed)
-    ya = a(x)
-    torch.manual_seed(seed)
-    return torch.equal(ya, b(x))
-
-
 @pytest.mark.parametrize("traced_in", ["train", "eval"])
 def test_drop_path_follows_train_and_eval_after_tracing(traced_in, tmp_path):
     """fx would bake ``self.training`` into the graph; archir keeps a StochasticDepth module."""
@@ -399,7 +394,7 @@ def test_drop_path_follows_train_and_eval_after_tracing(traced_in, tmp_path):
     for mode in (True, False):
         model.train(mode)
         gm.train(mode)
-        assert _same_under_seed(model, gm, x)  # same random mask in training, identity in eval
+        assert same_under_seed(model, gm, x)  # same random mask in training, identity in eval
     model.train()
     gm.train()
     torch.manual_seed(0)
@@ -417,7 +412,7 @@ def test_drop_path_follows_train_and_eval_after_tracing(traced_in, tmp_path):
     for mode in (True, False):
         slim.train(mode)
         emitted.module.train(mode)
-        assert _same_under_seed(emitted.module, slim, x)
+        assert same_under_seed(emitted.module, slim, x)
 
 
 def test_drop_path_survives_an_eval_mode_export():
@@ -432,11 +427,12 @@ def test_drop_path_survives_an_eval_mode_export():
     assert any(isinstance(m, StochasticDepth) for m in gm.modules())
     for mode in (True, False):
         model.train(mode), gm.train(mode)
-        assert _same_under_seed(model, gm, x)
+        assert same_under_seed(model, gm, x)
 
 
 def test_functional_torchvision_stochastic_depth_becomes_a_module():
-    from archir.frontends.normalize import dropout_to_modules
+    """A call marked to follow the mode (tests/test_fx_dropout.py traces whole models)."""
+    from archir.frontends.mode_dropout import FOLLOW, dropout_to_modules
     from archir.layers import StochasticDepth
 
     def stochastic_depth(input, p, mode, training=True):  # torchvision's signature and module
@@ -445,7 +441,9 @@ def test_functional_torchvision_stochastic_depth_becomes_a_module():
     stochastic_depth.__module__ = "torchvision.ops.stochastic_depth"
     root = nn.Module().train()
     g = torch.fx.Graph()
-    g.output(g.call_function(stochastic_depth, (g.placeholder("x"), 0.2, "row", True)))
+    call = g.call_function(stochastic_depth, (g.placeholder("x"), 0.2, "row", True))
+    call.meta[FOLLOW] = ""  # the root's code calls it
+    g.output(call)
     assert dropout_to_modules(g, root) == 1
     (layer,) = root.children()
     assert isinstance(layer, StochasticDepth) and layer.p == 0.2 and layer.mode == "row"
@@ -697,66 +695,6 @@ def test_export_keeps_dropout_modules_following_train_and_eval():
     assert not torch.equal(model.eval()(*x)["logits"], want)  # dropout did act in training
 
 
-class SdpaDropoutAttention(nn.Module):
-    """Hugging Face's SDPA attention: the dropout is an argument of a function call."""
-
-    def __init__(self, d=16, heads=2, p=0.3):
-        super().__init__()
-        self.qkv, self.proj, self.heads, self.p = nn.Linear(d, 3 * d), nn.Linear(d, d), heads, p
-
-    def forward(self, x):
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0)
-        return self.proj(a.transpose(1, 2).reshape(b, n, d))
-
-
-class FunctionalDropoutMlp(nn.Module):
-    """Hugging Face's eager attention and T5: ``F.dropout(x, p, training=self.training)``."""
-
-    def __init__(self, d=16, p=0.3):
-        super().__init__()
-        self.lin, self.p = nn.Linear(d, d), p
-
-    def forward(self, x):
-        return nn.functional.dropout(self.lin(x).softmax(-1), self.p, training=self.training)
-
-
-class FunctionalBatchStats(nn.Module):
-    """Training changes more than dropout here: batch statistics (a functional BatchNorm)."""
-
-    def __init__(self, d=16, p=0.3):
-        super().__init__()
-        self.lin, self.p = nn.Linear(d, d), p
-        self.register_buffer("mean", torch.zeros(d))
-        self.register_buffer("var", torch.ones(d))
-
-    def forward(self, x):
-        y = nn.functional.batch_norm(self.lin(x).transpose(1, 2), self.mean, self.var,
-                                     training=self.training).transpose(1, 2)
-        return nn.functional.dropout(y, self.p, training=self.training)
-
-
-class PreNormBlock(nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.ln, self.inner = nn.LayerNorm(16), inner
-
-    def forward(self, x):
-        return x + self.inner(self.ln(x))
-
-
-def _same_outputs_in_both_modes(model, traced, x, seeds=(1, 2)):
-    """Eval: equal. Training: equal when the same seed precedes each call, and dropping out."""
-    for mode in (False, True):
-        model.train(mode), traced.train(mode)
-        for seed in seeds:
-            assert _same_under_seed(model, traced, x, seed)
-    torch.manual_seed(seeds[0])
-    assert not torch.equal(traced(x), traced.eval()(x))  # it did drop out in training
-    model.eval(), traced.eval()
-
-
 @pytest.mark.parametrize("inner, layer", [(SdpaDropoutAttention, "TrainingDropoutAttention"),
                                           (FunctionalDropoutMlp, "Dropout")])
 @pytest.mark.parametrize("traced_in", ["eval", "train"])
@@ -773,12 +711,12 @@ def test_export_makes_functional_dropout_follow_train_and_eval(inner, layer, tra
     calls = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"]
     added = [m for m in calls if type(m).__name__ == layer]
     assert len(added) == 1 and added[0].p == 0.3 and added[0].training == (traced_in == "train")
-    _same_outputs_in_both_modes(model, gm, x)
+    same_outputs_in_both_modes(model, gm, x)
     files = emit_standalone(gm, tmp_path / "o", example_inputs=(x,))
     src = files.model_py.read_text()  # archir's layer is copied in: model.py needs only torch
     assert layer == "Dropout" or f"class {layer}(torch.nn.Module):" in src
     assert not [ln for ln in src.splitlines() if ln.startswith(("import ", "from ")) and "archir" in ln]
-    _same_outputs_in_both_modes(model, _load_emitted(files.model_py, f"emitted_{layer}_{traced_in}"), x)
+    same_outputs_in_both_modes(model, _load_emitted(files.model_py, f"emitted_{layer}_{traced_in}"), x)
 
 
 def test_export_keeps_the_traced_mode_where_training_changes_more_than_dropout(caplog):
@@ -797,7 +735,7 @@ def test_export_keeps_the_traced_mode_where_training_changes_more_than_dropout(c
         assert torch.equal(gm(x), model(x))
     model[0].eval(), gm.train()  # the first block stays at eval, as traced
     model[1].train()
-    assert _same_under_seed(model, gm, x)
+    assert same_under_seed(model, gm, x)
 
 
 @pytest.mark.parametrize("p, exports", [(0.0, 1), (0.3, 2)])
@@ -1024,4 +962,4 @@ def test_timm_drop_path_is_replaced():
     x = torch.randn(2, 3, 64, 64)
     gm = archir.trace(model, x).to_module()
     assert any(isinstance(m, StochasticDepth) for m in gm.modules())
-    assert _same_under_seed(model, gm, x)
+    assert same_under_seed(model, gm, x)
