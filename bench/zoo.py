@@ -655,6 +655,23 @@ class _Timer:
 
 
 # ---- sweep -------------------------------------------------------------------------------------
+def _readmit(args, data: dict) -> dict:
+    """With ``--memory-budget GIB``: the suite's models excluded only for memory whose weights times
+    :data:`COPIES` fit that budget lose their exclusion (recorded in the selection, so the report
+    counts them)."""
+    budget = args.memory_budget * 2**30
+    fits = [key for key, rec in data["selection"][args.suite].items()
+            if "weight copies >" in str(rec.get("excluded", "")) and rec["params"] * 4 * COPIES <= budget]
+    if not fits:
+        return data
+
+    def put(d):
+        for key in fits:
+            d["selection"][args.suite][key].pop("excluded", None)
+    print(f"readmitted under {args.memory_budget:g} GiB: {', '.join(fits)}", flush=True)
+    return update(args.results, put)
+
+
 def sweep(args) -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -670,6 +687,8 @@ def sweep(args) -> None:
             d.setdefault("selection", {})[args.suite] = chosen
             d.setdefault("meta", {}).update(_versions())
         data = update(args.results, put)
+    if args.memory_budget is not None:
+        data = _readmit(args, data)
     selection = [s for s in data["selection"][args.suite].values() if "excluded" not in s]
     if args.only:
         selection = [s for s in selection if s["name"] in args.only or s.get("family") in args.only]
@@ -856,6 +875,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--onnx-max-params", type=float, default=30e6)
     p.add_argument("--skip-onnx", action="store_true")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+                   help="run models excluded for memory whose weights times 7 fit GIB (default: keep the "
+                        f"selection's {MEMORY_BUDGET / 2**30:.0f} GiB exclusions)")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--report", action="store_true", help="write docs/zoo.md from the results")
     p.add_argument("--limits", default=str(ROOT / "bench" / "zoo_limits.md"),

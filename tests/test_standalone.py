@@ -8,6 +8,7 @@ compare its outputs with the in-memory GraphModule's bit for bit, in eval mode.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import json
 import math
@@ -274,6 +275,43 @@ def test_plain_function_from_outside_torch_is_inlined(tmp_path):
     gm = _gm(root, lambda g: g.output(g.call_function(user_helper, (g.placeholder("x"),))))
     files = emit_standalone(gm, tmp_path, example_inputs=(torch.randn(2, 3),))
     assert f"# inlined from {__name__}.user_helper" in files.model_py.read_text()
+
+
+def _registry(fn):  # a registration (as torch.fx.wrap or timm's register_notrace_function): fn itself
+    _registry.seen = fn
+    return fn
+
+
+def _wrapping(fn):  # a decorator that changes what the name calls
+    @functools.wraps(fn)
+    def wrapper(x):
+        return fn(x) + 1
+    return wrapper
+
+
+@torch.fx.wrap
+@_registry
+def registered_helper(x):
+    return x * 3
+
+
+@_wrapping
+def wrapped_helper(x):
+    return x * 3
+
+
+def test_registration_decorators_are_dropped_and_wrapping_ones_refused(tmp_path):
+    """timm's ``_build_grid`` is ``@torch.fx.wrap @register_notrace_function``: both return the
+    function itself, so model.py gets the plain ``def``; a decorator that wraps would change it."""
+    root, x = nn.Module(), torch.randn(2, 3)
+    gm = _gm(root, lambda g: g.output(g.call_function(registered_helper, (g.placeholder("x"),))))
+    files = emit_standalone(gm, tmp_path / "ok", example_inputs=(x,))
+    src = files.model_py.read_text()
+    assert f"# inlined from {__name__}.registered_helper\ndef registered_helper_fn(x):" in src  # no decorators
+    assert_same(gm(x), _load(files.model_py).load_model()(x))
+    gm = _gm(root, lambda g: g.output(g.call_function(wrapped_helper, (g.placeholder("x"),))))
+    with pytest.raises(StandaloneError, match="wrapped_helper, which is not a plain"):
+        emit_standalone(gm, tmp_path / "refused", example_inputs=(x,))
 
 
 def test_function_using_state_from_outside_torch_raises(tmp_path):

@@ -98,6 +98,20 @@ def _code_names(code: types.CodeType) -> set[str]:
     return out
 
 
+def _registered_as_is(fn: Any) -> bool:
+    """Whether ``fn``'s decorators returned the very function its ``def`` made (registrations such as
+    ``torch.fx.wrap`` or timm's ``register_notrace_function``), so that the ``def`` without them
+    computes the same: ``fn`` wraps nothing (no ``__wrapped__``) and its code object is that of
+    the ``def`` whose source was read (same name, same first line: a wrapper's code is its own)."""
+    if hasattr(fn, "__wrapped__") or not inspect.isfunction(fn):
+        return False
+    try:
+        first = inspect.getsourcelines(fn)[1]
+    except (OSError, TypeError):
+        return False
+    return fn.__code__.co_name == fn.__name__ and fn.__code__.co_firstlineno == first
+
+
 def _inline(fn: Any, _seen: tuple = ()) -> _Global:
     """The import lines and definition of a small plain function from outside torch (archir's
     own, or a library's ``torch.fx.wrap``-ed helper) that uses only torch and the standard
@@ -114,8 +128,9 @@ def _inline(fn: Any, _seen: tuple = ()) -> _Global:
         raise StandaloneError(f"the graph calls {where}, whose source is unavailable") from exc
     tree = ast.parse(src)
     fdef = tree.body[0] if len(tree.body) == 1 else None
-    if not isinstance(fdef, ast.FunctionDef) or fdef.decorator_list:
+    if not isinstance(fdef, ast.FunctionDef) or (fdef.decorator_list and not _registered_as_is(fn)):
         raise StandaloneError(f"the graph calls {where}, which is not a plain undecorated function")
+    fdef.decorator_list = []  # registrations only (see _registered_as_is): the function is the same without
     if len(src.splitlines()) > _INLINE_MAX_LINES:
         raise StandaloneError(f"the graph calls {where} ({len(src.splitlines())} lines), too long to inline")
     a = fdef.args
