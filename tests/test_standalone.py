@@ -291,8 +291,8 @@ def _wrapping(fn):  # a decorator that changes what the name calls
 
 @torch.fx.wrap
 @_registry
-def registered_helper(x):
-    return x * 3
+def registered_helper(x, dtype: torch.dtype = torch.float64):
+    return (x.to(dtype) * 3).float()  # a torch dtype as a default argument (timm's _build_grid)
 
 
 @_wrapping
@@ -307,7 +307,7 @@ def test_registration_decorators_are_dropped_and_wrapping_ones_refused(tmp_path)
     gm = _gm(root, lambda g: g.output(g.call_function(registered_helper, (g.placeholder("x"),))))
     files = emit_standalone(gm, tmp_path / "ok", example_inputs=(x,))
     src = files.model_py.read_text()
-    assert f"# inlined from {__name__}.registered_helper\ndef registered_helper_fn(x):" in src  # no decorators
+    assert f"# inlined from {__name__}.registered_helper\ndef registered_helper_fn(x, dtype=torch.float64):" in src
     assert_same(gm(x), _load(files.model_py).load_model()(x))
     gm = _gm(root, lambda g: g.output(g.call_function(wrapped_helper, (g.placeholder("x"),))))
     with pytest.raises(StandaloneError, match="wrapped_helper, which is not a plain"):

@@ -98,6 +98,15 @@ def _code_names(code: types.CodeType) -> set[str]:
     return out
 
 
+def _torch_constant(node: ast.expr, fn: Any) -> bool:
+    """A default such as ``torch.float32``: an attribute of ``torch`` (as ``fn``'s module binds the
+    name, and as model.py imports it) that is a dtype, a layout or a memory format."""
+    if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "torch"
+            and fn.__globals__.get("torch") is torch):
+        return False
+    return isinstance(getattr(torch, node.attr, None), (torch.dtype, torch.layout, torch.memory_format))
+
+
 def _registered_as_is(fn: Any) -> bool:
     """Whether ``fn``'s decorators returned the very function its ``def`` made (registrations such as
     ``torch.fx.wrap`` or timm's ``register_notrace_function``), so that the ``def`` without them
@@ -134,7 +143,7 @@ def _inline(fn: Any, _seen: tuple = ()) -> _Global:
     if len(src.splitlines()) > _INLINE_MAX_LINES:
         raise StandaloneError(f"the graph calls {where} ({len(src.splitlines())} lines), too long to inline")
     a = fdef.args
-    if not all(_literal(d) for d in [*a.defaults, *(d for d in a.kw_defaults if d is not None)]):
+    if not all(_literal(d) or _torch_constant(d, fn) for d in [*a.defaults, *(d for d in a.kw_defaults if d is not None)]):
         raise StandaloneError(f"the graph calls {where}, whose default arguments are not literals")
     imports, helpers = [], []
     for ref in sorted(_code_names(fn.__code__) & fn.__globals__.keys()):
