@@ -349,8 +349,8 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    model = copy.deepcopy(model)  # the user's model is never trained in place
-    if opts.from_weights:
+    if opts.from_weights:  # into a copy: the user's model is never changed (Search trains its own copy)
+        model = copy.deepcopy(model)
         _load_weights(model, opts.from_weights)
     seed_everything(opts.seed)
     baseline_model = copy.deepcopy(model) if opts.baseline else None

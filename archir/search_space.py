@@ -60,10 +60,13 @@ class Search:
         if not isinstance(model, nn.Module):
             raise UserInputError(f"archir.search needs an nn.Module, not {type(model).__name__}")
         self.method = method
-        model = _copy.deepcopy(model)  # the user's model is never trained in place
+        # The user's model is never trained in place: trace() works on a copy of its own. With
+        # ``submodule`` the whole model trains too, so that needs a copy here (no other: each copy
+        # of a large model's weights counts).
         self.submodule = submodule
         self._whole: nn.Module | None = None
         if submodule is not None:  # search inside ``submodule`` only; the rest of the model runs as is
+            model = _copy.deepcopy(model)
             self._whole = model
             model, example_inputs = submodule_and_inputs(model, submodule, example_inputs)
         self.example_inputs = _as_inputs(example_inputs)

@@ -561,7 +561,9 @@ def train_two_stage(
         t0 = time.perf_counter()
         if world is not None:  # every rank derives from rank 0's supernet and θ
             world.broadcast_module(supernet, arch_params)
-        if ckpt_dir is not None:  # derive trains nothing further into the supernet: keep it as it is now
+        # derive trains nothing further into the supernet: keep it as it is now for the network
+        # stage's checkpoints (a whole copy of the weights: only when such a checkpoint can come)
+        if ckpt_dir is not None and epochs > arch_epochs:
             supernet_at_derive = {k: v.detach().to("cpu", copy=True) for k, v in supernet.state_dict().items()}
         network = derive(supernet)
         network.to(device)

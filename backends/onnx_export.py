@@ -76,6 +76,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 import torch
+from onnx import external_data_helper
 import torch.nn as nn
 
 from archir.errors import ArchirError, UserInputError
@@ -99,6 +100,7 @@ __all__ = [
 
 # Models whose weights exceed this are saved with external data (protobuf's hard limit is 2 GiB).
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+_INLINE_TENSOR_BYTES = 1024  # smaller tensors held in the proto stay in the .onnx file, as onnx.save_model keeps them
 _BATCH_EXTRA = 3  # the second verification batch size is B + 3
 #: an output that fails the float32 comparison passes when ONNX Runtime's error against PyTorch in
 #: float64 is at most this many times PyTorch float32's own (see :func:`_float64_verdict`)
@@ -549,13 +551,60 @@ def _export_torchscript(module, args, f, input_names, output_names, opset, dynam
                           dynamic_axes=dynamic_axes, do_constant_folding=True)
 
 
-def _save_model(model: onnx.ModelProto, tmp: Path, final_name: str) -> None:
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    if size > _EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{final_name}.data")
-    else:
+def _save_model(model: onnx.ModelProto, tmp: Path, final_name: str, source_dir: Path | None = None) -> None:
+    """Write ``model`` to ``tmp``: one file, or above :data:`_EXTERNAL_DATA_THRESHOLD` bytes of
+    weights with them in ``{final_name}.data`` beside it (protobuf's 2 GB limit).
+
+    Tensors whose data is still external (``onnx.load(..., load_external_data=False)``, files in
+    ``source_dir``) are read one at a time as they are written, so a large model's weights are
+    never all in memory at once (``onnx.save_model`` would hold them all, and serialise a copy)."""
+    tensors = list(external_data_helper._get_all_tensors(model))
+    size = sum(_data_bytes(t) for t in tensors)
+    if size <= _EXTERNAL_DATA_THRESHOLD:
+        if source_dir is not None:
+            external_data_helper.load_external_data_for_model(model, str(source_dir))
         onnx.save_model(model, str(tmp))
+        return
+    location = f"{final_name}.data"
+    with open(tmp.parent / location, "wb") as data:
+        for t in tensors:
+            offset = data.tell()
+            if external_data_helper.uses_external_data(t):
+                # file to file: bytes put into the proto would stay in protobuf's arena until the
+                # whole model is freed, even once the field is cleared
+                length = _copy_external(t, Path(source_dir), data)
+            elif t.HasField("raw_data") and len(t.raw_data) >= _INLINE_TENSOR_BYTES:
+                length = data.write(t.raw_data)
+                t.ClearField("raw_data")
+            else:
+                continue
+            del t.external_data[:]
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            t.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save_model(model, str(tmp))
+
+
+def _copy_external(t: onnx.TensorProto, source_dir: Path, out, chunk: int = 64 << 20) -> int:
+    """Append tensor ``t``'s external bytes (read from ``source_dir``) to ``out``; their length."""
+    info = external_data_helper.ExternalDataInfo(t)
+    left = info.length if info.length else _data_bytes(t)
+    with open(source_dir / info.location, "rb") as src:
+        src.seek(info.offset or 0)
+        written = 0
+        while written < left:
+            block = src.read(min(chunk, left - written))
+            if not block:
+                raise RuntimeError(f"the exporter's data file {info.location} ends inside tensor {t.name!r}")
+            written += out.write(block)
+    return written
+
+
+def _data_bytes(t: onnx.TensorProto) -> int:
+    if external_data_helper.uses_external_data(t):
+        return int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return len(t.raw_data)
 
 
 def _compare(name: str, batch: int, got: np.ndarray, ref: np.ndarray, rtol: float, atol: float) -> OutputError:
@@ -754,7 +803,8 @@ def export_onnx(
                 used = "torchscript"
 
             onnx.checker.check_model(str(raw), full_check=True)
-            model = onnx.load(str(raw))
+            # the weights stay in the exporter's data file until _save_model copies them over
+            model = onnx.load(str(raw), load_external_data=False)
             stats = clean_graph(model)
             problems = _structural_problems(model, stats)
             if problems:
@@ -770,7 +820,7 @@ def export_onnx(
             # write, check and verify a candidate beside the destination; only a verified model
             # replaces the file at ``path`` (an earlier, verified one stays until then)
             candidate = workdir / path.name
-            _save_model(model, candidate, path.name)
+            _save_model(model, candidate, path.name, source_dir=workdir)
             onnx.checker.check_model(str(candidate), full_check=True)
             opset_used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
             if opset is not None and opset_used != opset:
@@ -783,6 +833,7 @@ def export_onnx(
                 removed_dead=stats.removed_dead, removed_initializers=stats.removed_initializers,
                 kept_identity=stats.kept_identity, rtol=rtol, atol=atol, notes=notes,
             )
+            model = None  # ONNX Runtime loads its own copy of the weights: one is enough
             if verify:
                 try:
                     _verify(module, args, candidate, report, seed, providers)
@@ -802,7 +853,8 @@ def export_onnx(
                     return again
                 if not report.passed:
                     with atomic_path(unverified) as tmp:  # kept for inspection, under its own name
-                        _save_model(model, tmp, unverified.name)
+                        _save_model(onnx.load(str(candidate), load_external_data=False), tmp, unverified.name,
+                                    source_dir=workdir)
                     report.path = str(unverified)
                     worst = report.worst()
                     raise OnnxVerificationError(

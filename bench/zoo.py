@@ -48,6 +48,7 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -162,7 +163,11 @@ def timm_selection() -> dict[str, dict]:
 
 
 MEMORY_BUDGET = 8 * 2**30  # bytes one model may use on the shared machine
-COPIES = 7  # float32 weight copies alive at once: model, trace, lowered, supernet, transform's, emitted, ONNX
+# float32 weight copies alive at once at a model's peak: measured 4.7 (``peak_weight_copies`` in
+# the JSON; torchvision's vit_l_32) -- the model, archir.transform's trace and original graph (the
+# supernet and the derived network share the trace's), the emitted model.py loaded to check it,
+# and in the ONNX step the emitted model, ONNX Runtime's copy and the exporter's
+COPIES = 5
 
 
 def _base_selection(base: str) -> dict[str, dict]:
@@ -408,6 +413,36 @@ def compare(expected, got) -> dict:
     return {"exact": all(torch.equal(x, y) for x, y in zip(a, b)), "max_abs": diff}
 
 
+class _PeakMemory:
+    """The process's peak anonymous memory (``RssAnon``: tensors, not mapped files) above what it
+    was at the start, sampled every 10 ms in a thread; None where ``/proc`` is not there."""
+
+    def __init__(self):
+        self.start = self.peak = _rss_anon()
+        self.step, self.by_step = "build", {}  # the step running (set by run_model) -> its peak
+        self._done = threading.Event()
+        if self.start is not None:
+            threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self):
+        while not self._done.wait(0.01):
+            now = _rss_anon() or 0
+            self.peak = max(self.peak, now)
+            self.by_step[self.step] = max(self.by_step.get(self.step, 0), now)
+
+    def stop(self) -> int | None:
+        self._done.set()
+        return None if self.start is None else max(self.peak - self.start, 0)
+
+
+def _rss_anon() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+    except (OSError, StopIteration):
+        return None
+
+
 class StepTimeout(Exception):
     pass
 
@@ -431,10 +466,11 @@ def run_model(sel: dict, args) -> dict:
     rec.update(status="ok", times={}, steps={})
     times, steps = rec["times"], rec["steps"]
     step = "build"
+    memory = _PeakMemory()
 
     def timed(name):
         nonlocal step
-        step = name
+        step = memory.step = name
         return _Timer(times, name)
 
     signal.signal(signal.SIGALRM, _alarm)
@@ -476,6 +512,9 @@ def run_model(sel: dict, args) -> dict:
         if sel.get("train_parity") and lowered is not None:
             with timed("train"):
                 steps["train"] = _train_parity(model, lowered, sel)
+        round_trip_ok = lowered is not None
+        del graph, lowered  # a copy of the weights: the steps below make their own
+        gc.collect()  # graphs and modules hold reference cycles: free them now, not at some later gc
 
         with timed("edgechoice"):  # the JSON keeps the step's old name
             try:
@@ -487,6 +526,7 @@ def run_model(sel: dict, args) -> dict:
                 steps["edgechoice"]["ok"] = steps["edgechoice"]["exact"]
                 search.close()
                 del search, sup
+                gc.collect()
             except Exception as exc:  # noqa: BLE001
                 steps["edgechoice"] = {"ok": False, "error": _first(exc)}
         for extra in getattr(args, "extra_methods", None) or ():
@@ -500,10 +540,11 @@ def run_model(sel: dict, args) -> dict:
                     steps[extra]["ok"] = steps[extra]["exact"]
                     search.close()
                     del search, sup
+                    gc.collect()
                 except Exception as exc:  # noqa: BLE001
                     steps[extra] = {"ok": False, "error": _first(exc)}
 
-        onnx_module = lowered
+        onnx_module = None
         with tempfile.TemporaryDirectory() as tmp, timed("emit"):
             try:
                 res = archir.transform(model, x, method, epochs=0, onnx=False, out=Path(tmp) / "out",
@@ -514,6 +555,7 @@ def run_model(sel: dict, args) -> dict:
                 steps["emit"]["ok"] = steps["emit"]["exact"]
                 onnx_module = emitted
                 del res
+                gc.collect()
             except Exception as exc:  # noqa: BLE001
                 steps["emit"] = {"ok": False, "error": _first(exc)}
 
@@ -523,9 +565,12 @@ def run_model(sel: dict, args) -> dict:
         elif params > args.onnx_max_params:
             steps["onnx"] = {"ok": None, "skipped": f"{params / 1e6:.1f}M parameters > --onnx-max-params "
                                                     f"{args.onnx_max_params / 1e6:.0f}M (CPU time)"}
-        elif onnx_module is None:
+        elif onnx_module is None and not round_trip_ok:
             steps["onnx"] = {"ok": None, "skipped": "no module to export (round trip failed)"}
         else:
+            lowered = None
+            if onnx_module is None:  # model.py failed: export the lowered graph instead
+                onnx_module = lowered = archir.trace(model, x).to_module().eval()
             with tempfile.TemporaryDirectory() as tmp, timed("onnx"):
                 try:
                     with warnings.catch_warnings():
@@ -547,6 +592,13 @@ def run_model(sel: dict, args) -> dict:
         rec["traceback"] = traceback.format_exc(limit=-4)
     finally:
         signal.alarm(0)
+        peak = memory.stop()
+        if peak is not None:  # above the process's memory before the model was built
+            rec["peak_memory_gib"] = round(peak / 2**30, 2)
+            if rec.get("params"):
+                rec["peak_weight_copies"] = round(peak / (4 * rec["params"]), 2)
+            rec["peak_memory_gib_by_step"] = {k: round(max(v - memory.start, 0) / 2**30, 2)
+                                              for k, v in memory.by_step.items()}
     if rec["status"] == "ok":
         bad = [k for k, v in steps.items() if v.get("ok") is False]
         rec["status"] = "ok" if not bad else "failed: " + ", ".join(bad)
@@ -712,9 +764,19 @@ def sweep(args) -> None:
         rec["total_seconds"] = round(time.perf_counter() - t, 2)
         update(args.results, lambda d, rec=rec: d["models"].__setitem__(key, rec))
         gc.collect()  # one model at a time: free its memory before the next
+        _trim_heap()
         leaves = len(rec.get("leaves") or {})
         print(f"{key:50s} {rec['status']:28s} {rec.get('frontend', '-'):6s} leaves={leaves} "
               f"{rec['total_seconds']:7.1f}s", flush=True)
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc keeps them otherwise), so that the
+    next model's peak memory is measured from what it really uses."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _versions() -> dict:
@@ -876,7 +938,7 @@ def main(argv=None) -> None:
     p.add_argument("--onnx-max-params", type=float, default=30e6)
     p.add_argument("--skip-onnx", action="store_true")
     p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
-                   help="run models excluded for memory whose weights times 7 fit GIB (default: keep the "
+                   help=f"run models excluded for memory whose weights times {COPIES} fit GIB (default: keep the "
                         f"selection's {MEMORY_BUDGET / 2**30:.0f} GiB exclusions)")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--report", action="store_true", help="write docs/zoo.md from the results")

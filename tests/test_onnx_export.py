@@ -451,19 +451,21 @@ class DroppedBranchInOnnx(ResidualNet):
 
 
 def _perturb_one_weight(monkeypatch, dims, fraction):
-    """Let the cleanup change one element of the initializer of shape ``dims`` by ``fraction`` of
-    that initializer's largest magnitude: a model that differs from PyTorch by one wrong weight."""
-    real = onnx_export.clean_graph
+    """Let the cleaned model's saving change one element of the initializer of shape ``dims`` by
+    ``fraction`` of that initializer's largest magnitude: a model that differs from PyTorch by one
+    wrong weight."""
+    real = onnx_export._save_model
 
-    def clean_and_perturb(model):
-        stats = real(model)
+    def perturb_and_save(model, tmp, final_name, source_dir=None):
+        if source_dir is not None:  # the weights are still in the exporter's data file
+            onnx.load_external_data_for_model(model, str(source_dir))
         tensor = next(t for t in model.graph.initializer if list(t.dims) == dims)
         w = onnx.numpy_helper.to_array(tensor).copy()
         w.flat[0] += fraction * np.abs(w).max()
         tensor.CopyFrom(onnx.numpy_helper.from_array(w, tensor.name))
-        return stats
+        real(model, tmp, final_name)
 
-    monkeypatch.setattr(onnx_export, "clean_graph", clean_and_perturb)
+    monkeypatch.setattr(onnx_export, "_save_model", perturb_and_save)
 
 
 @pytest.mark.parametrize("bug", ["first conv weight off by 10%", "last layer weight off by 1%",
@@ -614,6 +616,45 @@ def test_a_small_model_is_one_file_and_replaces_an_external_data_one(tmp_path):
     (tmp_path / "m.onnx.data").write_bytes(b"weights of an earlier, bigger model")
     report = export_onnx(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), torch.randn(2, 3), path)
     assert report.passed and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+class BigLiar(nn.Module):
+    """Weights worth an external data file (with the threshold lowered) and an ONNX graph that
+    differs from the module."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.lin(x) + (1e-2 if torch.onnx.is_in_onnx_export() else 0.0)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_large_model_streams_its_weights_into_an_external_data_file(tmp_path, monkeypatch, exporter):
+    """Above the threshold the weights go to ``m.onnx.data`` one tensor at a time (the exporter's
+    own data file is read, never loaded whole): same values, small tensors kept inline; a model
+    that fails verification is kept with its own data file."""
+    monkeypatch.setattr(onnx_export, "_EXTERNAL_DATA_THRESHOLD", 1000)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8))
+    path = tmp_path / "m.onnx"
+    report = export_onnx(model, torch.randn(2, 16), path, exporter=exporter)
+    assert report.passed and files_in(tmp_path) == ["m.onnx", "m.onnx.data"]
+    proto = onnx.load(str(path), load_external_data=False)
+    external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert {(64, 16), (8, 64)} <= {tuple(t.dims) for t in external}
+    assert (tmp_path / "m.onnx.data").stat().st_size == sum(4 * int(np.prod(t.dims)) for t in external)
+    onnx.load_external_data_for_model(proto, str(tmp_path))
+    weights = sorted((onnx.numpy_helper.to_array(t) for t in proto.graph.initializer), key=lambda a: a.size)
+    assert any(np.array_equal(w, model[0].weight.detach().numpy()) or np.array_equal(w.T, model[0].weight.detach()
+                                                                                      .numpy()) for w in weights)
+    x = torch.randn(3, 16)
+    np.testing.assert_allclose(ort_run(path, x)[0], model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(OnnxVerificationError):
+        export_onnx(BigLiar(), torch.randn(2, 32), tmp_path / "liar.onnx", exporter=exporter)
+    assert files_in(tmp_path) == ["liar.unverified.onnx", "liar.unverified.onnx.data", "m.onnx", "m.onnx.data"]
+    assert ort_run(tmp_path / "liar.unverified.onnx", torch.randn(1, 32))[0].shape == (1, 32)
 
 
 def test_cuda_provider_only_when_torch_sees_a_gpu(monkeypatch):

@@ -76,6 +76,8 @@ def test_user_model_untouched_and_weights_deterministic(tiny):
     a = archir.transform(spec.model, spec.example_inputs, **FAST)
     b = archir.transform(spec.model, spec.example_inputs, **FAST)
     assert all(torch.equal(before[k], v) for k, v in spec.model.state_dict().items())
+    user = {t.untyped_storage().data_ptr() for t in spec.model.state_dict().values()}
+    assert not user & {t.untyped_storage().data_ptr() for t in a.module.state_dict().values()}
     sa, sb = a.module.state_dict(), b.module.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert [d["decision"] for d in a.report["decisions"]] == [d["decision"] for d in b.report["decisions"]]
@@ -105,6 +107,7 @@ def test_from_weights_starts_where_the_user_model_is(tiny, tmp_path):
     res = archir.transform(fresh, spec.example_inputs, epochs=0, onnx=False, from_weights=str(tmp_path / "w.pt"))
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(res.module.eval()(x), trained.eval()(x))
+    assert not torch.equal(fresh.eval()(x), trained.eval()(x))  # the weights went into a copy
     bad = tmp_path / "bad.pt"
     torch.save({"nope": torch.zeros(1)}, bad)
     with pytest.raises(archir.UserInputError, match="does not fit the model"):

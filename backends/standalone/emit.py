@@ -47,7 +47,7 @@ def emit_standalone(module: fx.GraphModule, out_dir: Path | str, *, class_name: 
     num_parameters = sum(p.numel() for p in params.values())
     source = _source(module, plan, class_name, header, num_parameters)
     ns = _exec_source(source, str(model_py))  # compile() + run the definitions
-    weights = _check_built(ns["build_model"](), plan)
+    weights = _checked_weights(ns["build_model"], plan)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_torch(weights, weights_pt)
@@ -56,6 +56,19 @@ def emit_standalone(module: fx.GraphModule, out_dir: Path | str, *, class_name: 
         _verify(module, model_py, weights_pt, class_name, tuple(example_inputs))
     return StandaloneFiles(model_py=model_py, weights=weights_pt, class_name=class_name,
                            num_parameters=num_parameters, module_names=dict(plan.targets))
+
+
+def _checked_weights(build_model, plan) -> dict[str, torch.Tensor]:
+    """:func:`_check_built` on the emitted class built on the meta device first (structure,
+    shapes and dtypes, without a second copy of a large model's weights), then on the CPU where
+    that fails: a constructor that needs real tensors (a user's class reading values) or prints
+    them in its ``repr``. The CPU build's verdict is the one that counts."""
+    try:
+        with torch.device("meta"):
+            built = build_model()
+        return _check_built(built, plan)
+    except Exception:  # noqa: BLE001 - the CPU build below raises the real error, if any
+        return _check_built(build_model(), plan)
 
 
 def _search_time(obj) -> bool:

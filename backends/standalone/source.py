@@ -95,7 +95,8 @@ def _source(gm: fx.GraphModule, plan: _Plan, class_name: str, header: str, num_p
         "    model = build_model()",
         "    if weights_path is None:",
         '        weights_path = Path(__file__).with_name("weights.pt")',
-        '    model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))',
+        "    # mmap: the file's pages are read as they are copied in, not loaded whole beside the model",
+        '    model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True, mmap=True))',
         "    return model",
     ]
     body_text = "\n".join(body)
