@@ -425,9 +425,14 @@ class _PeakMemory:
             threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self):
+        shown = self.start
         while not self._done.wait(0.01):
             now = _rss_anon() or 0
             self.peak = max(self.peak, now)
+            if now - shown >= 2**30:  # each further GiB: where a model that runs out of memory was
+                shown = now
+                print(f"  memory: {(now - self.start) / 2**30:.0f} GiB above the start, in {self.step}",
+                      file=sys.stderr, flush=True)
             self.by_step[self.step] = max(self.by_step.get(self.step, 0), now)
 
     def stop(self) -> int | None:
@@ -708,12 +713,14 @@ class _Timer:
 
 # ---- sweep -------------------------------------------------------------------------------------
 def _readmit(args, data: dict) -> dict:
-    """With ``--memory-budget GIB``: the suite's models excluded only for memory whose weights times
+    """With ``--memory-budget GIB``: the suite's models excluded only for memory (their weight copies
+    over the budget, or killed by the OOM killer) whose weights times
     :data:`COPIES` fit that budget lose their exclusion (recorded in the selection, so the report
     counts them)."""
     budget = args.memory_budget * 2**30
     fits = [key for key, rec in data["selection"][args.suite].items()
-            if "weight copies >" in str(rec.get("excluded", "")) and rec["params"] * 4 * COPIES <= budget]
+            if any(m in str(rec.get("excluded", "")) for m in ("weight copies >", "OOM killer"))
+            and rec["params"] * 4 * COPIES <= budget]
     if not fits:
         return data
 

@@ -53,7 +53,10 @@ _ATEN_DROPOUTS = {_aten.native_dropout.default, _aten.dropout.default}
 # fx records the functions the model's code calls; each becomes the module of the same name
 FUNCTIONAL_DROPOUTS = {F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d,
                        F.dropout3d: nn.Dropout3d, F.alpha_dropout: nn.AlphaDropout,
-                       F.feature_alpha_dropout: nn.FeatureAlphaDropout}
+                       F.feature_alpha_dropout: nn.FeatureAlphaDropout,
+                       torch.dropout: nn.Dropout, torch.alpha_dropout: nn.AlphaDropout}
+# torch's own functions (what F.dropout calls) are builtins without a signature to bind
+_TORCH_DROPOUT_PARAMETERS = ("input", "p", "train")
 # what in a call's arguments turns its dropout on and off (the rest must match between modes)
 _SWITCHES = {"attention": ("dropout_p",), "dropout": ("train", "p", "inplace"), "depth": ("train", "p")}
 
@@ -239,6 +242,8 @@ def _bound(node: fx.Node) -> dict:
             elif a.has_default_value():
                 out[a.name] = a.default_value
         return out
+    if target in (torch.dropout, torch.alpha_dropout):
+        return {**dict(zip(_TORCH_DROPOUT_PARAMETERS, node.args)), **node.kwargs, "inplace": False}
     bound = inspect.signature(target).bind(*node.args, **node.kwargs)
     bound.apply_defaults()
     out = dict(bound.arguments)

@@ -83,6 +83,17 @@ class FunctionalDepth(nn.Module):
         return stochastic_depth(self.lin(x), self.p, "row", self.training)
 
 
+class TorchDropoutMlp(nn.Module):
+    """``torch.dropout(x, p, train)``: the function F.dropout calls, called directly."""
+
+    def __init__(self, d=16, p=0.3):
+        super().__init__()
+        self.lin, self.p = nn.Linear(d, d), p
+
+    def forward(self, x):
+        return torch.dropout(self.lin(x), self.p, self.training)
+
+
 def _added(gm) -> dict[str, nn.Module]:
     return {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes
             if n.op == "call_module" and "._archir_" in f".{n.target}"}
@@ -90,6 +101,7 @@ def _added(gm) -> dict[str, nn.Module]:
 
 @pytest.mark.parametrize("inner, layer", [(TimmAttention, TrainingDropoutAttention),
                                           (FunctionalDropoutMlp, nn.Dropout),
+                                          (TorchDropoutMlp, nn.Dropout),
                                           (FunctionalDepth, StochasticDepth)])
 @pytest.mark.parametrize("traced_in", ["eval", "train"])
 def test_fx_makes_functional_dropout_follow_train_and_eval(inner, layer, traced_in):

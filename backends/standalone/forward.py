@@ -219,10 +219,13 @@ def _free_names(fdef: ast.FunctionDef) -> set[str]:
     return loads - _bound_names(fdef) - set(dir(builtins))
 
 
-def _is_release(stmt: ast.stmt) -> bool:
-    """fx's ``a = b = None`` lines that free intermediate values early."""
-    return (isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Constant) and stmt.value.value is None
-            and all(isinstance(t, ast.Name) for t in stmt.targets))
+def _as_del(stmt: ast.stmt) -> ast.stmt:
+    """fx's ``a = b = None`` (freeing values after their last use) as ``del a, b``; other
+    statements as they are."""
+    if (isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Constant) and stmt.value.value is None
+            and all(isinstance(t, ast.Name) for t in stmt.targets)):
+        return ast.Delete(targets=[ast.Name(id=t.id, ctx=ast.Del()) for t in stmt.targets])
+    return stmt
 
 
 def _forward(gm: fx.GraphModule, plan: _Plan) -> tuple[str, list[str], list[str]]:
@@ -240,7 +243,9 @@ def _forward(gm: fx.GraphModule, plan: _Plan) -> tuple[str, list[str], list[str]
     code = graph.python_code(root_module="self")
     tree = ast.parse(code.src)
     fdef = next(s for s in tree.body if isinstance(s, ast.FunctionDef) and s.name == "forward")
-    fdef.body = [s for s in fdef.body if not _is_release(s)] or [ast.Pass()]
+    # fx's ``a = b = None`` lines free each value after its last use (model.py's peak memory is then
+    # the original's, not every activation of the network at once); ``del a, b`` says so plainly
+    fdef.body = [_as_del(s) for s in fdef.body] or [ast.Pass()]
 
     free = _free_names(fdef)
     bound = _bound_names(fdef)
