@@ -76,8 +76,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 import torch
-from onnx import external_data_helper
 import torch.nn as nn
+from onnx import external_data_helper
 
 from archir.errors import ArchirError, UserInputError
 from archir.fileio import _umask, atomic_path
