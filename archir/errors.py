@@ -29,6 +29,11 @@ class UserInputError(ArchirError):
     """A file, option or value given by the user cannot be used."""
 
 
+class UntraceableInputs(TraceError, UserInputError):
+    """Example inputs that are not tensors (a detector's list of images): the model cannot be
+    traced whole, though a part of it that takes tensors can (``submodule=``)."""
+
+
 class RunInterrupted(ArchirError):
     """A run stopped on SIGINT (Ctrl-C) or SIGTERM after writing a checkpoint at a step boundary.
 

@@ -242,8 +242,10 @@ def report_markdown(report: dict[str, Any]) -> str:
     sub = report.get("submodule")
     if sub:
         whole = sub["whole_parameters"]
-        lines += [f"Searched inside `{sub['path']}` of {sub['model']} only; the figures below are that "
-                  f"part's. The whole model: {whole['original']:,} → {whole['transformed']:,} parameters.", ""]
+        lines += [f"Searched inside `{sub['path']}` of {sub['model']} only"
+                  + (f" (chosen automatically: {sub['automatic']})" if sub.get("automatic") else "")
+                  + f"; the figures below are that part's. The whole model: {whole['original']:,} → "
+                  f"{whole['transformed']:,} parameters.", ""]
     if "baseline" in report:
         lines += comparison_markdown(report["baseline"])
     else:

@@ -117,6 +117,9 @@ class TransformOptions:
                                    "named_modules(), e.g. backbone), for a model whose own forward cannot be "
                                    "traced (a detector): the whole model trains with its loss; model.py holds "
                                    "the slim part, whole_weights.pt the whole model's weights.")
+    auto_submodule: bool = option(True, "Where the model's own forward cannot be traced and no --submodule is "
+                                  "given, search inside its largest child that can be (said on the terminal and "
+                                  "in the report); --no-auto-submodule makes that an error.")
     progress: bool = option(True, "Progress bars and per-epoch lines.", cli=False)
 
 
@@ -354,8 +357,9 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
         _load_weights(model, opts.from_weights)
     seed_everything(opts.seed)
     baseline_model = copy.deepcopy(model) if opts.baseline else None
-    search = Search(model, example_inputs, chosen, granularity=opts.granularity, leaf_modules=leaf_modules,
-                    groups=groups, submodule=opts.submodule)
+    search, automatic = _search_model_or_part(model, example_inputs, chosen, opts, leaf_modules, groups)
+    if automatic is not None:  # the rest of the run is that of --submodule PATH
+        opts = dataclasses.replace(opts, submodule=automatic["path"])
     inputs = search.example_inputs  # with ``submodule``: what that part receives (model.py's inputs)
     if out_dir is not None:  # refuse what model.py or model.onnx cannot hold before any training
         from .backends.standalone import check_emittable
@@ -440,6 +444,8 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
         report["architecture_search"] = search.choice_log
     if opts.submodule:
         report["submodule"] = _submodule_report(opts.submodule, model, whole)
+        if automatic is not None:
+            report["submodule"]["automatic"] = automatic["why"]
     res = Result(slim, graph, report, search.original, out_dir,
                  baseline=baseline.network.cpu().eval() if baseline is not None else None,
                  whole=whole if opts.submodule else None)
@@ -545,6 +551,52 @@ def _choose_and_derive(search, evaluator, timings: dict[str, float]) -> nn.Modul
     search.choose_architecture(evaluator)
     timings["choose_architecture"] = time.perf_counter() - t
     return search.whole_model(search.derive(in_place=True), copy=False)
+
+
+def _search_model_or_part(model: nn.Module, example_inputs, chosen, opts: TransformOptions, leaf_modules,
+                          groups) -> tuple[Any, dict[str, str] | None]:
+    """``Search`` on the whole model, or (``auto_submodule``, no ``submodule`` given) where the
+    model's own ``forward`` cannot be traced, on its largest child that can: the rest of the model
+    runs and trains as it is, as with ``--submodule PATH``. Returns the search and, for a part
+    chosen here, ``{"path": ..., "why": ...}`` (said on the terminal, kept in report.json)."""
+    from .errors import TraceError, UntraceableInputs
+    from .ir.printer import human
+    from .progress import say
+    from .search_space import Search
+
+    def search(part: str | None, leaves, part_groups):
+        return Search(model, example_inputs, chosen, granularity=opts.granularity, leaf_modules=leaves,
+                      groups=part_groups, submodule=part)
+
+    def inside(part: str, paths) -> list[str]:  # the model's paths that lie in ``part``, relative to it
+        return [p[len(part) + 1:] for p in paths if p.startswith(part + ".")]
+
+    try:  # an explicit submodule's leaves and groups are given relative to it
+        return search(opts.submodule, leaf_modules, groups), None
+    except TraceError as exc:
+        if opts.submodule is not None or not opts.auto_submodule:
+            raise
+        failure = exc
+    total = sum(p.numel() for p in model.parameters())
+    children = sorted(((sum(p.numel() for p in child.parameters()), name) for name, child in model.named_children()),
+                      key=lambda c: -c[0])
+    for size, path in children:
+        if not size:
+            continue
+        part_groups = {k: inside(path, v) for k, v in (groups or {}).items()}
+        try:
+            found = search(path, inside(path, leaf_modules), {k: v for k, v in part_groups.items() if v} or None)
+        except (TraceError, UserInputError):  # this part does not trace either, or is not called with tensors
+            continue
+        share = f"{human(size)} of {human(total)} parameters, {size / max(total, 1):.0%}"
+        where = ("its inputs are not all tensors" if isinstance(failure, UntraceableInputs)
+                 else f"at {failure.location}" if failure.location else None)
+        why = f"{type(model).__name__}'s own forward does not trace" + (f" ({where})" if where else "")
+        say(f"warning: {why}; searching inside its largest part that does, {path!r} ({share}); the rest of "
+            "the model runs and trains as it is. --submodule PATH chooses the part; --no-auto-submodule shows "
+            "the tracing error instead")
+        return found, {"path": path, "why": f"{why}; {path!r} is its largest part that traces ({share})"}
+    raise failure
 
 
 def _submodule_report(path: str, original: nn.Module, whole: nn.Module) -> dict[str, Any]:

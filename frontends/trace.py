@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from archir.errors import TraceError, UserInputError
+from archir.errors import TraceError, UntraceableInputs, UserInputError
 from archir.ir import Graph
 from archir.layers import stochastic_depth_for
 from archir.modes import eval_mode
@@ -31,7 +31,7 @@ def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
         return tuple(example_inputs)
     if isinstance(example_inputs, (tuple, list)):
         i, item = next((i, x) for i, x in enumerate(example_inputs) if not isinstance(x, torch.Tensor))
-        raise UserInputError(f"example_inputs must be a tensor or a tuple of tensors; input {i} is a "
+        raise UntraceableInputs(f"example_inputs must be a tensor or a tuple of tensors; input {i} is a "
                              f"{type(item).__name__}. A model that takes lists or dicts of tensors (a "
                              "detector's list of images) can be searched inside a part that takes tensors: "
                              "archir.search(model, inputs, submodule='backbone')")

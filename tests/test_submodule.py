@@ -248,3 +248,36 @@ def test_transform_inside_a_submodule_resumes_bit_identically(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     wa, wb = (torch.load(r.out / "whole_weights.pt", weights_only=True) for r in (reference, resumed))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_transform_searches_inside_the_largest_part_that_traces_by_itself(tmp_path):
+    """Without --submodule, a model whose own forward does not trace is searched inside its
+    largest child that does (here the backbone; the head is smaller), said on the terminal and
+    recorded in the report; --no-auto-submodule keeps the error."""
+    from click.testing import CliRunner
+
+    from archir.cli import main
+    from archir.errors import TraceError
+    from archir.model_file import load_model_file
+
+    path = _write_detector(tmp_path)
+    spec = load_model_file(path)
+    res = archir.transform(spec.model, spec.example_inputs, "dnat", epochs=0, onnx=False, progress=False)
+    sub = res.report["submodule"]
+    assert sub["path"] == "backbone" and res.whole.backbone is res.module
+    assert "Detector's own forward does not trace" in sub["automatic"] and "'backbone'" in sub["automatic"]
+    assert res.report["options"]["submodule"] == "backbone"
+    with torch.no_grad():  # untrained: the whole model with the derived backbone inside is the original
+        assert _same(res.whole.eval()(_images()), spec.model.eval()(_images()))
+    with pytest.raises(TraceError, match="cannot trace|input 0 is a list"):
+        archir.transform(spec.model, spec.example_inputs, epochs=0, onnx=False, progress=False, auto_submodule=False)
+
+    out = CliRunner().invoke(main, ["transform", str(path), "--epochs", "1", "--arch-epochs", "1", "--batch-size", "8",
+                                    "--no-onnx", "--out", str(tmp_path / "out"), "--quiet"])
+    assert out.exit_code == 0, out.output
+    assert "warning: Detector's own forward does not trace" in out.output and "'backbone'" in out.output
+    assert "Backbone (inside backbone of Detector)" in out.output
+    assert "chosen automatically" in (tmp_path / "out" / "report.md").read_text()
+    out = CliRunner().invoke(main, ["transform", str(path), "--epochs", "0", "--no-auto-submodule",
+                                    "--out", str(tmp_path / "out2"), "--quiet"])
+    assert out.exit_code == 2 and "--submodule" in out.output and "Traceback" not in out.output
