@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .errors import ArchirError, RunInterrupted, UserInputError
+from .errors import ArchirError, RunInterrupted, TraceError, UserInputError
 
 EXIT_USER_ERROR = 2
 
@@ -109,10 +109,13 @@ def main(debug: bool) -> None:
               "the tensors it receives when the whole model runs on the example input.")
 @click.option("--leaf-module", "leaf_modules", multiple=True, metavar="PATH",
               help="Keep this submodule whole (one opaque operation) when tracing; repeatable.")
+@click.option("--auto-submodule/--no-auto-submodule", default=True, show_default=True,
+              help="Where the model's own forward cannot be traced and no --submodule is given, show its "
+              "largest child that can be (what archir transform searches).")
 @click.option("--groups", "show_groups", is_flag=True,
               help="Also list the cell-sharing groups (edges that share one θ with --share cell).")
 def inspect(model_file: Path, input_shape, granularity, dot_path, svg_path, json_path, text_path, method,
-            show_groups, submodule, leaf_modules) -> None:
+            show_groups, submodule, leaf_modules, auto_submodule) -> None:
     """Trace MODEL_FILE and print a summary and its IR table."""
     from . import methods, trace
     from .drawing import GRAPHVIZ_HINT, write_svg
@@ -123,11 +126,23 @@ def inspect(model_file: Path, input_shape, granularity, dot_path, svg_path, json
     chosen = methods.create(method)
     spec = load_model_file(model_file, input_shape)
     model, inputs = spec.model, spec.example_inputs
-    if submodule:
-        from .search_space import submodule_and_inputs
+    from .search_space import inside_part, largest_part_that_traces, submodule_and_inputs, untraceable_reason
 
-        model, inputs = submodule_and_inputs(model, submodule, inputs)
-    graph = trace(model, inputs, granularity, groups=spec.groups, leaf_modules=leaf_modules)
+    def trace_part(path: str | None, leaves, groups):
+        part, part_inputs = submodule_and_inputs(model, path, inputs) if path else (model, inputs)
+        return trace(part, part_inputs, granularity, groups=groups, leaf_modules=leaves)
+
+    try:  # an explicit --submodule's leaves and groups are given relative to it
+        graph = trace_part(submodule, leaf_modules, spec.groups)
+    except TraceError as failure:  # as archir transform does: the largest child that traces
+        found = None if submodule or not auto_submodule else largest_part_that_traces(
+            model, lambda p: trace_part(p, *inside_part(p, leaf_modules, spec.groups)))
+        if found is None:
+            raise
+        path, graph, share = found
+        click.echo(f"archir: warning: {untraceable_reason(model, failure)}; showing its largest part that does, "
+                   f"{path!r} ({share}), which archir transform searches (--submodule PATH chooses another)",
+                   err=True)
     graph.verify()
     click.echo(format_summary(graph, str(model_file), chosen))
     click.echo()

@@ -559,44 +559,31 @@ def _search_model_or_part(model: nn.Module, example_inputs, chosen, opts: Transf
     model's own ``forward`` cannot be traced, on its largest child that can: the rest of the model
     runs and trains as it is, as with ``--submodule PATH``. Returns the search and, for a part
     chosen here, ``{"path": ..., "why": ...}`` (said on the terminal, kept in report.json)."""
-    from .errors import TraceError, UntraceableInputs
-    from .ir.printer import human
+    from .errors import TraceError
     from .progress import say
-    from .search_space import Search
+    from .search_space import Search, inside_part, largest_part_that_traces, untraceable_reason
 
     def search(part: str | None, leaves, part_groups):
         return Search(model, example_inputs, chosen, granularity=opts.granularity, leaf_modules=leaves,
                       groups=part_groups, submodule=part)
 
-    def inside(part: str, paths) -> list[str]:  # the model's paths that lie in ``part``, relative to it
-        return [p[len(part) + 1:] for p in paths if p.startswith(part + ".")]
+    def search_part(path: str):
+        return search(path, *inside_part(path, leaf_modules, groups))
 
     try:  # an explicit submodule's leaves and groups are given relative to it
         return search(opts.submodule, leaf_modules, groups), None
-    except TraceError as exc:
+    except TraceError as failure:
         if opts.submodule is not None or not opts.auto_submodule:
             raise
-        failure = exc
-    total = sum(p.numel() for p in model.parameters())
-    children = sorted(((sum(p.numel() for p in child.parameters()), name) for name, child in model.named_children()),
-                      key=lambda c: -c[0])
-    for size, path in children:
-        if not size:
-            continue
-        part_groups = {k: inside(path, v) for k, v in (groups or {}).items()}
-        try:
-            found = search(path, inside(path, leaf_modules), {k: v for k, v in part_groups.items() if v} or None)
-        except (TraceError, UserInputError):  # this part does not trace either, or is not called with tensors
-            continue
-        share = f"{human(size)} of {human(total)} parameters, {size / max(total, 1):.0%}"
-        where = ("its inputs are not all tensors" if isinstance(failure, UntraceableInputs)
-                 else f"at {failure.location}" if failure.location else None)
-        why = f"{type(model).__name__}'s own forward does not trace" + (f" ({where})" if where else "")
-        say(f"warning: {why}; searching inside its largest part that does, {path!r} ({share}); the rest of "
-            "the model runs and trains as it is. --submodule PATH chooses the part; --no-auto-submodule shows "
-            "the tracing error instead")
-        return found, {"path": path, "why": f"{why}; {path!r} is its largest part that traces ({share})"}
-    raise failure
+        found = largest_part_that_traces(model, search_part)
+        if found is None:
+            raise
+        path, found_search, share = found
+        why = untraceable_reason(model, failure)
+    say(f"warning: {why}; searching inside its largest part that does, {path!r} ({share}); the rest of the model "
+        "runs and trains as it is. --submodule PATH chooses the part; --no-auto-submodule shows the tracing "
+        "error instead")
+    return found_search, {"path": path, "why": f"{why}; {path!r} is its largest part that traces ({share})"}
 
 
 def _submodule_report(path: str, original: nn.Module, whole: nn.Module) -> dict[str, Any]:

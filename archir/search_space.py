@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy as _copy
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -255,6 +255,48 @@ def submodule_and_inputs(model: nn.Module, path: str, example_inputs) -> tuple[n
     runs on ``example_inputs``: what ``submodule=`` searches and traces."""
     sub = _find_submodule(model, path)
     return sub, _inputs_of(model, sub, path, _as_inputs(example_inputs))
+
+
+def largest_part_that_traces(model: nn.Module, attempt: Callable[[str], Any]) -> tuple[str, Any, str] | None:
+    """For a model whose own ``forward`` does not trace: ``attempt(path)`` (a trace or search
+    inside the child at ``path``) on its children with parameters, largest first, until one
+    neither raises :class:`TraceError` nor :class:`UserInputError` (a child called with other
+    than positional tensors). Returns ``(path, what attempt returned, "4.44M of 19.41M
+    parameters, 23%")``, or None when no child traces."""
+    from .errors import TraceError
+    from .ir.printer import human
+
+    total = sum(p.numel() for p in model.parameters())
+    children = sorted(((sum(p.numel() for p in c.parameters()), name) for name, c in model.named_children()),
+                      key=lambda c: -c[0])
+    for size, path in children:
+        if not size:
+            continue
+        try:
+            found = attempt(path)
+        except (TraceError, UserInputError):
+            continue
+        return path, found, f"{human(size)} of {human(total)} parameters, {size / max(total, 1):.0%}"
+    return None
+
+
+def inside_part(part: str, leaf_modules, groups: dict | None) -> tuple[list[str], dict | None]:
+    """The whole model's leaf paths and groups (``{name: [path, ...]}``) that lie inside ``part``,
+    relative to it: what a trace of that part takes."""
+    def paths(ps):
+        return [p[len(part) + 1:] for p in ps if p.startswith(part + ".")]
+
+    part_groups = {k: paths(v) for k, v in (groups or {}).items()}
+    return paths(leaf_modules), {k: v for k, v in part_groups.items() if v} or None
+
+
+def untraceable_reason(model: nn.Module, failure: Exception) -> str:
+    """``"FasterRCNN's own forward does not trace (its inputs are not all tensors)"``."""
+    from .errors import UntraceableInputs
+
+    where = ("its inputs are not all tensors" if isinstance(failure, UntraceableInputs)
+             else f"at {failure.location}" if getattr(failure, "location", None) else None)
+    return f"{type(model).__name__}'s own forward does not trace" + (f" ({where})" if where else "")
 
 
 def _find_submodule(model: nn.Module, path: str) -> nn.Module:

@@ -200,9 +200,13 @@ def test_cli_transform_and_inspect_with_submodule(tmp_path):
     from archir.cli import main
 
     path = _write_detector(tmp_path)
-    res = CliRunner().invoke(main, ["inspect", str(path)])
+    res = CliRunner().invoke(main, ["inspect", str(path), "--no-auto-submodule"])
     assert res.exit_code == 2 and "--submodule PATH" in res.output  # the whole model does not trace
     assert "its largest parts: backbone (1.42K parameters), head (45)." in res.output
+    res = CliRunner().invoke(main, ["inspect", str(path)])  # as transform does: the largest part that traces
+    assert res.exit_code == 0, res.output
+    assert "Detector's own forward does not trace" in res.output and "'backbone' (1.42K of 1.47K" in res.output
+    assert "Backbone" in res.output
     res = CliRunner().invoke(main, ["inspect", str(path), "--submodule", "backbone"])
     assert res.exit_code == 0, res.output
     assert "Backbone" in res.output
