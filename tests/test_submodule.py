@@ -275,6 +275,12 @@ def test_transform_searches_inside_the_largest_part_that_traces_by_itself(tmp_pa
         assert _same(res.whole.eval()(_images()), spec.model.eval()(_images()))
     with pytest.raises(TraceError, match="cannot trace|input 0 is a list"):
         archir.transform(spec.model, spec.example_inputs, epochs=0, onnx=False, progress=False, auto_submodule=False)
+    # a list of images as the example: no tracer can even start on the whole model
+    res = archir.transform(spec.model, (_images(),), "dso", epochs=0, onnx=False, progress=False)
+    assert res.report["submodule"]["path"] == "backbone"
+    assert "(its inputs are not all tensors)" in res.report["submodule"]["automatic"]
+    with torch.no_grad():
+        assert _same(res.whole.eval()(_images(1)), spec.model.eval()(_images(1)))
 
     out = CliRunner().invoke(main, ["transform", str(path), "--epochs", "1", "--arch-epochs", "1", "--batch-size", "8",
                                     "--no-onnx", "--out", str(tmp_path / "out"), "--quiet"])
