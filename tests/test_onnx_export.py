@@ -638,7 +638,14 @@ def test_a_large_model_streams_its_weights_into_an_external_data_file(tmp_path, 
     monkeypatch.setattr(onnx_export, "_EXTERNAL_DATA_THRESHOLD", 1000)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8))
     path = tmp_path / "m.onnx"
-    report = export_onnx(model, torch.randn(2, 16), path, exporter=exporter)
+
+    def whole_load(*args, **kwargs):
+        raise AssertionError("a large model's weights were loaded into the proto")
+
+    with monkeypatch.context() as m:  # streamed: never loaded into the proto, whole or tensor by tensor
+        m.setattr(onnx.external_data_helper, "load_external_data_for_model", whole_load)
+        m.setattr(onnx.external_data_helper, "load_external_data_for_tensor", whole_load)
+        report = export_onnx(model, torch.randn(2, 16), path, exporter=exporter)
     assert report.passed and files_in(tmp_path) == ["m.onnx", "m.onnx.data"]
     proto = onnx.load(str(path), load_external_data=False)
     external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
