@@ -264,14 +264,11 @@ def largest_part_that_traces(model: nn.Module, attempt: Callable[[str], Any]) ->
     than positional tensors). Returns ``(path, what attempt returned, "4.44M of 19.41M
     parameters, 23%")``, or None when no child traces."""
     from .errors import TraceError
+    from .frontends.capture import children_by_size
     from .ir.printer import human
 
     total = sum(p.numel() for p in model.parameters())
-    children = sorted(((sum(p.numel() for p in c.parameters()), name) for name, c in model.named_children()),
-                      key=lambda c: -c[0])
-    for size, path in children:
-        if not size:
-            continue
+    for size, path in children_by_size(model):
         try:
             found = attempt(path)
         except (TraceError, UserInputError):

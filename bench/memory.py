@@ -28,12 +28,16 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+try:
+    from bench.peak_memory import PeakMemory
+except ImportError:  # run as a script: bench/ is on sys.path
+    from peak_memory import PeakMemory
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "memory.json"
@@ -48,23 +52,13 @@ class Block(nn.Module):
         return x + self.down(torch.relu(self.up(self.norm(x))))
 
 
-def rss_anon() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
-
-
 class Phases:
-    """Samples ``RssAnon`` in a thread and keeps the peak of each phase (the phase running is
-    the innermost wrapped call in progress)."""
+    """The peak memory of each phase, the phase running being the innermost wrapped call in
+    progress (``transform`` outside them all)."""
 
     def __init__(self):
-        self.stack, self.peaks, self._done = ["transform"], {}, threading.Event()
-        threading.Thread(target=self._sample, daemon=True).start()
-
-    def _sample(self):
-        while not self._done.wait(0.003):
-            now, phase = rss_anon(), self.stack[-1]
-            self.peaks[phase] = max(self.peaks.get(phase, 0), now)
+        self.stack = ["transform"]
+        self.memory = PeakMemory("transform", interval=0.003)
 
     def wrap(self, owner, attr: str, phase: str) -> None:
         original = getattr(owner, attr)
@@ -72,17 +66,14 @@ class Phases:
         @functools.wraps(original)
         def wrapped(*args, **kwargs):
             self.stack.append(phase)
+            self.memory.phase = phase
             try:
                 return original(*args, **kwargs)
             finally:
                 self.stack.pop()
+                self.memory.phase = self.stack[-1]
 
         setattr(owner, attr, wrapped)
-
-    def stop(self) -> dict[str, int]:
-        self._done.set()
-        time.sleep(0.01)
-        return dict(self.peaks)
 
 
 def measure(params: float, onnx: bool, external: bool) -> dict:
@@ -105,13 +96,13 @@ def measure(params: float, onnx: bool, external: bool) -> dict:
     phases.wrap(standalone, "emit_standalone", "model.py written and checked")
     phases.wrap(onnx_export, "export_onnx", "model.onnx exported and checked")
     phases.wrap(output_dir, "emit_model", "outputs")
-    base = rss_anon()
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         archir.transform(model, x, "dnat", epochs=0, onnx=onnx, out=Path(tmp) / "out", progress=False)
     seconds = time.perf_counter() - t
-    peaks = phases.stop()
-    copies = {k: round((v - base) / weights, 2) for k, v in peaks.items()}
+    phases.memory.stop()
+    base = phases.memory.start
+    copies = {k: round((v - base) / weights, 2) for k, v in phases.memory.peaks.items()}
     return {"parameters": weights // 4, "weights_mib": round(weights / 2**20, 1), "onnx": onnx,
             "onnx_external_data": external, "seconds": round(seconds, 1),
             "peak_weight_copies": max(copies.values()), "peak_weight_copies_by_phase": copies}

@@ -48,7 +48,6 @@ import re
 import signal
 import sys
 import tempfile
-import threading
 import time
 import traceback
 import warnings
@@ -60,8 +59,10 @@ from archir.fileio import write_text
 
 try:
     from bench.method_args import add_method_arguments, method_options
+    from bench.peak_memory import PeakMemory
 except ImportError:  # run as a script: bench/ is on sys.path
     from method_args import add_method_arguments, method_options
+    from peak_memory import PeakMemory
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "zoo.json"
@@ -413,41 +414,6 @@ def compare(expected, got) -> dict:
     return {"exact": all(torch.equal(x, y) for x, y in zip(a, b)), "max_abs": diff}
 
 
-class _PeakMemory:
-    """The process's peak anonymous memory (``RssAnon``: tensors, not mapped files) above what it
-    was at the start, sampled every 10 ms in a thread; None where ``/proc`` is not there."""
-
-    def __init__(self):
-        self.start = self.peak = _rss_anon()
-        self.step, self.by_step = "build", {}  # the step running (set by run_model) -> its peak
-        self._done = threading.Event()
-        if self.start is not None:
-            threading.Thread(target=self._sample, daemon=True).start()
-
-    def _sample(self):
-        shown = self.start
-        while not self._done.wait(0.01):
-            now = _rss_anon() or 0
-            self.peak = max(self.peak, now)
-            if now - shown >= 2**30:  # each further GiB: where a model that runs out of memory was
-                shown = now
-                print(f"  memory: {(now - self.start) / 2**30:.0f} GiB above the start, in {self.step}",
-                      file=sys.stderr, flush=True)
-            self.by_step[self.step] = max(self.by_step.get(self.step, 0), now)
-
-    def stop(self) -> int | None:
-        self._done.set()
-        return None if self.start is None else max(self.peak - self.start, 0)
-
-
-def _rss_anon() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
-    except (OSError, StopIteration):
-        return None
-
-
 class StepTimeout(Exception):
     pass
 
@@ -471,11 +437,11 @@ def run_model(sel: dict, args) -> dict:
     rec.update(status="ok", times={}, steps={})
     times, steps = rec["times"], rec["steps"]
     step = "build"
-    memory = _PeakMemory()
+    memory = PeakMemory("build", announce=True)  # the step running (set below) -> its peak
 
     def timed(name):
         nonlocal step
-        step = memory.step = name
+        step = memory.phase = name
         return _Timer(times, name)
 
     signal.signal(signal.SIGALRM, _alarm)
@@ -603,7 +569,7 @@ def run_model(sel: dict, args) -> dict:
             if rec.get("params"):
                 rec["peak_weight_copies"] = round(peak / (4 * rec["params"]), 2)
             rec["peak_memory_gib_by_step"] = {k: round(max(v - memory.start, 0) / 2**30, 2)
-                                              for k, v in memory.by_step.items()}
+                                              for k, v in memory.peaks.items()}
     if rec["status"] == "ok":
         bad = [k for k, v in steps.items() if v.get("ok") is False]
         rec["status"] = "ok" if not bad else "failed: " + ", ".join(bad)

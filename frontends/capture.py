@@ -499,14 +499,19 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def children_by_size(model: nn.Module) -> list[tuple[int, str]]:
+    """``[(parameters, name), ...]`` of ``model``'s children that hold parameters, largest first."""
+    sizes = sorted(((sum(p.numel() for p in child.parameters()), name) for name, child in model.named_children()),
+                   reverse=True)
+    return [(size, name) for size, name in sizes if size]
+
+
 def largest_parts(model: nn.Module, n: int = 3) -> str:
     """``"backbone (26.80M parameters), roi_heads (13.90M), rpn (593.94K)"``: the children of ``model``
     holding the most parameters, what ``--submodule`` could name."""
     from archir.ir.printer import human
 
-    sizes = sorted(((sum(p.numel() for p in child.parameters()), name) for name, child in model.named_children()),
-                   reverse=True)
-    shown = [(size, name) for size, name in sizes if size][:n]
+    shown = children_by_size(model)[:n]
     return ", ".join(f"{name} ({human(size)}{' parameters' if i == 0 else ''})" for i, (size, name) in enumerate(shown))
 
 

@@ -32,9 +32,9 @@ def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
     if isinstance(example_inputs, (tuple, list)):
         i, item = next((i, x) for i, x in enumerate(example_inputs) if not isinstance(x, torch.Tensor))
         raise UntraceableInputs(f"example_inputs must be a tensor or a tuple of tensors; input {i} is a "
-                             f"{type(item).__name__}. A model that takes lists or dicts of tensors (a "
-                             "detector's list of images) can be searched inside a part that takes tensors: "
-                             "archir.search(model, inputs, submodule='backbone')")
+                                f"{type(item).__name__}. A model that takes lists or dicts of tensors (a "
+                                "detector's list of images) can be searched inside a part that takes tensors: "
+                                "archir.search(model, inputs, submodule='backbone')")
     raise UserInputError("example_inputs must be a tensor or a tuple of tensors, "
                          f"not {type(example_inputs).__name__}")
 
