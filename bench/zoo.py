@@ -597,10 +597,23 @@ def _detection_targets(model: torch.nn.Module, images) -> list[dict]:
 def _search_inside(model: torch.nn.Module, x: tuple, ref, path: str) -> dict:
     """A detector whose own ``forward`` does not trace: ``archir.search(..., submodule=path)`` with
     DNAT and DSO-NAS. Per method: the whole model with the supernet inside against the original in
-    eval mode (and its derive at initialisation), then one training step through the detector's
-    own losses and a derived whole model that runs."""
+    eval mode (and its derive at initialisation); in training mode, where a detector's forward
+    takes targets and returns its losses, the same (the same seed before each call: the RPN and
+    ROI heads sample proposals at random); then one training step through those losses and a
+    derived whole model that runs."""
+    import copy
+
     import archir
 
+    images = [img for img in x[0] for _ in range(2)]  # two per example: BatchNorm trains on 1×1 maps
+    targets = _detection_targets(model, images)
+
+    def train_losses(m: torch.nn.Module) -> dict:
+        torch.manual_seed(1)
+        return m.train()(images, targets)
+
+    with torch.no_grad():
+        train_ref = train_losses(copy.deepcopy(model))  # a copy: training mode updates BatchNorm's statistics
     out: dict = {"path": path}
     for method in ("dnat", "dso"):
         torch.manual_seed(0)
@@ -608,9 +621,9 @@ def _search_inside(model: torch.nn.Module, x: tuple, ref, path: str) -> dict:
         with torch.no_grad():
             inside = compare(ref, s.model.eval()(*x))
             derived = compare(ref, s.whole_model(s.derive()).eval()(*x))
-        s.model.train()
-        images = [img for img in x[0] for _ in range(2)]  # two per example: BatchNorm trains on 1×1 maps
-        losses = s.model(images, _detection_targets(model, images))
+            derived_train = compare(train_ref, train_losses(s.whole_model(s.derive())))
+        losses = train_losses(s.model)
+        inside_train = compare(train_ref, {k: v.detach() for k, v in losses.items()})
         loss = sum(losses.values())
         loss.backward()
         torch.optim.SGD(s.weight_parameters(), lr=1e-3).step()
@@ -619,9 +632,12 @@ def _search_inside(model: torch.nn.Module, x: tuple, ref, path: str) -> dict:
         with torch.no_grad():
             s.whole_model(s.derive()).eval()(*x)
         out[method] = {"exact": inside["exact"] and derived["exact"], "max_abs": max(inside["max_abs"] or 0.0,
-                       derived["max_abs"] or 0.0), "choice_edges": len(s.arch_weights()),
+                       derived["max_abs"] or 0.0),
+                       "train_exact": inside_train["exact"] and derived_train["exact"],
+                       "train_max_abs": max(inside_train["max_abs"] or 0.0, derived_train["max_abs"] or 0.0),
+                       "choice_edges": len(s.arch_weights()),
                        "train_loss": float(loss.detach()), "loss_finite": bool(torch.isfinite(loss))}
-    out["ok"] = all(out[m]["exact"] and out[m]["loss_finite"] for m in ("dnat", "dso"))
+    out["ok"] = all(out[m]["exact"] and out[m]["train_exact"] and out[m]["loss_finite"] for m in ("dnat", "dso"))
     return out
 
 
@@ -836,6 +852,11 @@ def report(args) -> None:
             if inside:
                 st = {**st, **{k: {"ok": inside[m]["exact"], "max_abs": inside[m]["max_abs"]}
                                for k, m in (("edgechoice", "dnat"), ("dso", "dso"))}}
+                if "train_exact" in inside["dnat"]:  # the whole model with either supernet inside, in .train()
+                    st["train"] = {"ok": all(inside[m]["train_exact"] for m in ("dnat", "dso")),
+                                   "max_abs": max(inside[m]["train_max_abs"] for m in ("dnat", "dso"))}
+                    t["train_run"] += 1
+                    t["train"] += st["train"]["ok"]
             t["edgechoice"] += bool(st.get("edgechoice", {}).get("ok")) and not inside
             t["emit"] += bool(st.get("emit", {}).get("ok"))
             if st.get("onnx") and not st["onnx"].get("skipped"):

@@ -3,6 +3,8 @@ cannot be traced (a detector-like model: a list of images, value-dependent selec
 through the whole model with its own loss, derived and put back."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,6 +105,11 @@ def test_search_inside_a_submodule_starts_exact_trains_and_goes_back(method):
     with torch.no_grad():
         assert _same(s.model(images), model(images))  # exact at initialisation
         assert _same(s.whole_model(s.derive()).eval()(images), model(images))  # and so is its derive
+        # and in training mode, where the backbone's BatchNorm uses the batch's statistics
+        assert not _same(copy.deepcopy(model).train()(images), model(images))
+        s.model.train()
+        assert _same(s.model(images), copy.deepcopy(model).train()(images))
+        assert _same(s.whole_model(s.derive()).train()(images), copy.deepcopy(model).train()(images))
     arch = set(map(id, s.arch_parameters()))
     weights = s.weight_parameters()
     assert any(p is s.model.head.weight for p in weights) and not arch & set(map(id, weights))
