@@ -3,7 +3,8 @@
 MODEL.py defines ``build_model()`` or ``model()`` returning the ``nn.Module`` (or a module-level
 ``model`` instance), and optionally:
 
-- ``example_input()`` returning a tensor or a tuple of tensors (the model's positional inputs);
+- ``example_input()`` returning a tensor or a tuple of the model's positional inputs (tensors, or
+  lists, tuples and dicts of tensors);
 - ``data()`` returning ``(train_dataset, val_dataset)``;
 - ``loss(output, target)`` returning a scalar tensor, the mean over the batch, of the model's
   output (whatever the model returns: a tensor, a tuple, a dict) and the batch's target
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from .errors import UserInputError
-from .task import Task, classification_task, make_task
+from .task import Task, classification_task, describe, make_task
 
 DEFAULT_INPUT_SHAPE = (1, 3, 32, 32)
 
@@ -92,6 +93,14 @@ def _call(fn: Callable, what: str, path: Path):
         raise UserInputError(f"{what} failed: {_user_error_line(exc, path)}") from exc
 
 
+def _holds_tensors_only(value) -> bool:
+    """Whether ``value`` is a tensor, or lists, tuples and dicts with tensors at every leaf."""
+    if isinstance(value, torch.Tensor):
+        return True
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else None
+    return items is not None and len(items) > 0 and all(_holds_tensors_only(v) for v in items)
+
+
 def load_model_file(path: str | Path, input_shape: str | tuple[int, ...] | None = None) -> ModelSpec:
     """Import MODEL.py and build its :class:`ModelSpec` (see the module docstring). Example inputs
     come from ``input_shape`` (random normal), else ``example_input()``, else a random
@@ -118,10 +127,14 @@ def load_model_file(path: str | Path, input_shape: str | tuple[int, ...] | None 
         value = _call(module.example_input, "example_input()", path)
         if isinstance(value, torch.Tensor):
             example = (value,)
-        elif isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        elif isinstance(value, (tuple, list)) and value and _holds_tensors_only(value):
             example = tuple(value)
         else:
-            raise UserInputError(f"{path}: example_input() must return a tensor or a tuple of tensors")
+            hint = (" (a dict that is the model's one argument: return (the_dict,))"
+                    if isinstance(value, dict) else "")
+            raise UserInputError(f"{path}: example_input() must return a tensor or a tuple of the model's "
+                                 "positional arguments, each a tensor or a list, tuple or dict of tensors; "
+                                 f"it returned {describe(value)}{hint}")
     else:
         example = (torch.randn(DEFAULT_INPUT_SHAPE),)
     data = getattr(module, "data", None)

@@ -29,6 +29,7 @@ from .errors import UserInputError
 from .fileio import write_text
 from .ir import Graph
 from .options import build_options, fields_of, option
+from .reexport import input_spec
 from .task import Task
 from .training import ARCH_OPTIMIZERS, ARCH_UPDATES, RETRAIN_MODES, TrainConfig
 
@@ -707,10 +708,7 @@ def build_report(opts: TransformOptions, method: methods.Method, original: Graph
         "time_seconds": {**timings, "mean_step": result.mean_step_seconds},
         "seed": opts.seed,
         # what `archir export DIR` rebuilds example inputs from (integer inputs keep their range)
-        "example_inputs": [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch."),
-                            **({"min": int(x.min()), "max": int(x.max())}
-                               if not (x.is_floating_point() or x.is_complex()) and x.numel() else {})}
-                           for x in example_inputs],
+        "example_inputs": [input_spec(x) for x in example_inputs],
         "device": str(result.device),
         "versions": _versions(),
     }

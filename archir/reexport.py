@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import UserInputError
 from .preflight import check_finite, check_opset
+from .task import describe
 
 REQUIRED_FILES = ("model.py", "weights.pt", "report.json")
 
@@ -58,22 +59,43 @@ def example_inputs_from_report(report: dict[str, Any], input_shape: tuple[int, .
             raise UserInputError("report.json records no example_inputs (it was written by an older archir); "
                                  "pass --input-shape, e.g. --input-shape 1,3,32,32")
     generator = torch.Generator().manual_seed(seed)
-    inputs = []
-    for spec in specs:
-        try:
-            shape = tuple(int(d) for d in spec["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise UserInputError(f"report.json: bad example_inputs entry {spec!r}") from None
-        dtype = _dtype(spec.get("dtype", "float32"))
-        if dtype == torch.bool:
-            t = torch.randint(0, 2, shape, generator=generator).bool()
-        elif dtype.is_floating_point or dtype.is_complex:
-            t = torch.randn(shape, generator=generator).to(dtype)
-        else:
-            lo, hi = int(spec.get("min", 0)), int(spec.get("max", 0))
-            t = torch.randint(lo, hi + 1, shape, generator=generator).to(dtype)
-        inputs.append(t)
-    return tuple(inputs)
+    return tuple(_random_input(spec, generator) for spec in specs)
+
+
+def input_spec(value: Any) -> Any:
+    """What report.json records of one example input (see :func:`example_inputs_from_report`): a
+    tensor's shape and dtype (integers: their range too), ``{"list": [...]}``,
+    ``{"tuple": [...]}`` or ``{"dict": {...}}`` for a container argument."""
+    if isinstance(value, torch.Tensor):
+        spec = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+        if not (value.is_floating_point() or value.is_complex()) and value.numel():
+            spec.update(min=int(value.min()), max=int(value.max()))  # token ids keep their range
+        return spec
+    if isinstance(value, dict):
+        return {"dict": {str(k): input_spec(v) for k, v in value.items()}}
+    return {type(value).__name__ if type(value) in (list, tuple) else "tuple": [input_spec(v) for v in value]}
+
+
+def _random_input(spec: Any, generator: torch.Generator) -> Any:
+    if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in ("list", "tuple", "dict"):
+        kind, items = next(iter(spec.items()))
+        if kind == "dict" and isinstance(items, dict):
+            return {k: _random_input(v, generator) for k, v in items.items()}
+        if kind != "dict" and isinstance(items, list):
+            made = [_random_input(v, generator) for v in items]
+            return made if kind == "list" else tuple(made)
+        raise UserInputError(f"report.json: bad example_inputs entry {spec!r}")
+    try:
+        shape = tuple(int(d) for d in spec["shape"])
+    except (KeyError, TypeError, ValueError):
+        raise UserInputError(f"report.json: bad example_inputs entry {spec!r}") from None
+    dtype = _dtype(spec.get("dtype", "float32"))
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=generator).bool()
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.randn(shape, generator=generator).to(dtype)
+    lo, hi = int(spec.get("min", 0)), int(spec.get("max", 0))
+    return torch.randint(lo, hi + 1, shape, generator=generator).to(dtype)
 
 
 def load_output_dir(directory: str | Path, input_shape: tuple[int, ...] | None = None) -> OutputDir:
@@ -136,10 +158,10 @@ def export_output_dir(directory: str | Path, onnx_path: str | Path | None = None
         with torch.no_grad():
             loaded.module(*loaded.example_inputs)
     except Exception as exc:  # noqa: BLE001 - user data: one line
-        shapes = ", ".join(str(list(x.shape)) for x in loaded.example_inputs)
+        shapes = ", ".join(describe(x) for x in loaded.example_inputs)
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         hint = "--input-shape" if input_shape is not None else "report.json's example_inputs"
-        raise UserInputError(f"the model in {loaded.path} cannot take inputs of shape {shapes} (from {hint}): "
+        raise UserInputError(f"the model in {loaded.path} cannot take the inputs {shapes} (from {hint}): "
                              f"{type(exc).__name__}: {first}") from exc
     return onnx_export.export_onnx(loaded.module, loaded.example_inputs, path, opset=opset,
                                    dynamic_batch=dynamic_batch, rtol=rtol, atol=atol)

@@ -66,6 +66,7 @@ import io
 import logging
 import os
 import re
+import inspect
 import shutil
 import sys
 import tempfile
@@ -77,6 +78,7 @@ import numpy as np
 import onnx
 import torch
 import torch.nn as nn
+import torch.utils._pytree as pytree
 from onnx import external_data_helper
 
 from archir.errors import ArchirError, UserInputError
@@ -747,15 +749,19 @@ def export_onnx(
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise ValueError(f"exporter must be 'auto', 'dynamo' or 'torchscript', not {exporter!r}")
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    if not args or not all(isinstance(a, torch.Tensor) for a in args):
-        raise TypeError("example_inputs must be a tensor or a non-empty tuple of tensors")
     check_onnx_exportable(module)
+    flat_names = None
+    if args and not all(isinstance(a, torch.Tensor) for a in args):
+        module, args, flat_names = _flat_arguments(module, args)
+    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+        raise TypeError("example_inputs must be a tensor or a non-empty tuple of tensors, or of lists, "
+                        "tuples and dicts of tensors")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     unverified = path.with_name(f"{path.stem}.unverified.onnx")
 
     if input_names is None:
-        input_names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+        input_names = flat_names or (["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))])
     input_names = list(input_names)
     if len(input_names) != len(args):
         raise ValueError(f"{len(input_names)} input names for {len(args)} inputs")
@@ -883,6 +889,45 @@ def _install(candidate: Path, path: Path) -> None:
     os.replace(candidate, path)
     if not data.exists() and old_data.exists() and not _uses_external_data(path):
         old_data.unlink()  # the replaced model's weights: the new model holds its own
+
+
+class _FlatArguments(nn.Module):
+    """``module`` called with the tensors of its list/tuple/dict arguments one by one: an ONNX
+    graph's inputs are single tensors."""
+
+    def __init__(self, module: nn.Module, spec: pytree.TreeSpec):
+        super().__init__()
+        self.module, self.spec = module, spec
+
+    def forward(self, *tensors):
+        return self.module(*pytree.tree_unflatten(list(tensors), self.spec))
+
+
+def _flat_arguments(module: nn.Module, args: tuple) -> tuple[nn.Module, tuple, list[str]]:
+    """``module`` wrapped to take the tensors of ``args`` (lists, tuples and dicts of tensors) as
+    separate inputs, those tensors, and their names: ``images_0``, ``batch_mask``."""
+    pairs, spec = pytree.tree_flatten_with_path(args)
+    if not all(isinstance(t, torch.Tensor) for _, t in pairs):
+        bad = next(path for path, t in pairs if not isinstance(t, torch.Tensor))
+        raise TypeError(f"example input {bad[0].idx}{pytree.keystr(bad[1:])} is not a tensor: an ONNX "
+                        "model's inputs are tensors")
+    try:
+        params = [p.name for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+
+    def name(path) -> str:
+        position = path[0].idx
+        parts = [params[position] if position < len(params) else f"input_{position}"]
+        parts += [str(k.idx if isinstance(k, pytree.SequenceKey) else getattr(k, "key", getattr(k, "name", k)))
+                  for k in path[1:]]
+        return re.sub(r"\W", "_", "_".join(parts))
+
+    names = [name(path) for path, _ in pairs]
+    if len(set(names)) != len(names):
+        names = [f"input_{i}" for i in range(len(names))]
+    return _FlatArguments(module, spec), tuple(t for _, t in pairs), names
 
 
 def _uses_external_data(path: Path) -> bool:

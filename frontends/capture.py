@@ -28,6 +28,7 @@ from typing import Iterable, Sequence
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 
 from archir.errors import TraceError
@@ -56,16 +57,23 @@ class _LeafTracer(fx.Tracer):
         return qualname in self.extra_leaves or is_torch_leaf(m)
 
 
-def fx_trace(root: nn.Module, leaves: Iterable[str] = (), n_inputs: int | None = None) -> fx.Graph:
+def fx_trace(root: nn.Module, leaves: Iterable[str] = (), inputs: Sequence | None = None) -> fx.Graph:
     """Symbolically trace ``root`` (its tensor constants are registered on ``root`` itself).
 
-    With ``n_inputs``, the parameters of ``forward`` after the first ``n_inputs`` that have a
-    default (timm's ``forward(x, attn_mask=None)``) are traced at that default, as a call with
-    ``n_inputs`` tensors would see them, instead of becoming inputs.
+    With ``inputs`` (the positional arguments of a call), an argument that is a list, tuple or
+    dict of tensors becomes one placeholder per tensor, and the parameters of ``forward`` after
+    the given ones that have a default (timm's ``forward(x, attn_mask=None)``) are traced at that
+    default, as such a call would see them, instead of becoming inputs. The graph's placeholders
+    are the tensors of ``inputs`` in ``pytree`` order; it has fx's plain code generator.
     """
+    n_inputs = None if inputs is None else len(inputs)
     concrete = _defaults_after(root, n_inputs) if n_inputs is not None else {}
-    graph = _LeafTracer(leaves).trace(root, concrete_args=concrete or None)
-    for ph in [n for n in graph.nodes if n.op == "placeholder"][n_inputs or 0:] if concrete else []:
+    structured = _structured_args(root, inputs) if inputs is not None else {}
+    graph = _LeafTracer(leaves).trace(root, concrete_args={**concrete, **structured} or None)
+    if isinstance(graph._codegen, fx.graph._PyTreeCodeGen):
+        _plain_codegen(graph)
+    n_flat = len(pytree.tree_leaves(tuple(inputs))) if inputs is not None else 0
+    for ph in [n for n in graph.nodes if n.op == "placeholder"][n_flat:] if concrete else []:
         # fx keeps a placeholder for each specialised value and guards it (``_assert_is_none``,
         # ``_assert(eq(...))``); the values are fixed here, so the guards go with the placeholder
         order = {n: i for i, n in enumerate(graph.nodes)}
@@ -81,8 +89,35 @@ def fx_trace(root: nn.Module, leaves: Iterable[str] = (), n_inputs: int | None =
     return graph
 
 
-def fx_trace_following_modes(root: nn.Module, inputs: Sequence[torch.Tensor], leaves: Iterable[str] = (),
-                             n_inputs: int | None = None) -> fx.Graph:
+def _structured_args(root: nn.Module, inputs: Sequence) -> dict:
+    """fx's ``concrete_args`` for the arguments that are containers of tensors: the same
+    structure with a placeholder marker for each tensor."""
+    import inspect
+
+    from torch.fx._symbolic_trace import PH
+
+    if all(isinstance(x, torch.Tensor) for x in inputs):
+        return {}
+    params = [p for p in inspect.signature(root.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(params) < len(inputs):
+        raise TypeError(f"{type(root).__name__}.forward takes {len(params)} positional arguments, "
+                        f"{len(inputs)} example inputs given")
+    return {p.name: pytree.tree_map(lambda _: PH, x)
+            for p, x in zip(params, inputs) if not isinstance(x, torch.Tensor)}
+
+
+def _plain_codegen(graph: fx.Graph) -> None:
+    """Turn a graph traced with container arguments (fx's pytree code generator: flat
+    placeholders, a flat output list) into a plain one over the same flat placeholders."""
+    out_spec = graph._codegen.pytree_info.out_spec
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    if out_spec is not None:
+        output.args = (pytree.tree_unflatten(list(output.args[0]), out_spec),)
+    graph._codegen = fx.graph.CodeGen()
+
+
+def fx_trace_following_modes(root: nn.Module, inputs: Sequence, leaves: Iterable[str] = ()) -> fx.Graph:
     """:func:`fx_trace`, with the functional dropout of modules that read ``self.training``
     marked to follow the mode (:func:`.mode_dropout.trace_following_modes`; symbolic tracing
     reads the flag at trace time). Such models are traced a second time, their readers in the
@@ -98,7 +133,7 @@ def fx_trace_following_modes(root: nn.Module, inputs: Sequence[torch.Tensor], le
     def trace() -> fx.Graph:
         for name in set(vars(root)) - before:
             delattr(root, name)  # an earlier trace's: this one names its own from 0 again
-        graph = fx_trace(root, leaves, n_inputs)
+        graph = fx_trace(root, leaves, inputs)
         constants[id(graph)] = {name: vars(root)[name] for name in set(vars(root)) - before}
         return graph
 
@@ -212,8 +247,6 @@ def register_output_objects(root: nn.Module, example_inputs: Sequence[torch.Tens
 
     Registration is process-wide, as ``transformers.exporters`` does for the same classes; it
     changes nothing for code that never flattens such objects."""
-    import torch.utils._pytree as pytree
-
     saved = [(b, b.clone()) for b in root.buffers()]  # a training-mode run updates BatchNorm's
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):  # and draws random numbers
@@ -251,8 +284,6 @@ def plain_unflatten(leaves: list, spec):
     """``tree_unflatten`` in which every object of a class from :data:`OBJECT_NODES` becomes a
     plain dict ``{attribute: value}`` (a traced graph returns values torch can hold, and a
     standalone model.py cannot import the model's library to rebuild its classes)."""
-    import torch.utils._pytree as pytree
-
     it = iter(leaves)
 
     def build(s):
@@ -270,7 +301,7 @@ def _export(root: nn.Module, args: tuple):
     from torch.export import Dim
 
     try:
-        dyn = tuple({0: Dim.AUTO} if x.dim() > 0 else None for x in args)
+        dyn = pytree.tree_map(lambda x: {0: Dim.AUTO} if x.dim() > 0 else None, args)
         ep = torch.export.export(root, args, strict=False, dynamic_shapes=dyn)
     except Exception:  # noqa: BLE001 - fall back to a static export, re-raising its own error
         ep = torch.export.export(root, args, strict=False)

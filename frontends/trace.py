@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import collections
 import copy
+import inspect
 from typing import Callable, Iterable
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 
 from archir.errors import TraceError, UntraceableInputs, UserInputError
 from archir.ir import Graph
 from archir.layers import stochastic_depth_for
 from archir.modes import eval_mode
+from archir.task import describe
 
 from .build import assign_groups, build_graph
 from .capture import (export_trace, failing_modules, first_line, fx_trace_following_modes, is_torch_leaf,
@@ -24,19 +27,35 @@ GRANULARITIES = ("layer", "block")
 MAX_AUTO_LEAVES = 64  # submodules made opaque automatically before giving up
 
 
-def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
+def _as_tuple(example_inputs) -> tuple:
+    """The positional arguments of one call: a tensor, or a tuple/list whose items are tensors or
+    lists, tuples and dicts of tensors (a detector's list of images, a batch dict)."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and all(isinstance(x, torch.Tensor) for x in example_inputs):
-        return tuple(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        i, item = next((i, x) for i, x in enumerate(example_inputs) if not isinstance(x, torch.Tensor))
-        raise UntraceableInputs(f"example_inputs must be a tensor or a tuple of tensors; input {i} is a "
-                                f"{type(item).__name__}. A model that takes lists or dicts of tensors (a "
-                                "detector's list of images) can be searched inside a part that takes tensors: "
-                                "archir.search(model, inputs, submodule='backbone')")
-    raise UserInputError("example_inputs must be a tensor or a tuple of tensors, "
-                         f"not {type(example_inputs).__name__}")
+    if not isinstance(example_inputs, (tuple, list)):
+        raise UserInputError("example_inputs must be a tensor or a tuple of arguments (tensors, or lists, "
+                             f"tuples and dicts of tensors), not {type(example_inputs).__name__}")
+    args = tuple(example_inputs)
+    for path, leaf in pytree.tree_flatten_with_path(args)[0]:
+        if not isinstance(leaf, torch.Tensor) or not all(isinstance(k, (pytree.SequenceKey, pytree.MappingKey))
+                                                         for k in path[1:]):
+            where = f"input {path[0].idx}" + pytree.keystr(path[1:])
+            what = type(leaf).__name__ if not isinstance(leaf, torch.Tensor) else "tensor inside a namedtuple or object"
+            raise UntraceableInputs(f"example_inputs must hold tensors in lists, tuples and dicts only; {where} "
+                                    f"is a {what}. Pass tensors (a number as a 0-d tensor), or search "
+                                    "inside a part of the model that takes tensors: "
+                                    "archir.search(model, inputs, submodule='backbone')")
+    if not pytree.tree_leaves(args):
+        raise UserInputError("example_inputs hold no tensor: give at least one tensor input")
+    return args
+
+
+def flat_inputs(args: tuple) -> tuple[list[torch.Tensor], list[tuple]]:
+    """The tensors of ``args`` in call order, and where each one is: ``(position, key, ...)`` with
+    the list/tuple indices and dict keys that reach it inside argument ``position``."""
+    pairs = pytree.tree_flatten_with_path(args)[0]
+    return [t for _, t in pairs], [tuple(k.idx if isinstance(k, pytree.SequenceKey) else k.key for k in path)
+                                  for path, _ in pairs]
 
 
 def _register_constants(root: nn.Module, graph: fx.Graph) -> None:
@@ -109,8 +128,8 @@ def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...], name: str) -
         with eval_mode(model), torch.no_grad():
             model(*inputs)
     except Exception as exc:  # noqa: BLE001
-        shapes = ", ".join(str(list(x.shape)) for x in inputs)
-        raise UserInputError(f"{name} fails on the example input of shape {shapes}: {first_line(exc)}. "
+        shapes = ", ".join(describe(x) for x in inputs)
+        raise UserInputError(f"{name} fails on the example input {shapes}: {first_line(exc)}. "
                              "Give the shape the model expects (--input-shape or example_input()).") from exc
 
 
@@ -145,7 +164,7 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
     graph, out_spec, used = None, None, frontend
     if frontend in ("auto", "fx"):
         try:
-            graph = fx_trace_following_modes(root, inputs, leaves, len(inputs))
+            graph = fx_trace_following_modes(root, inputs, leaves)
             functionalize(graph, root)
             used = "fx"
         except Exception as exc:  # noqa: BLE001 - any tracer failure sends us to the fallback
@@ -167,19 +186,44 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
             used = "fx"
     _register_constants(root, graph)
     dropout_to_modules(graph, root)  # fx's functional dropout marked to follow the mode (export's is done)
+    flat, paths = flat_inputs(inputs)
+    placeholders = [n.name for n in graph.nodes if n.op == "placeholder"]
     try:
-        g = build_graph(root, graph, inputs, granularity=granularity, name=name, frontend=used,
+        g = build_graph(root, graph, flat, granularity=granularity, name=name, frontend=used,
                         out_spec=out_spec)
     except TraceError:
         raise
     except Exception:  # noqa: BLE001 - shape recording runs the model: explain a bad input
         _check_runs(model, inputs, name)
         raise
+    _record_input_paths(g, model, dict(zip(placeholders, paths)))
     g.leaves.update({p: "requested" for p in leaves})
     g.leaves.update(auto)
     if groups:
         assign_groups(g, groups)
     return g
+
+
+def _record_input_paths(g: Graph, model: nn.Module, paths: dict[str, tuple]) -> None:
+    """Record the graph's positional arguments (:attr:`Graph.arguments`) and, on each input junction,
+    the argument of ``model.forward`` it is part of and the keys that reach it there
+    (:attr:`Junction.input_path`), for inputs inside lists, tuples and dicts.
+    ``paths``: each placeholder's ``(position, key, ...)`` (an unused one has no junction)."""
+    try:
+        params = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    n_args = 1 + max((p[0] for p in paths.values()), default=-1)
+    # every argument, used or not: the lowered module takes the same positional arguments
+    g.arguments = [params[i] if i < len(params) else f"input_{i}" for i in range(n_args)]
+    for jid in g.inputs:
+        j = g.junctions[jid]
+        if j.input_name not in paths:
+            raise TraceError(f"internal: input {j.input_name} of the traced graph is not an example input")
+        position, *keys = paths[j.input_name]
+        arg = params[position] if position < len(params) else f"input_{position}"
+        j.input_path = (arg, *keys)
 
 
 def _check_leaf_paths(model: nn.Module, leaves: list[str]) -> None:
@@ -228,7 +272,7 @@ def _fx_with_auto_leaves(model: nn.Module, fx_root: nn.Module, name: str, leaves
         auto[path] = f"torch.fx: {first_line(exc)}" + (f" at {loc}" if loc else "") + f"; {export_note}"
         root = _traceable_copy(model)  # a failed trace may have left constants on the copy
         try:
-            graph = fx_trace_following_modes(root, inputs, leaves + list(auto), len(inputs))
+            graph = fx_trace_following_modes(root, inputs, leaves + list(auto))
             functionalize(graph, root)
             return root, graph, auto
         except Exception as retry_exc:  # noqa: BLE001

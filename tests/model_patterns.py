@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -141,6 +142,27 @@ class TwoInDictOut(nn.Module):
         return {"logits": self.out(joint), "embedding": joint.sum(dim=-1, keepdim=True), "a": ha}
 
 
+class ContainerInputs(nn.Module):
+    """Arguments that are a list of views and a dict holding a list: one input per tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.view = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.side = nn.Conv2d(1, 4, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, views, extras):
+        x = self.view(views[0]) + self.view(views[1])
+        x = F.relu(self.bn(x)) * torch.sigmoid(self.side(extras["mask"]))
+        return self.head(x) + extras["bias"][1]
+
+
+def _container_inputs():
+    return ([torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)],
+            {"mask": torch.randn(2, 1, 8, 8), "bias": [torch.randn(2, 2, 1, 1), torch.randn(2, 2, 1, 1)]})
+
+
 class ChunkSplit(nn.Module):
     """chunk / split / unbind produce junctions with indexed outputs; stack joins them."""
 
@@ -271,6 +293,7 @@ MODELS = {
     "functional_dropout": (FunctionalDropout, lambda: torch.randn(4, 8)),
     "setitem": (SetItem, lambda: torch.randn(3, 4)),
     "shape_branch": (ShapeBranch, lambda: torch.randn(2, 3, 8, 8)),
+    "container_inputs": (ContainerInputs, _container_inputs),
 }
 
 EXAMPLE_NAMES = ["resnet20", "mobilenetv2", "darts_cell", "mbconv"]
@@ -280,7 +303,8 @@ def random_like(inputs, seed: int):
     gen = torch.Generator().manual_seed(seed)
     if isinstance(inputs, torch.Tensor):
         return torch.randn(inputs.shape, generator=gen, dtype=inputs.dtype)
-    return tuple(torch.randn(x.shape, generator=gen, dtype=x.dtype) for x in inputs)
+    # lists, tuples and dicts of tensors keep their structure (tree order, as tracing flattens them)
+    return tuple(pytree.tree_map(lambda x: torch.randn(x.shape, generator=gen, dtype=x.dtype), tuple(inputs)))
 
 
 def nontrivial_batch_norms(model: nn.Module, seed: int = 3) -> None:

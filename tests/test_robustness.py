@@ -89,7 +89,7 @@ CASES = [
     ("--resume with nothing to resume", ["transform", "{root}/tiny.py", "--out", "{root}/good", "--resume"], 2,
      "--resume: no checkpoint of an interrupted run"),
     ("export: input shape that does not fit", ["export", "{root}/good", "--input-shape", "1,5,8,8"], 2,
-     "cannot take inputs of shape [1, 5, 8, 8] (from --input-shape)"),
+     "cannot take the inputs f32[1,5,8,8] (from --input-shape)"),
     ("export: opset 3", ["export", "{root}/good", "--opset", "3"], 2, "--opset 3 is not one archir can export"),
     ("export: opset 99", ["export", "{root}/good", "--opset", "99"], 2, "--opset 99 is not one archir can export"),
     ("export: atol nan", ["export", "{root}/good", "--atol", "nan"], 2, "--atol must be a finite number >= 0"),

@@ -348,6 +348,8 @@ class Junction:
     name: str = ""
     scope: tuple = ()  # nn_module_stack of the value's producer: ((path, class name), ...)
     labels: dict = field(default_factory=dict)
+    # an input inside a list/tuple/dict argument: (argument name, index or key, ...); () otherwise
+    input_path: tuple = ()
 
     @property
     def is_join(self) -> bool:
@@ -356,6 +358,13 @@ class Junction:
     @property
     def is_input(self) -> bool:
         return self.input_name is not None
+
+    @property
+    def input_label(self) -> str | None:
+        """How the model's forward reaches this input: ``x``, ``views['rgb']``, ``images[0]``."""
+        if not self.input_path:
+            return self.input_name
+        return str(self.input_path[0]) + "".join(f"[{k!r}]" for k in self.input_path[1:])
 
 
 @dataclass(eq=False)
@@ -433,6 +442,9 @@ class Graph:
         self.junctions: dict[str, Junction] = {}
         self.edges: dict[str, Edge] = {}
         self.inputs: list[str] = []
+        # the traced call's positional arguments, used or not (a list or dict argument holds
+        # several inputs: Junction.input_path); empty: one argument per input junction
+        self.arguments: list[str] = []
         self.output: Any = None  # nested tuple/list/dict of JunctionRef / Op / constants
         self.leaves: dict[str, str] = {}  # module path -> why it was kept opaque
         self._in: dict[str, list[str]] = {}
@@ -733,6 +745,7 @@ class Graph:
         g.edges = {k: dataclasses.replace(v, ops=list(v.ops), labels=copy.deepcopy(v.labels))
                    for k, v in self.edges.items()}
         g.inputs = list(self.inputs)
+        g.arguments = list(self.arguments)
         g.leaves = dict(self.leaves)
         g._in = {k: list(v) for k, v in self._in.items()}
         g._out = {k: list(v) for k, v in self._out.items()}

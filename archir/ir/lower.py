@@ -140,15 +140,33 @@ class Lowering:
             acc = self.fx.call_function(fn, (acc, o))
         return acc
 
+    def _placeholders(self, g: "Graph") -> None:
+        """One placeholder per argument, in the graph's input order; an input inside a list, tuple
+        or dict argument (``Junction.input_path``) is read from it with ``getitem``."""
+        paths = {jid: g.junctions[jid].input_path or (g.junctions[jid].input_name,) for jid in g.inputs}
+        reached: dict[tuple, fx.Node] = {}  # (argument, key, ...) -> its value
+        for name in g.arguments:  # an argument the graph does not read is still one
+            reached[(name,)] = self.fx.placeholder(name)
+        for path in paths.values():
+            if path[:1] not in reached:
+                reached[path[:1]] = self.fx.placeholder(path[0])
+        for jid, path in paths.items():
+            for depth in range(2, len(path) + 1):
+                if path[:depth] not in reached:  # the tensor itself keeps the input's name
+                    name = g.junctions[jid].input_name if depth == len(path) else None
+                    reached[path[:depth]] = self.fx.create_node(
+                        "call_function", operator.getitem, (reached[path[:depth - 1]], path[depth - 1]), name=name)
+            self.values[jid] = reached[path]
+
     def run(self) -> fx.GraphModule:
         """Emit every junction in topological order and the output; return the GraphModule (same
         training mode as ``graph.root``; ``archir_renamed`` maps each renamed top-level attribute to its
         new name)."""
         g = self.ir
+        self._placeholders(g)
         for jid in g.topo_order():
             j = g.junctions[jid]
             if j.is_input:
-                self.values[jid] = self.fx.placeholder(j.input_name)
                 continue
             ends = []
             for e in g.in_edges(jid):

@@ -19,7 +19,7 @@ def human(n: float) -> str:
 
 def junction_line(g: "Graph", j: "Junction") -> str:
     if j.is_input:
-        head = f"input {j.input_name}"
+        head = f"input {j.input_label}"
     elif j.combine is not None:
         operands = ", ".join(e.id for e in g.in_edges(j.id))
         head = f"{j.combine}({operands})"
@@ -83,7 +83,7 @@ def format_dot(g: "Graph", *, changed_color: str = "red") -> str:
     for jid in g.topo_order():
         j = g.junctions[jid]
         roles = g.roles(jid)
-        kind = j.combine.kind if j.combine is not None else ("input " + j.input_name if j.is_input else "")
+        kind = j.combine.kind if j.combine is not None else ("input " + j.input_label if j.is_input else "")
         label = f"{jid} {kind}".strip() + f"\\n{meta_str(j.meta)}"
         shape = "ellipse" if j.combine is not None else "box"
         fill = "#d8e8ff" if j.is_input or "output" in roles else "#f2f2f2"

@@ -1,0 +1,197 @@
+"""Models whose arguments are lists, tuples and dicts of tensors (a list of views, a batch dict):
+one graph input per tensor, and every product of archir (the lowered module, a supernet, the
+derived network, model.py, ONNX, the CLI's output directory) takes the same arguments."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import archir
+from archir.cli import main
+from archir.errors import UntraceableInputs, UserInputError
+from model_patterns import ContainerInputs, assert_same, random_like
+
+
+def _inputs():
+    return ([torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)],
+            {"mask": torch.randn(2, 1, 8, 8), "bias": [torch.randn(2, 2, 1, 1), torch.randn(2, 2, 1, 1)]})
+
+
+def test_each_tensor_is_an_input_reached_from_its_argument():
+    torch.manual_seed(0)
+    g = archir.trace(ContainerInputs().eval(), _inputs())
+    g.verify()
+    assert g.arguments == ["views", "extras"]
+    # extras["bias"][0] is not read: no input for it, but the argument keeps its structure
+    assert [g.junctions[j].input_label for j in g.inputs] == [
+        "views[0]", "views[1]", "extras['mask']", "extras['bias'][1]"]
+    assert "input views[0]" in str(g)
+    lowered = g.to_module()
+    assert "def forward(self, views, extras)" in lowered.code
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_round_trip_with_either_frontend(frontend):
+    torch.manual_seed(0)
+    model = ContainerInputs().eval()
+    g = archir.trace(model, _inputs(), frontend=frontend)
+    g.verify()
+    x = random_like(_inputs(), 1)
+    with torch.no_grad():
+        assert_same(model(*x), g.to_module().eval()(*x))
+
+
+class Unused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, a, unused, b):
+        return self.fc(a) + b[0]
+
+
+def test_an_argument_the_model_does_not_read_keeps_its_position():
+    torch.manual_seed(0)
+    model = Unused()
+    x = (torch.randn(2, 4), torch.randn(2, 4), [torch.randn(2, 4)])
+    lowered = archir.trace(model, x).to_module()
+    assert "def forward(self, a, unused, b)" in lowered.code
+    assert_same(model(*x), lowered(*x))
+
+
+@pytest.mark.parametrize("method", ["dnat", "dso"])
+def test_search_is_exact_at_initialisation_and_emits_model_py_and_onnx(method, tmp_path):
+    torch.manual_seed(0)
+    model = ContainerInputs().eval()
+    x = _inputs()
+    s = archir.search(model, x, method=method)
+    with torch.no_grad():
+        assert_same(model(*x), s.supernet.eval()(*x))
+        assert_same(model(*x), s.derive().eval()(*x))
+        # training mode (BatchNorm on the batch's statistics, updating its running ones): on copies
+        trained = copy.deepcopy(model).train()(*x)
+        assert not torch.equal(trained, model(*x))
+        assert_same(trained, copy.deepcopy(s.supernet).train()(*x))
+        assert_same(trained, s.derive().train()(*x))
+    files = s.emit(tmp_path / "out")
+    assert {"model.py", "weights.pt", "model.onnx"} <= set(files)
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert "def forward(self, views, extras)" in source and "views[0]" in source
+    # model.py alone, in a fresh interpreter, on new inputs
+    y = random_like(x, 2)
+    torch.save({"x": y, "ref": model(*y)}, tmp_path / "io.pt")
+    check = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(tmp_path / 'out')!r})
+        import model
+        io = torch.load({str(tmp_path / 'io.pt')!r})
+        got = model.load_model().eval()(*io["x"])
+        torch.testing.assert_close(got, io["ref"], rtol=1e-5, atol=1e-6)
+    """)
+    subprocess.run([sys.executable, "-c", check], check=True)
+
+
+def test_onnx_takes_one_input_per_tensor_named_after_its_place():
+    torch.manual_seed(0)
+    model = ContainerInputs().eval()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        report = archir.export_onnx(model, _inputs(), f"{d}/m.onnx")
+    assert report.passed
+    assert report.input_names == ["views_0", "views_1", "extras_mask", "extras_bias_0", "extras_bias_1"]
+
+
+@pytest.mark.parametrize("inputs, message", [
+    (([torch.randn(2, 4), 3],), r"input 0\[1\] is a int"),
+    (({"x": torch.randn(2, 4), "n": None},), r"input 0\['n'\] is a NoneType"),
+])
+def test_an_input_that_holds_something_else_than_tensors_is_one_clear_error(inputs, message):
+    with pytest.raises(UntraceableInputs, match=message + r".*submodule="):
+        archir.trace(Unused(), inputs)
+
+
+def test_inputs_without_a_tensor_are_refused():
+    with pytest.raises(UserInputError, match="hold no tensor"):
+        archir.trace(Unused(), ([], {}))
+
+
+MODEL_PY = '''
+import torch
+from torch import nn
+
+
+class Fusion(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rgb = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.depth = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.fuse = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 1, 1)
+
+    def forward(self, views):
+        x = self.rgb(views["rgb"]) + self.depth(views["depth"])
+        x = x + torch.relu(self.fuse(x))
+        return {"depth": self.head(x)}
+
+
+class Pairs(torch.utils.data.Dataset):
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.rgb, self.depth = torch.randn(n, 3, 8, 8, generator=g), torch.randn(n, 1, 8, 8, generator=g)
+
+    def __len__(self):
+        return len(self.rgb)
+
+    def __getitem__(self, i):
+        target = self.rgb[i].mean(0, keepdim=True) + 0.5 * self.depth[i]
+        return {"rgb": self.rgb[i], "depth": self.depth[i]}, target
+
+
+def build_model():
+    return Fusion()
+
+
+def example_input():
+    return ({"rgb": torch.randn(2, 3, 8, 8), "depth": torch.randn(2, 1, 8, 8)},)
+
+
+def data():
+    return Pairs(32, 0), Pairs(16, 1)
+
+
+def loss(output, target):
+    return nn.functional.smooth_l1_loss(output["depth"], target)
+'''
+
+
+def test_cli_transforms_a_model_that_takes_a_dict_and_export_rebuilds_its_inputs(tmp_path):
+    (tmp_path / "fusion.py").write_text(MODEL_PY)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["transform", str(tmp_path / "fusion.py"), "--out", str(out), "--epochs", "1",
+                                  "--batch-size", "8"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["example_inputs"] == [{"dict": {"rgb": {"shape": [2, 3, 8, 8], "dtype": "float32"},
+                                                  "depth": {"shape": [2, 1, 8, 8], "dtype": "float32"}}}]
+    assert "def forward(self, views)" in (out / "model.py").read_text()
+    r = CliRunner().invoke(main, ["export", str(out), "--onnx", str(tmp_path / "again.onnx")])
+    assert r.exit_code == 0, r.output
+    assert "matches PyTorch" in r.output
+
+
+def test_example_input_returning_a_bare_dict_says_how_to_pass_it(tmp_path):
+    (tmp_path / "fusion.py").write_text(MODEL_PY.replace(
+        'return ({"rgb": torch.randn(2, 3, 8, 8), "depth": torch.randn(2, 1, 8, 8)},)',
+        'return {"rgb": torch.randn(2, 3, 8, 8), "depth": torch.randn(2, 1, 8, 8)}'))
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "fusion.py")])
+    assert r.exit_code == 2
+    assert "return (the_dict,)" in r.output and "Traceback" not in r.output
