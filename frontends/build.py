@@ -23,7 +23,7 @@ from torch import nn
 
 from archir.errors import TraceError, UserInputError
 from archir.ir import (CONCAT_TARGETS, IN, PRODUCT_TARGETS, SUM_TARGETS, Combine, Edge, Graph, Junction,
-                       JunctionRef, Op, Operand, TensorMeta, fetch_attr)
+                       JunctionRef, ObjectMeta, Op, Operand, TensorMeta, fetch_attr)
 from archir.ir.costs import ATEN_RNN, counted_by_costs, function_flops, module_flops, rnn_flops
 from archir.ir.graph import SharedNames, _flatten
 from archir.modes import eval_mode
@@ -42,20 +42,28 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _CONTAINER_NAMES = {"Sequential", "ModuleList", "ModuleDict"}
 
 
-def _describe(value: Any):
-    """A value's :data:`~archir.ir.Meta`: a tensor, or a (possibly nested) tuple of tensors.
+def _describe(value: Any, depth: int = 0):
+    """A value's :data:`~archir.ir.Meta`: a tensor, a (possibly nested) tuple of tensors, or an
+    opaque object holding tensors.
 
     Nested tuples are what recurrent layers return (``nn.LSTM``: ``(out, (h, c))``). Items that
     are not tensors are None (``nn.MultiheadAttention(..., need_weights=False)``: ``(out, None)``;
     torchvision's MViT helper ``_unsqueeze``: ``(x, ndim)``), as long as the tuple holds a tensor:
-    the tuple is dataflow, and its other items are read like sizes. Anything else (sizes, Python
-    numbers) is not dataflow: None.
+    the tuple is dataflow, and its other items are read like sizes. A dict or an object that
+    holds tensors (torchvision's ``ImageList``, a detection dict) is an :class:`ObjectMeta`.
+    Anything else (sizes, Python numbers) is not dataflow: None.
     """
     if isinstance(value, torch.Tensor):
         return TensorMeta.of(value)
+    if depth > 8:
+        return None
     if isinstance(value, (tuple, list)) and value and not isinstance(value, torch.Size):
-        items = [_describe(v) for v in value]
+        items = [_describe(v, depth + 1) for v in value]
         return tuple(items) if any(m is not None for m in items) else None
+    if isinstance(value, dict) or (hasattr(value, "__dict__") and not isinstance(value, (nn.Module, type))):
+        items = value.values() if isinstance(value, dict) else vars(value).values()
+        if any(_describe(v, depth + 1) is not None for v in items):
+            return ObjectMeta(type(value).__name__)
     return None
 
 
@@ -206,7 +214,7 @@ class _Builder:
             consumers = {c for c, _ in us}
             n_data = sum(1 for _, k in us if k == "data")
             single = len(consumers) == 1 and n_data == 1 and next(iter(consumers)).op != "output"
-            if t.op == "placeholder" or isinstance(meta, tuple) or len(self.data_occ[t]) >= 2 or not single:
+            if t.op == "placeholder" or isinstance(meta, (tuple, ObjectMeta)) or len(self.data_occ[t]) >= 2 or not single:
                 junctions.add(t)
         # layer granularity: cut after an activation that follows a weighted operation
         weighted: dict[fx.Node, bool] = {}

@@ -36,6 +36,7 @@ from archir.ir import fetch_attr
 from archir.layers import STANDALONE_CLASSES
 
 from .mode_dropout import dropout_to_modules, trace_following_modes
+from .value_trace import value_trace
 
 
 def is_torch_leaf(module: nn.Module) -> bool:
@@ -57,7 +58,8 @@ class _LeafTracer(fx.Tracer):
         return qualname in self.extra_leaves or is_torch_leaf(m)
 
 
-def fx_trace(root: nn.Module, leaves: Iterable[str] = (), inputs: Sequence | None = None) -> fx.Graph:
+def fx_trace(root: nn.Module, leaves: Iterable[str] = (), inputs: Sequence | None = None,
+             with_values: bool = False) -> fx.Graph:
     """Symbolically trace ``root`` (its tensor constants are registered on ``root`` itself).
 
     With ``inputs`` (the positional arguments of a call), an argument that is a list, tuple or
@@ -65,11 +67,18 @@ def fx_trace(root: nn.Module, leaves: Iterable[str] = (), inputs: Sequence | Non
     the given ones that have a default (timm's ``forward(x, attn_mask=None)``) are traced at that
     default, as such a call would see them, instead of becoming inputs. The graph's placeholders
     are the tensors of ``inputs`` in ``pytree`` order; it has fx's plain code generator.
+    ``with_values``: trace with :class:`.value_trace.ValueTracer` (needs ``inputs``), which lets
+    the model's code ask for the length of lists, tuples and sizes.
     """
     n_inputs = None if inputs is None else len(inputs)
     concrete = _defaults_after(root, n_inputs) if n_inputs is not None else {}
     structured = _structured_args(root, inputs) if inputs is not None else {}
-    graph = _LeafTracer(leaves).trace(root, concrete_args={**concrete, **structured} or None)
+    if with_values:
+        extra = set(leaves)
+        graph = value_trace(root, lambda path, m: path in extra or is_torch_leaf(m), {**concrete, **structured},
+                            pytree.tree_leaves(tuple(inputs)))
+    else:
+        graph = _LeafTracer(leaves).trace(root, concrete_args={**concrete, **structured} or None)
     if isinstance(graph._codegen, fx.graph._PyTreeCodeGen):
         _plain_codegen(graph)
     n_flat = len(pytree.tree_leaves(tuple(inputs))) if inputs is not None else 0
@@ -117,7 +126,8 @@ def _plain_codegen(graph: fx.Graph) -> None:
     graph._codegen = fx.graph.CodeGen()
 
 
-def fx_trace_following_modes(root: nn.Module, inputs: Sequence, leaves: Iterable[str] = ()) -> fx.Graph:
+def fx_trace_following_modes(root: nn.Module, inputs: Sequence, leaves: Iterable[str] = (),
+                             with_values: bool = False) -> fx.Graph:
     """:func:`fx_trace`, with the functional dropout of modules that read ``self.training``
     marked to follow the mode (:func:`.mode_dropout.trace_following_modes`; symbolic tracing
     reads the flag at trace time). Such models are traced a second time, their readers in the
@@ -133,7 +143,7 @@ def fx_trace_following_modes(root: nn.Module, inputs: Sequence, leaves: Iterable
     def trace() -> fx.Graph:
         for name in set(vars(root)) - before:
             delattr(root, name)  # an earlier trace's: this one names its own from 0 again
-        graph = fx_trace(root, leaves, inputs)
+        graph = fx_trace(root, leaves, inputs, with_values)
         constants[id(graph)] = {name: vars(root)[name] for name in set(vars(root)) - before}
         return graph
 

@@ -160,7 +160,7 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
     root = _traceable_copy(model)
     leaves = list(leaf_modules)
     _check_leaf_paths(model, leaves)
-    fx_exc = fx_root = None
+    fx_exc = None
     graph, out_spec, used = None, None, frontend
     if frontend in ("auto", "fx"):
         try:
@@ -170,7 +170,7 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
         except Exception as exc:  # noqa: BLE001 - any tracer failure sends us to the fallback
             if frontend == "fx":
                 raise trace_failure(name, exc, exc, largest_parts(model)) from exc
-            fx_exc, fx_root, graph = exc, root, None  # functionalize may have failed on a traced graph
+            fx_exc, graph = exc, None  # functionalize may have failed on a traced graph
             root = _traceable_copy(model)  # a failed trace may have left constants on the copy
     auto: dict[str, str] = {}
     if graph is None:
@@ -182,7 +182,7 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
             _check_runs(model, inputs, name)  # a bad example input explains the failure best
             if frontend != "auto":
                 raise trace_failure(name, fx_exc or exc, exc, largest_parts(model)) from exc
-            root, graph, auto = _fx_with_auto_leaves(model, fx_root, name, leaves, fx_exc, exc, inputs)
+            root, graph, auto = _fx_with_auto_leaves(model, name, leaves, fx_exc, exc, inputs)
             used = "fx"
     _register_constants(root, graph)
     dropout_to_modules(graph, root)  # fx's functional dropout marked to follow the mode (export's is done)
@@ -202,6 +202,55 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
     if groups:
         assign_groups(g, groups)
     return g
+
+
+def _check_follows_modes(model: nn.Module, root: nn.Module, graph: fx.Graph, inputs: tuple,
+                         fx_exc: BaseException, export_exc: BaseException, auto: dict | None = None) -> None:
+    """Keep a graph traced with values (:mod:`.value_trace`) only where it computes what the
+    model computes, bit for bit, on the example inputs in eval and in training mode: the trace
+    fixed every Python condition of the model's own code at the example's answers, and
+    ``self.training`` is one (a detector returns its losses in training mode and needs targets
+    there). Raises :class:`TraceError` saying which mode differs."""
+    copied = fx.Graph()
+    copied.output(copied.graph_copy(graph, {}))  # a GraphModule would take ownership of ``graph``
+    traced = fx.GraphModule(root, copied)  # shares root's modules
+    name = type(model).__name__
+    modes = {m: m.training for m in root.modules()}
+    saved = [(b, b.clone()) for b in root.buffers()]  # training mode updates running statistics
+    try:
+        for training in (False, True):
+            problem = None
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                try:
+                    expected = _traceable_copy(model).train(training)(*inputs)
+                except Exception as exc:  # noqa: BLE001 - the model's own failure, reported below
+                    problem = (f"{name} itself fails in {'training' if training else 'eval'} mode on the example "
+                               f"inputs ({first_line(exc)}), so the graph cannot be checked there")
+                else:
+                    torch.manual_seed(0)
+                    if not _same_values(expected, traced.train(training)(*pytree.tree_leaves(inputs))):
+                        problem = (f"the graph traced through {name}'s own code differs from it in "
+                                   f"{'training' if training else 'eval'} mode (its forward depends on the mode)")
+            if problem is not None:
+                err = trace_failure(name, fx_exc, export_exc, largest_parts(model))
+                kept = f" with {len(auto)} submodule(s) opaque" if auto else ""
+                err.args = (f"{err.args[0]} Tracing it with values{kept} got through, but {problem}.",)
+                raise err
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+        for m, training in modes.items():
+            m.training = training
+
+
+def _same_values(a, b) -> bool:
+    la, sa = pytree.tree_flatten(a)
+    lb, sb = pytree.tree_flatten(b)
+    return sa == sb and all(
+        (torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y)
+        for x, y in zip(la, lb))
 
 
 def _record_input_paths(g: Graph, model: nn.Module, paths: dict[str, tuple]) -> None:
@@ -236,22 +285,31 @@ def _check_leaf_paths(model: nn.Module, leaves: list[str]) -> None:
                              f"{children}); give dotted paths as in model.named_modules()")
 
 
-def _fx_with_auto_leaves(model: nn.Module, fx_root: nn.Module, name: str, leaves: list[str],
+def _fx_with_auto_leaves(model: nn.Module, name: str, leaves: list[str],
                          fx_exc: BaseException, export_exc: BaseException,
                          inputs: tuple[torch.Tensor, ...]) -> tuple[nn.Module, fx.Graph, dict[str, str]]:
-    """Both tracers failed on the whole model: symbolic tracing again, keeping opaque (as one
-    ``call_module`` operation) each submodule that symbolic tracing cannot follow.
+    """Both tracers failed on the whole model: symbolic tracing again, knowing values
+    (:mod:`.value_trace`), and keeping opaque (as one ``call_module`` operation) each submodule
+    that it cannot follow.
 
     The module to keep opaque is the innermost submodule whose code was running when tracing
     failed (a frame of the traceback whose ``self`` is that module); when keeping it opaque does
     not get past the failure, the next one out is taken. Returns the traced root, its graph and
-    ``{path: reason}`` for every submodule made opaque (``fx_root``: the copy that ``fx_exc`` was
-    raised on). Raises :class:`TraceError` (naming both
+    ``{path: reason}`` for every submodule made opaque. Raises :class:`TraceError` (naming both
     first failures) when the failure is in the root's own code or after ``MAX_AUTO_LEAVES``.
     """
     auto: dict[str, str] = {}
-    exc, root = fx_exc, fx_root  # the copy symbolic tracing failed on (its frames name its modules)
     export_note = f"torch.export on the whole model: {first_line(export_exc)}"
+    root = _traceable_copy(model)
+    try:  # glue code that asks for lengths (a detector's) traces once values are known
+        graph = fx_trace_following_modes(root, inputs, leaves, with_values=True)
+        functionalize(graph, root)
+        _check_follows_modes(model, root, graph, inputs, fx_exc, export_exc)
+        return root, graph, auto
+    except TraceError:
+        raise
+    except Exception as value_exc:  # noqa: BLE001
+        exc = value_exc  # raised on ``root``: its frames name the modules of that copy
     for _attempt in range(MAX_AUTO_LEAVES + 1):
         if isinstance(exc, UnsafeMutation):  # an in-place update of a view, found after tracing
             candidates = list(getattr(exc, "modules", []))
@@ -272,9 +330,11 @@ def _fx_with_auto_leaves(model: nn.Module, fx_root: nn.Module, name: str, leaves
         auto[path] = f"torch.fx: {first_line(exc)}" + (f" at {loc}" if loc else "") + f"; {export_note}"
         root = _traceable_copy(model)  # a failed trace may have left constants on the copy
         try:
-            graph = fx_trace_following_modes(root, inputs, leaves + list(auto))
+            graph = fx_trace_following_modes(root, inputs, leaves + list(auto), with_values=True)
             functionalize(graph, root)
-            return root, graph, auto
         except Exception as retry_exc:  # noqa: BLE001
             exc = retry_exc
+            continue
+        _check_follows_modes(model, root, graph, inputs, fx_exc, export_exc, auto)
+        return root, graph, auto
     raise AssertionError("unreachable")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archir.ir import Edge, Graph, Input, Op
+from archir.ir import Edge, Graph, Input, ObjectMeta, Op
 
 from .base import Pass, PassResult
 from .edge_choice import _theta_of, choice_weights
@@ -216,7 +216,7 @@ def _previous_op(graph: Graph, edge, index: int) -> Op | None:
         seen.add(jid)
         j = graph.junctions[jid]
         ins = graph.in_edges(jid)
-        if j.is_input or j.combine is not None or len(ins) != 1 or isinstance(j.meta, tuple):
+        if j.is_input or j.combine is not None or len(ins) != 1 or isinstance(j.meta, (tuple, ObjectMeta)):
             return None
         if ins[0].ops:
             return ins[0].ops[-1]
@@ -255,7 +255,7 @@ class FoldIdentities(Pass):
             if dst.combine is not None or dst.is_input or len(graph.in_edges(dst.id)) != 1:
                 continue
             src = graph.junctions[e.src]
-            if isinstance(src.meta, tuple):
+            if isinstance(src.meta, (tuple, ObjectMeta)):
                 continue
             graph.remove_edge(e.id)
             graph.replace_junction_uses(dst.id, src.id)

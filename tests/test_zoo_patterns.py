@@ -6,6 +6,7 @@ in ``graph.leaves`` with the reason. torchvision and timm are used only when ins
 """
 from __future__ import annotations
 
+import copy
 import pickle
 
 import pytest
@@ -17,7 +18,7 @@ from archir.errors import TraceError
 from archir.passes.base import PassManager
 from archir.passes.edge_choice import EdgeChoice, valid_choices
 from model_patterns import (FunctionalBatchStats, FunctionalDropoutMlp, PreNormBlock, SdpaDropoutAttention,
-                            same_outputs_in_both_modes, same_under_seed)
+                            assert_same, same_outputs_in_both_modes, same_under_seed)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -917,6 +918,120 @@ def test_helper_results_with_plain_values_and_in_place_arguments():
     PassManager([EdgeChoice("full")])(graph)
     with torch.no_grad():
         assert torch.equal(graph.to_module().eval()(x), model(x))
+
+
+class ImageBatch:
+    """Like torchvision's ``ImageList``: a batch tensor and each image's size, not a tensor."""
+
+    def __init__(self, tensors, image_sizes):
+        self.tensors, self.image_sizes = tensors, image_sizes
+
+
+class ToBatch(nn.Module):
+    """Like ``GeneralizedRCNNTransform``: a list of images in, an ImageBatch out; branches on values."""
+
+    def forward(self, images):
+        if images[0].abs().max() > 10:  # a value condition: no tracer follows it
+            images = [i / 255 for i in images]
+        batch = torch.stack([nn.functional.interpolate(i[None], size=(8, 8))[0] for i in images])
+        return ImageBatch(batch, [tuple(i.shape[-2:]) for i in images])
+
+
+class KeepConfident(nn.Module):
+    """Like the RPN and ROI heads: a data-dependent number of detections per image, as dicts."""
+
+    def forward(self, features, batch):
+        out = []
+        for i in range(len(batch.image_sizes)):
+            scores = features[i].mean(0).flatten()
+            n = int((scores > 0).sum())  # how many depends on the data
+            out.append({"scores": scores.topk(max(n, 1)).values, "size": torch.tensor(batch.image_sizes[i])})
+        return out
+
+
+class DetectorGlue(nn.Module):
+    """A detector's own forward: Python glue around opaque parts. It reads each image's size,
+    unpacks what the opaque parts return and writes into their output (the postprocess); its
+    backbone is residual and searchable. ``by_mode``: in training mode it returns a loss, as a
+    torchvision detector does."""
+
+    def __init__(self, by_mode=False):
+        super().__init__()
+        self.by_mode = by_mode
+        self.transform = ToBatch()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.heads = KeepConfident()
+
+    def forward(self, images):
+        original_sizes = []
+        for img in images:
+            size = img.shape[-2:]
+            torch._assert(len(size) == 2, "images are (C, H, W)")
+            original_sizes.append((size[0], size[1]))
+        batch = self.transform(images)
+        x = torch.relu(self.stem(batch.tensors))
+        x = x + self.block(x)
+        detections = self.heads(x, batch)
+        if self.by_mode and self.training:
+            return {"loss": sum(d["scores"].sum() for d in detections)}
+        for d, (h, w) in zip(detections, original_sizes):
+            d["scores"] = d["scores"] * (h / 8) + w  # back to the input's scale
+        return detections
+
+
+def _glue_images(*sizes):
+    return [torch.randn(3, h, w) for h, w in sizes]
+
+
+def test_detector_glue_traces_whole_with_its_opaque_parts_and_follows_the_input_size():
+    torch.manual_seed(0)
+    model = DetectorGlue().eval()
+    images = _glue_images((12, 10), (9, 14))
+    g = archir.trace(model, (images,))
+    g.verify()
+    assert set(g.leaves) == {"transform", "heads"}
+    assert "ImageBatch" in str(g)  # the batch object is a junction between the opaque parts
+    lowered = g.to_module().eval()
+    with torch.no_grad():
+        for xs in (images, _glue_images((20, 6), (7, 7))):  # other sizes: nothing fixed at the example's
+            assert_same(model(xs), lowered(xs))
+        lowered.train()
+        model.train()
+        for xs in (images, _glue_images((5, 11), (16, 8))):
+            assert_same(model(xs), lowered(xs))
+
+
+@pytest.mark.parametrize("method", ["dnat", "dso"])
+def test_detector_glue_search_starts_exact_in_both_modes(method):
+    torch.manual_seed(0)
+    model = DetectorGlue().eval()
+    images = _glue_images((12, 10), (9, 14))
+    s = archir.search(model, (images,), method=method)
+    assert s.decisions()  # the backbone's residual branch is searchable
+    with torch.no_grad():
+        assert_same(model(images), s.supernet.eval()(images))
+        assert_same(model(images), s.derive().eval()(images))
+        expected = copy.deepcopy(model).train()(images)
+        assert_same(expected, copy.deepcopy(s.supernet).train()(images))
+
+
+def test_detector_glue_whose_forward_depends_on_the_mode_is_refused_with_the_reason():
+    torch.manual_seed(0)
+    with pytest.raises(TraceError, match=r"Tracing it with values with 2 submodule\(s\) opaque got through, "
+                                         r"but the graph .* differs from it in training mode"):
+        archir.trace(DetectorGlue(by_mode=True).eval(), (_glue_images((12, 10), (9, 14)),))
+
+
+def test_value_tracing_refuses_what_depends_on_the_data():
+    from archir.frontends.value_trace import value_trace
+
+    class IterTensor(nn.Module):
+        def forward(self, x):
+            return sum(row for row in x)  # as many rows as the input has: refused
+
+    with pytest.raises(Exception, match="depends on the data"):
+        value_trace(IterTensor(), lambda p, m: False, {}, [torch.randn(3, 4)])
 
 
 # ---- the real zoos, when installed (not in CI) ---------------------------------------------------

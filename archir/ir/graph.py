@@ -89,7 +89,19 @@ _DTYPE_SHORT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf1
 
 # A value's meta: one tensor, or a tuple of tensors (operations with several outputs), possibly
 # nested (``nn.LSTM`` returns ``(out, (h, c))``) and with None items (values that are None, or not tensors).
-Meta = TensorMeta | tuple["Meta", ...] | None
+@dataclass(frozen=True)
+class ObjectMeta:
+    """A value that is not a tensor but holds tensors (torchvision's ``ImageList``, a dict of
+    boxes and scores), passed between opaque operations and read by the model's own code. Passes
+    search no edge into or out of such a value; it is a junction like a tuple."""
+
+    type_name: str
+
+    def __str__(self) -> str:
+        return self.type_name
+
+
+Meta = TensorMeta | ObjectMeta | tuple["Meta", ...] | None
 
 
 def meta_str(meta: Meta) -> str:
@@ -586,7 +598,7 @@ class Graph:
             roles.append("input")
         if j.combine is not None:
             roles.append(j.combine.kind)
-        if isinstance(j.meta, tuple):
+        if isinstance(j.meta, (tuple, ObjectMeta)):
             roles.append("multi")
         if len(self._out[jid]) >= 2:
             roles.append("fork")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 
 import networkx as nx
 from archir.errors import IRError
-from .graph import Input, JunctionRef, Operand, TensorMeta, _flatten
+from .graph import Input, JunctionRef, ObjectMeta, Operand, TensorMeta, _flatten
 
 if TYPE_CHECKING:
     from .graph import Graph
@@ -112,7 +112,7 @@ def check_shapes(g: "Graph") -> None:
     """Edges start with their source's value; sum joins' operands broadcast to the junction."""
     for e in g.edges.values():
         src = g.junctions[e.src]
-        if not e.ops and e.out_meta != src.meta and not isinstance(src.meta, tuple):
+        if not e.ops and e.out_meta != src.meta and not isinstance(src.meta, (tuple, ObjectMeta)):
             _fail("empty edges carry their source's value", f"edge {e.id}: {e.out_meta} vs {src.meta}")
         if e.in_meta is not None and src.meta is not None and e.in_meta != src.meta:
             _fail("edge input matches its source", f"edge {e.id}: {e.in_meta} vs {src.meta} of {src.id}")
