@@ -28,6 +28,7 @@ from archir.ir.costs import ATEN_RNN, counted_by_costs, function_flops, module_f
 from archir.ir.graph import SharedNames, _flatten
 from archir.modes import eval_mode
 
+from .mode_split import ByMode
 from .normalize import isolate_mutating_calls
 
 _ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
@@ -89,6 +90,9 @@ class _Recorder(fx.Interpreter):
         else:
             result = super().run_node(n)
         self.metas[n] = _describe(result)
+        if n.op == "call_module" and isinstance(self.fetch_attr(n.target), ByMode) and self.metas[n] is not None:
+            # what it returns depends on the mode (losses or detections): one opaque value
+            self.metas[n] = ObjectMeta(type(result).__name__)
         changed = [(a, result is self.env[a]) for a, v in versions.items() if self.env[a]._version != v]
         if changed:
             self.mutated[n] = changed

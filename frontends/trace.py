@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import inspect
 from typing import Callable, Iterable
@@ -18,9 +19,10 @@ from archir.modes import eval_mode
 from archir.task import describe
 
 from .build import assign_groups, build_graph
-from .capture import (export_trace, failing_modules, first_line, fx_trace_following_modes, is_torch_leaf,
-                      largest_parts, trace_failure, user_location)
+from .capture import (export_trace, failing_modules, first_line, fx_trace, fx_trace_following_modes,
+                      is_torch_leaf, largest_parts, trace_failure, user_location)
 from .mode_dropout import dropout_to_modules
+from .mode_split import merge_modes
 from .normalize import UnsafeMutation, functionalize
 
 GRANULARITIES = ("layer", "block")
@@ -204,39 +206,77 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
     return g
 
 
-def _check_follows_modes(model: nn.Module, root: nn.Module, graph: fx.Graph, inputs: tuple,
-                         fx_exc: BaseException, export_exc: BaseException, auto: dict | None = None) -> None:
+def _check_follows_modes(model: nn.Module, root: nn.Module, graph: fx.Graph, inputs: tuple, leaves: list[str],
+                         fx_exc: BaseException, export_exc: BaseException, auto: dict | None = None) -> fx.Graph:
     """Keep a graph traced with values (:mod:`.value_trace`) only where it computes what the
     model computes, bit for bit, on the example inputs in eval and in training mode: the trace
     fixed every Python condition of the model's own code at the example's answers, and
-    ``self.training`` is one (a detector returns its losses in training mode and needs targets
-    there). Raises :class:`TraceError` saying which mode differs."""
+    ``self.training`` is one. Where only the other mode differs (a detector returns its losses in
+    training mode), the model is traced in that mode too and the two graphs share all but their
+    ends (:mod:`.mode_split`). Returns the graph; raises :class:`TraceError` saying what differs."""
+    problem = _mode_problem(model, root, graph, inputs)
+    if problem is not None and problem[2]:
+        # the model runs in that mode but computes something else: trace each mode, and merge
+        traced = {}
+        try:
+            with _state_kept(root), torch.random.fork_rng(devices=[]):
+                for training in (True, False):
+                    traced[training] = fx_trace(root.train(training), leaves, inputs, with_values=True)
+        except Exception as exc:  # noqa: BLE001 - reported with the first problem below
+            problem = (problem[0], problem[1] + f"; tracing it in each mode failed ({first_line(exc)})", False)
+        if len(traced) == 2:
+            try:
+                graph = merge_modes(root, traced[True], traced[False])
+                functionalize(graph, root)
+                problem = _mode_problem(model, root, graph, inputs)
+            except ValueError as exc:
+                problem = (problem[0], problem[1] + f"; the two modes' graphs do not merge ({exc})", False)
+    if problem is not None:
+        name = type(model).__name__
+        err = trace_failure(name, fx_exc, export_exc, largest_parts(model))
+        kept = f" with {len(auto)} submodule(s) opaque" if auto else ""
+        err.args = (f"{err.args[0]} Tracing it with values{kept} got through, but {problem[1]}.",)
+        raise err
+    return graph
+
+
+def _mode_problem(model: nn.Module, root: nn.Module, graph: fx.Graph, inputs: tuple) -> tuple | None:
+    """None where ``graph`` (over ``root``, flat inputs) gives the model's outputs in both modes
+    (the same seed before each call), else ``(training, why, the model runs in that mode)``."""
     copied = fx.Graph()
     copied.output(copied.graph_copy(graph, {}))  # a GraphModule would take ownership of ``graph``
     traced = fx.GraphModule(root, copied)  # shares root's modules
     name = type(model).__name__
-    modes = {m: m.training for m in root.modules()}
-    saved = [(b, b.clone()) for b in root.buffers()]  # training mode updates running statistics
-    try:
-        for training in (False, True):
-            problem = None
+    with _state_kept(root):
+        for training in (root.training, not root.training):
+            mode = "training" if training else "eval"
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 try:
                     expected = _traceable_copy(model).train(training)(*inputs)
-                except Exception as exc:  # noqa: BLE001 - the model's own failure, reported below
-                    problem = (f"{name} itself fails in {'training' if training else 'eval'} mode on the example "
-                               f"inputs ({first_line(exc)}), so the graph cannot be checked there")
-                else:
-                    torch.manual_seed(0)
-                    if not _same_values(expected, traced.train(training)(*pytree.tree_leaves(inputs))):
-                        problem = (f"the graph traced through {name}'s own code differs from it in "
-                                   f"{'training' if training else 'eval'} mode (its forward depends on the mode)")
-            if problem is not None:
-                err = trace_failure(name, fx_exc, export_exc, largest_parts(model))
-                kept = f" with {len(auto)} submodule(s) opaque" if auto else ""
-                err.args = (f"{err.args[0]} Tracing it with values{kept} got through, but {problem}.",)
-                raise err
+                except Exception as exc:  # noqa: BLE001 - the model's own failure
+                    return (training, f"{name} itself fails in {mode} mode on the example inputs "
+                                      f"({first_line(exc)}), so the graph cannot be checked there", False)
+                torch.manual_seed(0)
+                try:
+                    same = _same_values(expected, traced.train(training)(*pytree.tree_leaves(inputs)))
+                    failure = ""
+                except Exception as exc:  # noqa: BLE001 - the graph's failure is the difference
+                    same, failure = False, f"; the graph fails: {first_line(exc)}"
+                if not same:
+                    return (training, f"the graph traced through {name}'s own code differs from it in {mode} "
+                                      f"mode (its forward depends on the mode{failure})", True)
+    return None
+
+
+@contextlib.contextmanager
+def _state_kept(root: nn.Module):
+    """Put back every module's mode and every buffer of ``root`` afterwards (a training-mode run
+    updates running statistics)."""
+    modes = {m: m.training for m in root.modules()}
+    saved = [(b, b.clone()) for b in root.buffers()]
+    try:
+        yield
     finally:
         with torch.no_grad():
             for b, value in saved:
@@ -304,7 +344,7 @@ def _fx_with_auto_leaves(model: nn.Module, name: str, leaves: list[str],
     try:  # glue code that asks for lengths (a detector's) traces once values are known
         graph = fx_trace_following_modes(root, inputs, leaves, with_values=True)
         functionalize(graph, root)
-        _check_follows_modes(model, root, graph, inputs, fx_exc, export_exc)
+        graph = _check_follows_modes(model, root, graph, inputs, leaves, fx_exc, export_exc)
         return root, graph, auto
     except TraceError:
         raise
@@ -335,6 +375,6 @@ def _fx_with_auto_leaves(model: nn.Module, name: str, leaves: list[str],
         except Exception as retry_exc:  # noqa: BLE001
             exc = retry_exc
             continue
-        _check_follows_modes(model, root, graph, inputs, fx_exc, export_exc, auto)
+        graph = _check_follows_modes(model, root, graph, inputs, leaves + list(auto), fx_exc, export_exc, auto)
         return root, graph, auto
     raise AssertionError("unreachable")

@@ -103,7 +103,9 @@ class ValueTracer(fx.Tracer):
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if kind == "placeholder":
-            self.values[node] = next(self._placeholder_values, None) if not args else args[0]
+            # the example tensors come first (signature order); then the defaults that the call
+            # leaves out, specialised (fx passes the default as the placeholder's argument)
+            self.values[node] = next(self._placeholder_values, args[0] if args else None)
         elif kind != "output":
             self.values[node] = self._evaluate(node)
         return node

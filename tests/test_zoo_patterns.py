@@ -1016,11 +1016,42 @@ def test_detector_glue_search_starts_exact_in_both_modes(method):
         assert_same(expected, copy.deepcopy(s.supernet).train()(images))
 
 
-def test_detector_glue_whose_forward_depends_on_the_mode_is_refused_with_the_reason():
+def test_detector_glue_that_returns_a_loss_in_training_mode_is_one_graph_for_both_modes():
+    """Traced in each mode, the two graphs share all but their ends (mode_split.ByMode)."""
     torch.manual_seed(0)
+    model = DetectorGlue(by_mode=True).eval()
+    images = _glue_images((12, 10), (9, 14))
+    g = archir.trace(model, (images,))
+    g.verify()
+    assert "other<archir_by_mode>" in str(g)
+    lowered = g.to_module()
+    with torch.no_grad():
+        for training in (False, True):  # detections, then the loss
+            model.train(training)
+            lowered.train(training)
+            for xs in (images, _glue_images((20, 6), (7, 7))):
+                assert_same(model(xs), lowered(xs))
+    assert isinstance(model.train()(images), dict)
+    s = archir.search(model.eval(), (images,), method="dnat")
+    with torch.no_grad():
+        assert_same(model(images), s.supernet.eval()(images))
+        assert_same(copy.deepcopy(model).train()(images), copy.deepcopy(s.supernet).train()(images))
+
+
+class NeedsTargets(DetectorGlue):
+    """Fails in training mode without targets, as a torchvision detector does."""
+
+    def forward(self, images):
+        if self.training:
+            raise RuntimeError("give targets in training mode")
+        return super().forward(images)
+
+
+def test_a_graph_that_cannot_be_checked_in_training_mode_is_refused_with_the_reason():
     with pytest.raises(TraceError, match=r"Tracing it with values with 2 submodule\(s\) opaque got through, "
-                                         r"but the graph .* differs from it in training mode"):
-        archir.trace(DetectorGlue(by_mode=True).eval(), (_glue_images((12, 10), (9, 14)),))
+                                         r"but NeedsTargets itself fails in training mode on the example inputs "
+                                         r"\(RuntimeError: give targets in training mode\)"):
+        archir.trace(NeedsTargets().eval(), (_glue_images((12, 10), (9, 14)),))
 
 
 def test_value_tracing_refuses_what_depends_on_the_data():
