@@ -503,6 +503,8 @@ def _export_dynamo(module, args, f, input_names, output_names, opset, dynamic_ba
     if dynamic_batch:
         batch = torch.export.Dim("batch")
         dynamic_shapes = tuple({0: batch} for _ in args)
+        if isinstance(module, _FlatArguments):  # ``forward(*tensors)``: one varargs parameter
+            dynamic_shapes = (dynamic_shapes,)
     with _quiet_loggers("torch.onnx._internal.exporter._registration"), warnings.catch_warnings():
         # several inputs share the one batch Dim, which is what we want; torch warns about it anyway
         warnings.filterwarnings("ignore", message=".*shares the same shape constraints", category=UserWarning)

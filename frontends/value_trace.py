@@ -18,6 +18,7 @@ built), so the glue can ask for the *structure* of a value, never for its data:
 
 The graph still computes sizes symbolically (``original_image_sizes`` follow the input's size);
 only lengths of lists and tuples are fixed, as they are in the traced code's own structure.
+Tracing holds every value of one forward until it ends: the memory of all its activations.
 """
 from __future__ import annotations
 
@@ -159,4 +160,7 @@ def value_trace(root: nn.Module, is_leaf, concrete_args: dict, flat_inputs: Iter
     and specialised defaults; ``flat_inputs``: the example tensors in placeholder order)."""
     tracer = ValueTracer(is_leaf, list(flat_inputs))
     tracer.root = root
-    return tracer.trace(root, concrete_args=concrete_args or None)
+    try:
+        return tracer.trace(root, concrete_args=concrete_args or None)
+    finally:
+        tracer.values.clear()  # every value of one forward: release them now, not with the tracer
