@@ -32,6 +32,7 @@ mismatch is one clear error line instead of a traceback deep inside the training
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -164,6 +165,17 @@ def describe(obj: Any) -> str:
     if isinstance(obj, (int, float, bool)) or obj is None:
         return repr(obj)
     return type(obj).__name__
+
+
+def argument_names(module: nn.Module, count: int) -> list[str]:
+    """The names of ``module.forward``'s first ``count`` positional parameters (``input_<i>``
+    where it has fewer, or takes ``*args``): what traced and exported inputs are named after."""
+    try:
+        params = [p.name for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    return [params[i] if i < len(params) else f"input_{i}" for i in range(count)]
 
 
 def _describe_inputs(args: tuple, kwargs: dict) -> str:

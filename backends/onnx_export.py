@@ -66,7 +66,6 @@ import io
 import logging
 import os
 import re
-import inspect
 import shutil
 import sys
 import tempfile
@@ -84,6 +83,7 @@ from onnx import external_data_helper
 from archir.errors import ArchirError, UserInputError
 from archir.fileio import _umask, atomic_path
 from archir.modes import eval_mode
+from archir.task import argument_names
 
 __all__ = [
     "OnnxReport",
@@ -913,15 +913,10 @@ def _flat_arguments(module: nn.Module, args: tuple) -> tuple[nn.Module, tuple, l
         bad = next(path for path, t in pairs if not isinstance(t, torch.Tensor))
         raise TypeError(f"example input {bad[0].idx}{pytree.keystr(bad[1:])} is not a tensor: an ONNX "
                         "model's inputs are tensors")
-    try:
-        params = [p.name for p in inspect.signature(module.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
-        params = []
+    params = argument_names(module, len(args))
 
     def name(path) -> str:
-        position = path[0].idx
-        parts = [params[position] if position < len(params) else f"input_{position}"]
+        parts = [params[path[0].idx]]
         parts += [str(k.idx if isinstance(k, pytree.SequenceKey) else getattr(k, "key", getattr(k, "name", k)))
                   for k in path[1:]]
         return re.sub(r"\W", "_", "_".join(parts))

@@ -4,7 +4,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
-import inspect
 from typing import Callable, Iterable
 
 import torch
@@ -16,7 +15,7 @@ from archir.errors import TraceError, UntraceableInputs, UserInputError
 from archir.ir import Graph
 from archir.layers import stochastic_depth_for
 from archir.modes import eval_mode
-from archir.task import describe
+from archir.task import argument_names, describe
 
 from .build import assign_groups, build_graph
 from .capture import (export_trace, failing_modules, first_line, fx_trace, fx_trace_following_modes,
@@ -298,21 +297,14 @@ def _record_input_paths(g: Graph, model: nn.Module, paths: dict[str, tuple]) -> 
     the argument of ``model.forward`` it is part of and the keys that reach it there
     (:attr:`Junction.input_path`), for inputs inside lists, tuples and dicts.
     ``paths``: each placeholder's ``(position, key, ...)`` (an unused one has no junction)."""
-    try:
-        params = [p.name for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
-        params = []
-    n_args = 1 + max((p[0] for p in paths.values()), default=-1)
     # every argument, used or not: the lowered module takes the same positional arguments
-    g.arguments = [params[i] if i < len(params) else f"input_{i}" for i in range(n_args)]
+    g.arguments = argument_names(model, 1 + max((p[0] for p in paths.values()), default=-1))
     for jid in g.inputs:
         j = g.junctions[jid]
         if j.input_name not in paths:
             raise TraceError(f"internal: input {j.input_name} of the traced graph is not an example input")
         position, *keys = paths[j.input_name]
-        arg = params[position] if position < len(params) else f"input_{position}"
-        j.input_path = (arg, *keys)
+        j.input_path = (g.arguments[position], *keys)
 
 
 def _check_leaf_paths(model: nn.Module, leaves: list[str]) -> None:
