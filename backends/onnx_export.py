@@ -444,6 +444,27 @@ def flatten_outputs(out: Any) -> list[tuple[str, torch.Tensor]]:
     return pairs
 
 
+def _cycled(example: torch.Tensor, batch: int) -> torch.Tensor:
+    """The example's own rows, cycled along axis 0 to ``batch`` rows (row ``b`` is row ``b mod B``)."""
+    return example[torch.arange(batch, device=example.device) % example.shape[0]].clone()
+
+
+def _verification_run(module, args, batch: int, generator: torch.Generator, notes: list[str]) -> tuple:
+    """``(inputs, outputs)``: ``module`` run on random inputs like ``args`` at ``batch`` rows
+    (:func:`_random_like`); where the model refuses them (its own checks on its data, archir's
+    guards), on the example's rows cycled to ``batch``, said once in ``notes``."""
+    inputs = tuple(_random_like(a, batch, generator) if a.dim() else a for a in args)
+    try:
+        return inputs, module(*inputs)
+    except Exception as exc:  # noqa: BLE001 - the example's own values are the fallback
+        inputs = tuple(_cycled(a, batch) if a.dim() else a for a in args)
+        outputs = module(*inputs)  # fails as the model does on its example: reported by the caller
+        note = f"the model refuses random inputs ({_first_line(exc)}): checked on the example's values"
+        if note not in notes:
+            notes.append(note)
+        return inputs, outputs
+
+
 def _random_like(example: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
     """A verification input like ``example`` (same dtype, device and shape after the batch axis)
     with ``batch`` rows along axis 0:
@@ -461,7 +482,7 @@ def _random_like(example: torch.Tensor, batch: int, generator: torch.Generator) 
     floating = example.dtype.is_floating_point or example.dtype.is_complex
     if not floating and example.numel() and (example.dtype == torch.bool
                                              or bool(((example == 0) | (example == 1)).all())):
-        return example[torch.arange(batch, device=example.device) % example.shape[0]].clone()
+        return _cycled(example, batch)
     if floating:
         t = torch.randn(shape, generator=generator, dtype=torch.float32).to(example.dtype)
     else:  # integer ids, indices: stay inside the example's range
@@ -940,7 +961,7 @@ def _runs_at_other_batch(module, args, seed: int, notes: list[str]) -> bool:
     batch = int(args[0].shape[0]) + _BATCH_EXTRA
     generator = torch.Generator().manual_seed(seed)
     try:
-        module(*(_random_like(a, batch, generator) if a.dim() else a for a in args))
+        _verification_run(module, args, batch, generator, notes)
         return True
     except Exception as exc:  # noqa: BLE001 - any failure means: no dynamic batch
         notes.append(f"the module does not run at batch {batch} in PyTorch ({_first_line(exc)}); "
@@ -970,8 +991,8 @@ def _verify(module, args, path, report: OnnxReport, seed: int, providers) -> Non
     batches = [batch, batch + _BATCH_EXTRA] if report.dynamic_batch else [batch]
     generator = torch.Generator().manual_seed(seed)
     for b in batches:
-        inputs = tuple(_random_like(a, b, generator) if a.dim() else a for a in args)
-        ref = [t.detach().cpu().numpy() for _, t in flatten_outputs(module(*inputs))]
+        inputs, outputs = _verification_run(module, args, b, generator, report.notes)
+        ref = [t.detach().cpu().numpy() for _, t in flatten_outputs(outputs)]
         feed = {n: x.detach().cpu().numpy() for n, x in zip(report.input_names, inputs) if n in feed_names}
         if b == batch:
             got = session.run(report.output_names, feed)

@@ -720,14 +720,18 @@ def _common_prefix(stacks: list[tuple]) -> tuple:
     return prefix
 
 
-def expand_tuple_uses(graph: fx.Graph, metas: dict) -> None:
-    """A tuple value passed whole to a call (``torch.cat(x.chunk(2))``) is read item by item."""
+def expand_tuple_uses(graph: fx.Graph, metas: dict, root: nn.Module) -> None:
+    """A tuple value passed whole to a call (``torch.cat(x.chunk(2))``) is read item by item;
+    except by a :class:`ByMode` call: its length may differ in the other mode (a detector's
+    heads return no detections in training mode)."""
     for node in list(graph.nodes):
         meta = metas.get(node)
         if not isinstance(meta, tuple):
             continue
         for user in list(node.users):
             if user.op == "call_function" and user.target is operator.getitem:
+                continue
+            if user.op == "call_module" and isinstance(root.get_submodule(user.target), ByMode):
                 continue
             with graph.inserting_after(node):
                 items = []
@@ -745,5 +749,5 @@ def expand_tuple_uses(graph: fx.Graph, metas: dict) -> None:
 def build_graph(root: nn.Module, graph: fx.Graph, inputs: Sequence[torch.Tensor], *, granularity: str,
                 name: str, frontend: str, out_spec=None) -> Graph:
     metas, leaf_macs = record(root, graph, inputs)
-    expand_tuple_uses(graph, metas)
+    expand_tuple_uses(graph, metas, root)
     return _Builder(root, graph, metas, granularity, name, frontend, out_spec, leaf_macs).build()

@@ -508,6 +508,14 @@ def user_location(exc: BaseException) -> str | None:
     return None
 
 
+def caller_location() -> str | None:
+    """``file:line: source`` of the innermost frame of user code on the current stack."""
+    for frame in reversed(traceback.extract_stack()):
+        if not _is_library_frame(frame.filename):
+            return f"{frame.filename}:{frame.lineno}" + (f" ({frame.line.strip()})" if frame.line else "")
+    return None
+
+
 def failing_modules(exc: BaseException, root: nn.Module) -> list[str]:
     """Qualified names of ``root``'s submodules whose code was running when ``exc`` was raised,
     innermost first (the root itself excluded).

@@ -13,6 +13,11 @@ runs the one of the current mode::
 A node is shared when it has the same operation and target as a node of the other trace and
 reads the same shared values (common-subexpression matching, in graph order). Each mode's own
 nodes read only shared values and their own mode's, so they form two tails that end at the output.
+
+A run-time guard (:mod:`archir.ir.guards`) returns its input, so matching reads through it: a
+detector checks its targets' boxes in training mode only, and the transform that reads them is
+still one call. The training trace's guards that shared nodes read, and what their conditions
+are computed from, join the shared part: those checks run in both modes.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ from typing import Any
 
 import torch.fx as fx
 from torch import nn
+
+from archir.ir.guards import guard
 
 
 class ByMode(nn.Module):
@@ -41,6 +48,8 @@ def _key(node: fx.Node, mapped: dict[fx.Node, fx.Node]) -> str | None:
 
     def arg(a):
         nonlocal missing
+        while a.op == "call_function" and a.target is guard:
+            a = a.args[0]  # guard(x, ...) is x (see the module docstring)
         if a not in mapped:
             missing = True
             return None
@@ -72,6 +81,12 @@ def merge_modes(root: nn.Module, train: fx.Graph, eval_: fx.Graph, name: str = "
         if n.op not in ("placeholder", "output") and (k := _key(n, shared)) is not None and by_key.get(k):
             shared[n] = by_key[k].pop(0)  # the k-th such node of one trace is the k-th of the other
     shared_train = set(shared.values())
+    stack = list(shared_train)  # with what they read through guards
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a not in shared_train:
+                shared_train.add(a)
+                stack.append(a)
     tails = {"train": [n for n in t_nodes if n not in shared_train and n.op != "output"],
              "eval": [n for n in e_nodes if n not in shared and n.op != "output"]}
     for mode, nodes in tails.items():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
 import copy
 from typing import Callable, Iterable
 
@@ -217,12 +218,11 @@ def _check_follows_modes(model: nn.Module, root: nn.Module, graph: fx.Graph, inp
     if problem is not None and problem[2]:
         # the model runs in that mode but computes something else: trace each mode, and merge
         traced = {}
-        try:
-            with _state_kept(root), torch.random.fork_rng(devices=[]):
-                for training in (True, False):
-                    traced[training] = fx_trace(root.train(training), leaves, inputs, with_values=True)
-        except Exception as exc:  # noqa: BLE001 - reported with the first problem below
-            problem = (problem[0], problem[1] + f"; tracing it in each mode failed ({first_line(exc)})", False)
+        # a failure here propagates: the caller keeps the submodule it happened in opaque, as
+        # for a failure in the traced mode (a detector's heads sample in training mode only)
+        with _state_kept(root), torch.random.fork_rng(devices=[]):
+            for training in (True, False):
+                traced[training] = fx_trace(root.train(training), leaves, inputs, with_values=True)
         if len(traced) == 2:
             try:
                 graph = merge_modes(root, traced[True], traced[False])
@@ -258,7 +258,8 @@ def _mode_problem(model: nn.Module, root: nn.Module, graph: fx.Graph, inputs: tu
                                       f"({first_line(exc)}), so the graph cannot be checked there", False)
                 torch.manual_seed(0)
                 try:
-                    same = _same_values(expected, traced.train(training)(*pytree.tree_leaves(inputs)))
+                    with contextlib.redirect_stderr(io.StringIO()):  # fx prints where its code failed
+                        same = _same_values(expected, traced.train(training)(*pytree.tree_leaves(inputs)))
                     failure = ""
                 except Exception as exc:  # noqa: BLE001 - the graph's failure is the difference
                     same, failure = False, f"; the graph fails: {first_line(exc)}"
@@ -364,9 +365,11 @@ def _fx_with_auto_leaves(model: nn.Module, name: str, leaves: list[str],
         try:
             graph = fx_trace_following_modes(root, inputs, leaves + list(auto), with_values=True)
             functionalize(graph, root)
+            graph = _check_follows_modes(model, root, graph, inputs, leaves + list(auto), fx_exc, export_exc, auto)
+        except TraceError:
+            raise
         except Exception as retry_exc:  # noqa: BLE001
             exc = retry_exc
             continue
-        graph = _check_follows_modes(model, root, graph, inputs, leaves + list(auto), fx_exc, export_exc, auto)
         return root, graph, auto
     raise AssertionError("unreachable")

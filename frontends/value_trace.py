@@ -12,9 +12,14 @@ built), so the glue can ask for the *structure* of a value, never for its data:
 - the output of an opaque (leaf) module is handed back as the Python containers it returns,
   holding a proxy for each item (``images, targets = self.transform(images)``; the postprocess
   writes ``result[i]["boxes"] = boxes`` into them);
-- a Python condition on a value (``if x.sum() > 0``, ``if boxes.numel() == 0``) and iterating a
-  tensor stay errors: their answers depend on the data, and the graph would silently keep the
-  example's.
+- a check on a value (``torch._assert(boxes.shape[-1] == 4, ...)``; ``if degenerate_boxes.any():``
+  where that branch raises) takes the example's answer and leaves a run-time guard in the graph
+  (:mod:`archir.ir.guards`): a run whose answer differs is refused, never silently computed
+  along the example's branch. Tracing logs each guard. Any other condition on a value stays an
+  error (``if x.sum() > 0: return x``: both branches compute, the answer is the data's), so
+  that the submodule it is in is kept opaque, exact for every input; so does iterating a tensor
+  (the number of iterations is its data);
+- ``isinstance(x, torch.Tensor)`` is true of a value that is a tensor.
 
 The graph still computes sizes symbolically (``original_image_sizes`` follow the input's size);
 only lengths of lists and tuples are fixed, as they are in the traced code's own structure.
@@ -23,16 +28,31 @@ Tracing holds every value of one forward until it ends: the memory of all its ac
 from __future__ import annotations
 
 import contextlib
+import dis
+import inspect
+import logging
 import operator
 from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
+
+from archir.ir.guards import guard
+
+log = logging.getLogger("archir")
 
 
 class _ValueProxy(fx.Proxy):
     """A proxy that can give its value's structure (see the module docstring)."""
+
+    @property
+    def __class__(self):
+        # the model's ``isinstance(boxes, torch.Tensor)`` sees what the value is; fx itself tests
+        # for proxies first (ValueTracer.create_arg), and type() is unchanged
+        value = self.tracer.values.get(self.node)
+        return torch.Tensor if isinstance(value, torch.Tensor) else type(self)
 
     def __getattr__(self, name):
         return _ValueAttribute(self, name)
@@ -68,6 +88,8 @@ class ValueTracer(fx.Tracer):
         self.values: dict[fx.Node, Any] = {}
         self._placeholder_values = iter(example_inputs)
         self._evaluating = 0
+        # (condition node, the example's answer, where, the last node before the check)
+        self.guards: list[tuple[fx.Node, bool, str, fx.Node]] = []
 
     # -- fx hooks --------------------------------------------------------------------------
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -78,6 +100,23 @@ class ValueTracer(fx.Tracer):
 
     def iter(self, obj):
         return _ValueProxy.__iter__(obj)
+
+    def create_arg(self, a):
+        if isinstance(a, fx.Proxy):  # before fx's own tests, which a proxy of a tensor would pass
+            return a.node
+        return super().create_arg(a)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """A Python condition on a traced value: the example's answer, checked at run time."""
+        value = self.values[obj.node]
+        if isinstance(value, torch.Tensor) and value.numel() != 1:
+            raise fx.proxy.TraceError(f"a condition on {obj.node.name}, a tensor of {value.numel()} elements "
+                                      "(its truth is ambiguous)")
+        message = _other_branch_raises(answer := bool(value))
+        if message is None:
+            raise fx.proxy.TraceError(f"a condition on {obj.node.name}: its answer depends on the data")
+        self._add_guard(obj.node, answer, message)
+        return answer
 
     def keys(self, obj):
         return _ValueProxy.keys(obj)
@@ -109,7 +148,18 @@ class ValueTracer(fx.Tracer):
             self.values[node] = next(self._placeholder_values, args[0] if args else None)
         elif kind != "output":
             self.values[node] = self._evaluate(node)
+            if target is torch._assert and args and isinstance(args[0], fx.Node):
+                message = args[1] if len(args) > 1 and isinstance(args[1], str) else None
+                self._add_guard(args[0], True, message)  # the check stays, the dead call goes
         return node
+
+    def _add_guard(self, condition: fx.Node, answer: bool, message: str | None) -> None:
+        from .capture import caller_location
+
+        where = caller_location() or "the model's code"
+        if message:
+            where += f" [{message}]"
+        self.guards.append((condition, answer, where, next(iter(reversed(self.graph.nodes)))))
 
     # -- values ----------------------------------------------------------------------------
     def _evaluate(self, node: fx.Node) -> Any:
@@ -155,12 +205,83 @@ class ValueTracer(fx.Tracer):
         return proxy
 
 
+def _other_branch_raises(answer: bool) -> str | None:
+    """Whether the ``if`` that is asking for a proxy's truth (``__bool__`` called from the model's
+    code) is a check: the branch the example does not take raises (``raise``, ``assert``,
+    ``torch._assert(False, ...)``) before it jumps or returns. Read from the calling frame's
+    bytecode, as fx's own ``Proxy.__bool__`` finds ``assert`` statements; any other shape of code
+    counts as a real branch. Returns None for a real branch, else the check's message (its first
+    string constant) or ``""``."""
+    frame = inspect.currentframe()
+    while frame is not None and frame.f_code is not fx.Proxy.__bool__.__code__:
+        frame = frame.f_back
+    if frame is None or frame.f_back is None:
+        return None
+    code, lasti = frame.f_back.f_code, frame.f_back.f_lasti
+    ins = [i for i in dis.get_instructions(code) if i.opname != "CACHE"]
+    k = next((n for n, i in enumerate(ins) if i.offset >= lasti), None)
+    while k is not None and k < len(ins) and ins[k].opname in ("TO_BOOL", "UNARY_NOT"):
+        answer ^= ins[k].opname == "UNARY_NOT"
+        k += 1
+    if k is None or k + 1 >= len(ins) or not ins[k].opname.startswith("POP_JUMP") \
+            or not ins[k].opname.endswith(("IF_TRUE", "IF_FALSE")):
+        return None
+    jumps = ins[k].opname.endswith("IF_TRUE") == answer
+    start = k + 1 if jumps else next((n for n, i in enumerate(ins) if i.offset == ins[k].argval), len(ins))
+    message = ""
+    for n in range(start, min(start + 400, len(ins))):
+        op = ins[n]
+        if op.opname == "LOAD_CONST" and isinstance(op.argval, str) and not message:
+            message = op.argval.strip()
+        if op.opname == "RAISE_VARARGS" or (op.argval == "_assert" and n + 1 < len(ins)
+                                            and ins[n + 1].opname == "LOAD_CONST" and ins[n + 1].argval is False):
+            if op.opname != "RAISE_VARARGS":
+                message = next((i.argval.strip() for i in ins[n + 2:n + 4] if i.opname == "LOAD_CONST"
+                                and isinstance(i.argval, str)), message)
+            return message
+        if "JUMP" in op.opname or op.opname.startswith("RETURN"):
+            return None
+    return None
+
+
 def value_trace(root: nn.Module, is_leaf, concrete_args: dict, flat_inputs: Iterable[torch.Tensor]) -> fx.Graph:
     """Trace ``root`` with :class:`ValueTracer` (``concrete_args``: fx's, for container arguments
     and specialised defaults; ``flat_inputs``: the example tensors in placeholder order)."""
     tracer = ValueTracer(is_leaf, list(flat_inputs))
     tracer.root = root
     try:
-        return tracer.trace(root, concrete_args=concrete_args or None)
+        graph = tracer.trace(root, concrete_args=concrete_args or None)
+        for condition, answer, where, after in tracer.guards:
+            _insert_guard(graph, tracer.values, condition, answer, where, after)
+            log.info("traced at the example's answer (%s), checked at run time: %s", answer, where)
+        return graph
     finally:
         tracer.values.clear()  # every value of one forward: release them now, not with the tracer
+
+
+def _insert_guard(graph: fx.Graph, values: dict, condition: fx.Node, answer: bool, where: str,
+                  after: fx.Node) -> None:
+    """Put ``guard(x, condition, answer, where)`` after node ``after`` (see :mod:`archir.ir.guards`),
+    ``x`` the nearest tensor that ``condition`` was computed from and that a later node reads:
+    those later reads go through the guard. Where no such tensor exists, ``x`` is the first
+    tensor of the graph's output."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    later = lambda n: [u for u in n.users if order[u] > order[after]]  # noqa: E731
+    seen, frontier, x = {condition}, [condition], None
+    while frontier and x is None:
+        x = next((n for n in frontier if n.op != "get_attr" and isinstance(values.get(n), torch.Tensor)
+                  and later(n)), None)
+        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen and not seen.add(a)]
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    if x is None:
+        x = next((n for n in pytree.tree_leaves(output.args) if isinstance(n, fx.Node)
+                  and isinstance(values.get(n), torch.Tensor)), None)
+        if x is None:
+            raise fx.proxy.TraceError(f"a condition on the data at {where} guards no tensor of the output")
+        after = output.prev
+    readers = later(x)
+    with graph.inserting_after(after):
+        checked = graph.call_function(guard, (x, condition, answer, where))
+    values[checked] = values[x]  # a later guard may guard it in turn
+    for user in readers:
+        user.replace_input_with(x, checked)

@@ -85,6 +85,7 @@ from torch import nn
 
 from archir.errors import IRError, UserInputError
 from archir.ir import Edge, Graph, Input, Op, fetch_attr
+from archir.ir.guards import guard
 from archir.ir.lower import register_lowering
 
 from .mixing import MIX_FORMS, POSITIVELY_HOMOGENEOUS, foldable_batch_norm, scaled_batch_norm
@@ -193,6 +194,8 @@ def op_class(graph: Graph, op: Op) -> str:
         if type(m).__module__ == "torch.nn.modules.activation" or any(w in name for w in _ACTIVATION_WORDS):
             return "activation"
         return "other"
+    if op.kind == "call_function" and op.target is guard:
+        return "identity"  # a run-time check that returns its input (archir.ir.guards)
     if op.kind in ("call_function", "call_method"):
         name = op.name.split(".")[0].lower()
         base = name.rstrip("_") if not name.startswith("_") else name

@@ -1054,6 +1054,88 @@ def test_a_graph_that_cannot_be_checked_in_training_mode_is_refused_with_the_rea
         archir.trace(NeedsTargets().eval(), (_glue_images((12, 10), (9, 14)),))
 
 
+class HeadsWithTargets(KeepConfident):
+    """Like torchvision's RPN and ROI heads: in training mode they read the targets, return no
+    detections and their losses; in eval mode detections and no losses."""
+
+    def forward(self, features, batch, targets):
+        if self.training:
+            loss = features.square().mean() + sum(((t["boxes"] - 1) ** 2).mean() for t in targets)
+            return [], {"loss": loss}
+        return super().forward(features, batch), {}
+
+
+class DetectorWithTargets(DetectorGlue):
+    """A torchvision detector's forward: it checks its targets (in training mode, and that no box
+    is degenerate: checks, kept as run-time guards), passes them to its heads and returns the
+    losses in training mode, the detections in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = HeadsWithTargets()
+
+    def forward(self, images, targets):
+        if self.training:
+            for target in targets:
+                boxes = target["boxes"]
+                if isinstance(boxes, torch.Tensor):
+                    torch._assert(len(boxes.shape) == 2 and boxes.shape[-1] == 4, "boxes are N x 4")
+                else:
+                    torch._assert(False, "boxes are a tensor")
+        original_sizes = [(img.shape[-2], img.shape[-1]) for img in images]
+        batch = self.transform(images)
+        for target in targets:
+            degenerate = target["boxes"][:, 2:] <= target["boxes"][:, :2]
+            if degenerate.any():
+                torch._assert(False, "a box has no area")
+        x = torch.relu(self.stem(batch.tensors))
+        x = x + self.block(x)
+        detections, losses = self.heads(x, batch, targets)
+        if self.training:
+            return losses
+        for d, (h, w) in zip(detections, original_sizes):
+            d["scores"] = d["scores"] * (h / 8) + w
+        return detections
+
+
+def _glue_targets(*counts):
+    out = []
+    for n in counts:
+        corner = torch.rand(n, 2) * 4
+        out.append({"boxes": torch.cat([corner, corner + 1 + torch.rand(n, 2)], 1), "labels": torch.arange(n)})
+    return out
+
+
+def test_a_detector_that_checks_its_targets_traces_whole_for_both_modes():
+    """Checks on the targets are guards; the heads' output (detections in one mode, none in the
+    other) reaches each mode's end whole; training mode is traced too and merged."""
+    torch.manual_seed(0)
+    model = DetectorWithTargets().eval()
+    args = (_glue_images((12, 10), (9, 14)), _glue_targets(2, 3))
+    g = archir.trace(model, args)
+    g.verify()
+    assert set(g.leaves) == {"transform", "heads"}
+    assert "other<archir_by_mode>" in str(g)
+    from archir.ir.guards import graph_guards
+
+    assert len(graph_guards(g)) == 4  # two targets: the shape check (training) and the degenerate one
+    other = (_glue_images((20, 6), (7, 7)), _glue_targets(4, 1))
+    s = archir.search(model, args, method="dnat")
+    assert s.decisions()
+    bad = _glue_targets(2, 3)
+    bad[1]["boxes"][0, 2] = 0.0  # x2 <= x1
+    for training in (False, True):
+        for net in (g.to_module(), s.supernet, s.derive()):
+            for xs in (args, other):
+                torch.manual_seed(0)
+                expected = copy.deepcopy(model).train(training)(*xs)
+                torch.manual_seed(0)
+                with torch.no_grad():
+                    assert_same(expected, copy.deepcopy(net).train(training)(*xs))
+            with pytest.raises(RuntimeError, match="own check .*a box has no area"):
+                copy.deepcopy(net).train(training)(args[0], bad)
+
+
 def test_value_tracing_refuses_what_depends_on_the_data():
     from archir.frontends.value_trace import value_trace
 

@@ -1,0 +1,51 @@
+"""Run-time guards: the model's own checks on its data, kept in a traced graph.
+
+A traced graph follows one path through the model's Python code. Where that code checks a
+value the trace cannot keep symbolic and raises when the check fails (``if
+degenerate_boxes.any(): raise ...`` in a torchvision detector, ``torch._assert(boxes.shape[-1]
+== 4, ...)``), the value tracer (:mod:`archir.frontends.value_trace`) takes the example's answer
+``c₀`` (the check passes) and records
+
+    ``y = guard(x, c, c₀, where)``  ≡  ``x`` if ``bool(c) == c₀``, else an error naming ``where``
+
+on a tensor ``x`` that the condition was computed from and that the graph reads again later;
+those later reads go through ``y``. The guard is an identity on ``x``: passes treat it as one,
+and it stays in the graph as long as what depends on ``x`` does. A run whose check fails
+stops with that error, as the original model does.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .graph import Graph
+
+
+def guard(value, condition, expected, where):
+    """``value`` itself, once ``bool(condition)`` is found to be ``expected`` (as on the traced
+    example: the model's check passes); otherwise a RuntimeError naming the check at ``where``.
+    Exporters (torch.export, ONNX) trace through without the check: it reads the data, and an
+    exported graph has no branches."""
+    exporting = getattr(torch.compiler, "is_exporting", bool)() or torch.onnx.is_in_onnx_export()
+    if not exporting and bool(condition) != expected:
+        raise RuntimeError(f"the model's own check at {where} fails on this input (the condition is "
+                           f"{not expected}, {expected} on the traced example); the original model "
+                           "stops there too")
+    return value
+
+
+def graph_guards(g: "Graph") -> list[str]:
+    """Where each guard of ``g`` checks a condition (see the module docstring), in edge order;
+    guards inside a searched edge's candidates count once per candidate that holds them."""
+    def walk(ops):
+        for op in ops:
+            if op.kind == "choice":
+                yield from walk(op for path in op.args if isinstance(path, tuple) for op in path)
+            elif op.kind == "call_function" and op.target is guard:
+                yield str(op.args[3])
+
+    ops = [op for e in g.edges.values() for op in e.ops]
+    ops += [j.combine.op for j in g.junctions.values() if j.combine is not None and j.combine.op is not None]
+    return list(walk(ops))
