@@ -358,7 +358,8 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
         _load_weights(model, opts.from_weights)
     seed_everything(opts.seed)
     baseline_model = copy.deepcopy(model) if opts.baseline else None
-    search, automatic = _search_model_or_part(model, example_inputs, chosen, opts, leaf_modules, groups)
+    search, automatic = _search_model_or_part(model, example_inputs, chosen, opts, leaf_modules, groups,
+                                              emits=out_dir is not None)
     if automatic is not None:  # the rest of the run is that of --submodule PATH
         opts = dataclasses.replace(opts, submodule=automatic["path"])
     inputs = search.example_inputs  # with ``submodule``: what that part receives (model.py's inputs)
@@ -555,11 +556,14 @@ def _choose_and_derive(search, evaluator, timings: dict[str, float]) -> nn.Modul
 
 
 def _search_model_or_part(model: nn.Module, example_inputs, chosen, opts: TransformOptions, leaf_modules,
-                          groups) -> tuple[Any, dict[str, str] | None]:
+                          groups, emits: bool = False) -> tuple[Any, dict[str, str] | None]:
     """``Search`` on the whole model, or (``auto_submodule``, no ``submodule`` given) where the
-    model's own ``forward`` cannot be traced, on its largest child that can: the rest of the model
-    runs and trains as it is, as with ``--submodule PATH``. Returns the search and, for a part
-    chosen here, ``{"path": ..., "why": ...}`` (said on the terminal, kept in report.json)."""
+    model's own ``forward`` cannot be traced, or (``emits``) its graph holds parts that model.py
+    cannot (a detector traced whole: torchvision's transform and heads), on its largest child
+    that can: the rest of the model runs and trains as it is, as with ``--submodule PATH``.
+    Returns the search and, for a part chosen here, ``{"path": ..., "why": ...}`` (said on the
+    terminal, kept in report.json)."""
+    from .backends.standalone import StandaloneError, check_emittable
     from .errors import TraceError
     from .progress import say
     from .search_space import Search, inside_part, largest_part_that_traces, untraceable_reason
@@ -571,16 +575,29 @@ def _search_model_or_part(model: nn.Module, example_inputs, chosen, opts: Transf
     def search_part(path: str):
         return search(path, *inside_part(path, leaf_modules, groups))
 
+    automatic = opts.submodule is None and opts.auto_submodule
     try:  # an explicit submodule's leaves and groups are given relative to it
-        return search(opts.submodule, leaf_modules, groups), None
+        whole = search(opts.submodule, leaf_modules, groups)
     except TraceError as failure:
-        if opts.submodule is not None or not opts.auto_submodule:
+        if not automatic:
             raise
         found = largest_part_that_traces(model, search_part)
         if found is None:
             raise
-        path, found_search, share = found
         why = untraceable_reason(model, failure)
+    else:
+        if not (emits and automatic):
+            return whole, None
+        try:
+            check_emittable(whole.original.to_module())
+            return whole, None
+        except StandaloneError as exc:
+            found = largest_part_that_traces(model, search_part)
+            if found is None:
+                return whole, None  # the caller's own check says why model.py cannot hold it
+            whole.close()
+            why = f"{type(model).__name__} traces whole, but model.py could not hold it ({exc})"
+    path, found_search, share = found
     say(f"warning: {why}; searching inside its largest part that does, {path!r} ({share}); the rest of the model "
         "runs and trains as it is. --submodule PATH chooses the part; --no-auto-submodule shows the tracing "
         "error instead")

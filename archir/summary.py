@@ -5,6 +5,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from .ir import meta_str
+from .ir.guards import graph_guards
 from .ir.printer import human
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ def summarize(g: "Graph", method: "Method | None" = None) -> dict[str, Any]:
         "candidates": {"method": method.name, "summary": method.candidates(g)} if method is not None else None,
         "cell_groups": len({e.group for e in g.edges.values()}),
         "opaque_leaves": dict(g.leaves),
+        "guards": graph_guards(g),
     }
 
 
@@ -46,6 +48,9 @@ def format_summary(g: "Graph", source: str = "", method: "Method | None" = None)
         lines.append(f"  candidates  {s['candidates']['summary']} ({s['candidates']['method']})")
     if s["opaque_leaves"]:
         lines.append(f"  opaque      {', '.join(f'{k} ({v})' for k, v in s['opaque_leaves'].items())}")
+    if s["guards"]:
+        lines.append(f"  guards      {len(s['guards'])} checked at run time (a failure says:)")
+        lines += [f"    - {what}" for what in s["guards"]]
     return "\n".join(lines)
 
 

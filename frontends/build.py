@@ -102,16 +102,21 @@ class _Recorder(fx.Interpreter):
         # fx hands list arguments over as its immutable lists; the generated code of a
         # GraphModule builds fresh ones, and a wrapped helper may mutate its argument
         # (torchvision's video Swin: ``window_size[i] = size_dhw[i]``)
-        return super().call_function(target, _mutable(args), _mutable(kwargs))
+        return super().call_function(target, mutable(args), mutable(kwargs))
+
+    def call_module(self, target, args, kwargs) -> Any:
+        # a method kept opaque writes into the dicts it is given (a detector's postprocess)
+        return super().call_module(target, mutable(args), mutable(kwargs))
 
 
-def _mutable(a: Any) -> Any:
+def mutable(a: Any) -> Any:
+    """``a`` with fx's immutable lists and dicts (node arguments) as fresh plain ones."""
     if isinstance(a, (list, fx.immutable_collections.immutable_list)):
-        return [_mutable(x) for x in a]
+        return [mutable(x) for x in a]
     if type(a) is tuple:
-        return tuple(_mutable(x) for x in a)
+        return tuple(mutable(x) for x in a)
     if type(a) in (dict, fx.immutable_collections.immutable_dict):
-        return {k: _mutable(v) for k, v in a.items()}
+        return {k: mutable(v) for k, v in a.items()}
     return a
 
 
@@ -729,8 +734,8 @@ def expand_tuple_uses(graph: fx.Graph, metas: dict, root: nn.Module) -> None:
         if not isinstance(meta, tuple):
             continue
         for user in list(node.users):
-            if user.op == "call_function" and user.target is operator.getitem:
-                continue
+            if user.op == "call_function" and user.target in (operator.getitem, len):
+                continue  # len: a guard on a list's length (frontends/value_trace.py)
             if user.op == "call_module" and isinstance(root.get_submodule(user.target), ByMode):
                 continue
             with graph.inserting_after(node):

@@ -36,6 +36,7 @@ from archir.ir import fetch_attr
 from archir.layers import STANDALONE_CLASSES
 
 from .mode_dropout import dropout_to_modules, trace_following_modes
+from .opaque_methods import is_method_key, is_method_of, method_key
 from .value_trace import value_trace
 
 
@@ -74,9 +75,9 @@ def fx_trace(root: nn.Module, leaves: Iterable[str] = (), inputs: Sequence | Non
     concrete = _defaults_after(root, n_inputs) if n_inputs is not None else {}
     structured = _structured_args(root, inputs) if inputs is not None else {}
     if with_values:
-        extra = set(leaves)
+        extra = {p for p in leaves if not is_method_key(p)}
         graph = value_trace(root, lambda path, m: path in extra or is_torch_leaf(m), {**concrete, **structured},
-                            pytree.tree_leaves(tuple(inputs)))
+                            pytree.tree_leaves(tuple(inputs)), [p for p in leaves if is_method_key(p)])
     else:
         graph = _LeafTracer(leaves).trace(root, concrete_args={**concrete, **structured} or None)
     if isinstance(graph._codegen, fx.graph._PyTreeCodeGen):
@@ -538,6 +539,26 @@ def failing_modules(exc: BaseException, root: nn.Module) -> list[str]:
         for p in reversed(stack):
             if p not in found:
                 found.append(p)
+        exc = exc.__cause__ or exc.__context__
+    return found
+
+
+def failing_methods(exc: BaseException, root: nn.Module, opaque: Iterable[str]) -> list[str]:
+    """The methods (other than ``forward``, ``"path:name"``) of ``root`` and of its ``opaque``
+    submodules whose code was running when ``exc`` was raised, innermost first: the calls that
+    keeping modules opaque cannot reach (:mod:`.opaque_methods`)."""
+    owners = {id(m): p for p, m in root.named_modules(remove_duplicate=False) if not p or p in set(opaque)}
+    found: list[str] = []
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        tb, stack = exc.__traceback__, []
+        while tb is not None:
+            owner, name = tb.tb_frame.f_locals.get("self"), tb.tb_frame.f_code.co_name
+            if isinstance(owner, nn.Module) and id(owner) in owners and is_method_of(owner, name):
+                stack.append(method_key(owners[id(owner)], name))
+            tb = tb.tb_next
+        found += [k for k in reversed(stack) if k not in found]
         exc = exc.__cause__ or exc.__context__
     return found
 

@@ -26,7 +26,10 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from archir.ir import fetch_attr
 from archir.ir.guards import guard
+
+from .opaque_methods import MethodCall
 
 
 class ByMode(nn.Module):
@@ -63,7 +66,7 @@ def merge_modes(root: nn.Module, train: fx.Graph, eval_: fx.Graph, name: str = "
     """One graph over ``root`` computing ``train`` in training mode and ``eval_`` in eval mode (both
     traced from ``root`` on the same inputs); the tails become ``root.<name>``, a :class:`ByMode`.
     Raises ValueError where the traces do not fit that shape (different inputs, a tail that calls
-    a submodule or reads an attribute)."""
+    a submodule or reads a parameter)."""
     t_nodes, e_nodes = list(train.nodes), list(eval_.nodes)
     t_ph = [n for n in t_nodes if n.op == "placeholder"]
     e_ph = [n for n in e_nodes if n.op == "placeholder"]
@@ -90,7 +93,7 @@ def merge_modes(root: nn.Module, train: fx.Graph, eval_: fx.Graph, name: str = "
     tails = {"train": [n for n in t_nodes if n not in shared_train and n.op != "output"],
              "eval": [n for n in e_nodes if n not in shared and n.op != "output"]}
     for mode, nodes in tails.items():
-        odd = [n for n in nodes if n.op in ("call_module", "get_attr", "placeholder")]
+        odd = [n for n in nodes if n.op in ("call_module", "get_attr", "placeholder") and not _tail_may_hold(root, n)]
         if odd:
             raise ValueError(f"the {mode}-mode end of the forward {odd[0].op}s {odd[0].target}")
 
@@ -113,6 +116,14 @@ def merge_modes(root: nn.Module, train: fx.Graph, eval_: fx.Graph, name: str = "
     out = merged.call_module(name, tuple(env[v] for v in values))
     merged.output(out)
     return merged
+
+
+def _tail_may_hold(root: nn.Module, n: fx.Node) -> bool:
+    """A method kept opaque and a constant tensor may be in a tail; other modules and parameters
+    stay in the shared part, where passes see them."""
+    if n.op == "call_module":
+        return isinstance(root.get_submodule(n.target), MethodCall)
+    return n.op == "get_attr" and not isinstance(fetch_attr(root, n.target), nn.Parameter)
 
 
 def _tail(root: nn.Module, nodes: list[fx.Node], output: fx.Node, values: list[fx.Node],

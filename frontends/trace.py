@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
+import logging
 import copy
 from typing import Callable, Iterable
 
@@ -19,7 +20,7 @@ from archir.modes import eval_mode
 from archir.task import argument_names, describe
 
 from .build import assign_groups, build_graph
-from .capture import (export_trace, failing_modules, first_line, fx_trace, fx_trace_following_modes,
+from .capture import (export_trace, failing_methods, failing_modules, first_line, fx_trace, fx_trace_following_modes,
                       is_torch_leaf, largest_parts, trace_failure, user_location)
 from .mode_dropout import dropout_to_modules
 from .mode_split import merge_modes
@@ -141,6 +142,39 @@ def _traceable_copy(model: nn.Module) -> nn.Module:
     return clone_module(model, substitute=stochastic_depth_for)
 
 
+class _AttemptWarnings(logging.Handler):
+    """The mode-following dropout's warnings (:mod:`.mode_dropout`) of the tracing attempt whose
+    graph is kept: tracing tries fx, export and value tracing with more and more opaque parts,
+    and what an abandoned attempt warned about is no longer true."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        logger = logging.getLogger(dropout_to_modules.__module__)
+        logger.addHandler(self)
+        propagate, logger.propagate = logger.propagate, False
+        self.records = []
+        try:
+            yield
+        finally:
+            logger.removeHandler(self)
+            logger.propagate = propagate
+        for record in self.records:  # only after a kept graph: an exception skips this
+            logger.handle(record)
+
+    def new_attempt(self) -> None:
+        self.records = []
+
+
+_attempt_warnings = _AttemptWarnings()
+
+
 def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
           leaf_modules: Iterable[str] = (), frontend: str = "auto", groups: dict | None = None) -> Graph:
     """Trace ``model`` into archir's IR.
@@ -157,6 +191,12 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
         raise UserInputError(f"frontend must be 'auto', 'fx' or 'export', not {frontend!r}")
     if not isinstance(model, nn.Module):
         raise UserInputError(f"expected an nn.Module, got {type(model).__name__}")
+    with _attempt_warnings.deferred():
+        return _trace(model, example_inputs, granularity, leaf_modules, frontend, groups)
+
+
+def _trace(model: nn.Module, example_inputs, granularity: str, leaf_modules: Iterable[str], frontend: str,
+           groups: dict | None) -> Graph:
     inputs = _as_tuple(example_inputs)
     name = type(model).__name__
     root = _traceable_copy(model)
@@ -176,6 +216,7 @@ def trace(model: nn.Module, example_inputs, granularity: str = "layer", *,
             root = _traceable_copy(model)  # a failed trace may have left constants on the copy
     auto: dict[str, str] = {}
     if graph is None:
+        _attempt_warnings.new_attempt()
         try:
             graph, out_spec = export_trace(root, inputs, leaves)
             functionalize(graph, root)  # in-place leaf modules (ReLU(inplace=True)) still need it
@@ -334,6 +375,7 @@ def _fx_with_auto_leaves(model: nn.Module, name: str, leaves: list[str],
     auto: dict[str, str] = {}
     export_note = f"torch.export on the whole model: {first_line(export_exc)}"
     root = _traceable_copy(model)
+    _attempt_warnings.new_attempt()
     try:  # glue code that asks for lengths (a detector's) traces once values are known
         graph = fx_trace_following_modes(root, inputs, leaves, with_values=True)
         functionalize(graph, root)
@@ -350,6 +392,8 @@ def _fx_with_auto_leaves(model: nn.Module, name: str, leaves: list[str],
             candidates = failing_modules(exc, root)
         candidates = [p for p in candidates if p not in auto and p not in leaves
                       and not is_torch_leaf(root.get_submodule(p))]
+        if not candidates and not isinstance(exc, UnsafeMutation):  # the root's methods, an opaque module's
+            candidates = [k for k in failing_methods(exc, root, [*leaves, *auto]) if k not in auto]
         if not candidates or _attempt == MAX_AUTO_LEAVES:
             err = trace_failure(name, fx_exc, export_exc, largest_parts(model))
             if auto:
@@ -362,6 +406,7 @@ def _fx_with_auto_leaves(model: nn.Module, name: str, leaves: list[str],
         loc = user_location(exc)
         auto[path] = f"torch.fx: {first_line(exc)}" + (f" at {loc}" if loc else "") + f"; {export_note}"
         root = _traceable_copy(model)  # a failed trace may have left constants on the copy
+        _attempt_warnings.new_attempt()
         try:
             graph = fx_trace_following_modes(root, inputs, leaves + list(auto), with_values=True)
             functionalize(graph, root)

@@ -16,6 +16,7 @@ from torch import nn
 import archir
 from archir.errors import TraceError
 from archir.ir.guards import graph_guards
+from archir.summary import format_summary
 
 from model_patterns import assert_same
 
@@ -57,6 +58,7 @@ def test_checks_on_the_data_are_kept_as_guards_that_refuse_what_the_model_refuse
     assert len(where) == 3
     for what in ("assert", "_assert", "if"):
         assert any(f"test_guards.py:{_LINES[what]}" in w for w in where), (what, where)
+    assert "guards      3 checked at run time (a failure says:)\n    - the model's own check at" in format_summary(g)
     lowered = g.to_module()
     with torch.no_grad():
         for args in ((x, boxes), (torch.randn(5, 4), _boxes(7))):  # other sizes: nothing fixed

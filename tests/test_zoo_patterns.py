@@ -1054,6 +1054,21 @@ def test_a_graph_that_cannot_be_checked_in_training_mode_is_refused_with_the_rea
         archir.trace(NeedsTargets().eval(), (_glue_images((12, 10), (9, 14)),))
 
 
+def test_transform_searches_inside_a_part_where_model_py_cannot_hold_the_whole_graph(tmp_path):
+    """The whole detector traces, but its opaque parts are the user's own classes, which model.py
+    cannot rebuild: archir.transform searches inside its largest part (before any training)."""
+    torch.manual_seed(0)
+    model = DetectorGlue().eval()
+    images = _glue_images((12, 10), (9, 14))
+    res = archir.transform(model, (images,), "dnat", epochs=0, onnx=False, progress=False, out=tmp_path / "out")
+    sub = res.report["submodule"]
+    assert sub["path"] == "block", sub
+    assert "DetectorGlue traces whole, but model.py could not hold it" in sub["automatic"]
+    assert (tmp_path / "out" / "model.py").exists()
+    with torch.no_grad():
+        assert_same(model(images), res.whole.eval()(images))
+
+
 class HeadsWithTargets(KeepConfident):
     """Like torchvision's RPN and ROI heads: in training mode they read the targets, return no
     detections and their losses; in eval mode detections and no losses."""
@@ -1118,7 +1133,8 @@ def test_a_detector_that_checks_its_targets_traces_whole_for_both_modes():
     assert "other<archir_by_mode>" in str(g)
     from archir.ir.guards import graph_guards
 
-    assert len(graph_guards(g)) == 4  # two targets: the shape check (training) and the degenerate one
+    checks = [w for w in graph_guards(g) if "own check" in w]
+    assert len(checks) == 4  # two targets: the shape check (training) and the degenerate one
     other = (_glue_images((20, 6), (7, 7)), _glue_targets(4, 1))
     s = archir.search(model, args, method="dnat")
     assert s.decisions()
@@ -1134,6 +1150,101 @@ def test_a_detector_that_checks_its_targets_traces_whole_for_both_modes():
                     assert_same(expected, copy.deepcopy(net).train(training)(*xs))
             with pytest.raises(RuntimeError, match="own check .*a box has no area"):
                 copy.deepcopy(net).train(training)(args[0], bad)
+
+
+class Matcher:
+    """Like torchvision's ``Matcher``: a plain object (not a module) that writes into a tensor."""
+
+    def __call__(self, quality):
+        matches = quality.argmax(0)
+        matches[quality.max(0).values < 0.5] = -1
+        return matches
+
+
+class SingleShot(nn.Module):
+    """Like torchvision's SSD, RetinaNet and FCOS: the root's own forward matches targets (a
+    branch on their number of boxes, an in-place write), and its own methods compute the loss
+    (a branch on the data) and post-process (iterating a tensor); the methods are kept opaque."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Conv2d(4, 5, 1)  # 4 box coordinates and a score per position
+        self.matcher = Matcher()
+
+    def forward(self, images, targets):
+        x = torch.relu(self.stem(images))
+        x = x + self.block(x)
+        out = self.head(x).flatten(2)
+        if not self.training:
+            return self.postprocess(out)
+        matched = []
+        for t in targets:
+            if t["boxes"].numel() == 0:  # the example's sizes decide: a guard
+                matched.append(torch.full((out.shape[-1],), -1))
+                continue
+            quality = t["boxes"][:, :1] * torch.sigmoid(out[0, 4:]).detach()
+            matched.append(self.matcher(quality))
+        return self.compute_loss(out, matched)
+
+    def compute_loss(self, out, matched):
+        loss = out.new_zeros(())
+        for i, m in enumerate(matched):
+            if (m >= 0).any():
+                loss = loss + out[i, :4, m >= 0].square().mean()
+        return {"loss": loss}
+
+    def postprocess(self, out):
+        return [{"scores": scores.topk(max(int((scores > 0).sum()), 1)).values} for scores in out[:, 4]]
+
+
+def test_a_detectors_own_methods_are_kept_opaque_and_the_rest_searched():
+    torch.manual_seed(0)
+    model = SingleShot().eval()
+    args = (torch.rand(2, 3, 6, 6), _glue_targets(2, 3))
+    g = archir.trace(model, args)
+    g.verify()
+    assert {":postprocess", ":compute_loss"} <= set(g.leaves)
+    from archir.ir.guards import graph_guards
+
+    assert any("numel() == 0" in w and "another branch" in w for w in graph_guards(g))
+    s = archir.search(model, args, method="dnat")
+    assert s.decisions()
+    other = (torch.rand(2, 3, 5, 7), _glue_targets(1, 4))
+    for training in (False, True):
+        for net in (g.to_module(), s.supernet, s.derive()):
+            for xs in (args, other):
+                torch.manual_seed(0)
+                expected = copy.deepcopy(model).train(training)(*xs)
+                torch.manual_seed(0)
+                with torch.no_grad():
+                    assert_same(expected, copy.deepcopy(net).train(training)(*xs))
+    empty = _glue_targets(2, 3)
+    empty[0] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+    model.train()(args[0], empty)  # the model takes the other branch
+    with pytest.raises(RuntimeError, match="another branch at .*numel"):
+        g.to_module().train()(args[0], empty)
+    # the post-process returns one item per image: the graph reads two, and refuses three
+    with pytest.raises(RuntimeError, match=r"SingleShot.postprocess, called at .* returns a list of another length"):
+        g.to_module().eval()(torch.rand(3, 3, 6, 6), _glue_targets(1, 1, 1))
+
+
+class PostprocessWithParameters(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.post(x)
+
+    def post(self, x):
+        return [self.lin(row) for row in x[x.sum(1) > 0]]  # iterates the data, runs a parametrised module
+
+
+def test_a_method_that_runs_parametrised_modules_is_not_kept_opaque():
+    with pytest.raises(TraceError, match="runs Linear, which has parameters"):
+        archir.trace(PostprocessWithParameters(), (torch.randn(2, 3),))
 
 
 def test_value_tracing_refuses_what_depends_on_the_data():
