@@ -596,7 +596,8 @@ def _search_model_or_part(model: nn.Module, example_inputs, chosen, opts: Transf
             if found is None:
                 return whole, None  # the caller's own check says why model.py cannot hold it
             whole.close()
-            why = f"{type(model).__name__} traces whole, but model.py could not hold it ({exc})"
+            what = str(exc).removeprefix("cannot emit a standalone model.py: ").split(": ")[0]  # its first clause
+            why = f"{type(model).__name__} traces whole, but model.py could not hold it ({what})"
     path, found_search, share = found
     say(f"warning: {why}; searching inside its largest part that does, {path!r} ({share}); the rest of the model "
         "runs and trains as it is. --submodule PATH chooses the part; --no-auto-submodule shows the tracing "

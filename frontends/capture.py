@@ -24,7 +24,7 @@ import logging
 import os
 import traceback
 import warnings
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -517,6 +517,20 @@ def caller_location() -> str | None:
     return None
 
 
+def _frames_on_stack(exc: BaseException) -> Iterator[list[tuple[Any, str]]]:
+    """For ``exc`` and the exceptions it was raised from or during: the ``(self, function name)``
+    of each frame of its traceback, innermost first."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        tb, frames = exc.__traceback__, []
+        while tb is not None:
+            frames.append((tb.tb_frame.f_locals.get("self"), tb.tb_frame.f_code.co_name))
+            tb = tb.tb_next
+        yield frames[::-1]
+        exc = exc.__cause__ or exc.__context__
+
+
 def failing_modules(exc: BaseException, root: nn.Module) -> list[str]:
     """Qualified names of ``root``'s submodules whose code was running when ``exc`` was raised,
     innermost first (the root itself excluded).
@@ -527,19 +541,10 @@ def failing_modules(exc: BaseException, root: nn.Module) -> list[str]:
     """
     paths = {id(m): p for p, m in root.named_modules(remove_duplicate=False) if p}
     found: list[str] = []
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        tb, stack = exc.__traceback__, []
-        while tb is not None:
-            owner = tb.tb_frame.f_locals.get("self")
-            if isinstance(owner, nn.Module) and id(owner) in paths:
-                stack.append(paths[id(owner)])
-            tb = tb.tb_next
-        for p in reversed(stack):
-            if p not in found:
-                found.append(p)
-        exc = exc.__cause__ or exc.__context__
+    for frames in _frames_on_stack(exc):
+        found += [p for p in dict.fromkeys(paths[id(owner)] for owner, _ in frames
+                                           if isinstance(owner, nn.Module) and id(owner) in paths)
+                  if p not in found]
     return found
 
 
@@ -547,19 +552,14 @@ def failing_methods(exc: BaseException, root: nn.Module, opaque: Iterable[str]) 
     """The methods (other than ``forward``, ``"path:name"``) of ``root`` and of its ``opaque``
     submodules whose code was running when ``exc`` was raised, innermost first: the calls that
     keeping modules opaque cannot reach (:mod:`.opaque_methods`)."""
-    owners = {id(m): p for p, m in root.named_modules(remove_duplicate=False) if not p or p in set(opaque)}
+    kept = set(opaque)
+    owners = {id(m): p for p, m in root.named_modules(remove_duplicate=False) if not p or p in kept}
     found: list[str] = []
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        tb, stack = exc.__traceback__, []
-        while tb is not None:
-            owner, name = tb.tb_frame.f_locals.get("self"), tb.tb_frame.f_code.co_name
-            if isinstance(owner, nn.Module) and id(owner) in owners and is_method_of(owner, name):
-                stack.append(method_key(owners[id(owner)], name))
-            tb = tb.tb_next
-        found += [k for k in reversed(stack) if k not in found]
-        exc = exc.__cause__ or exc.__context__
+    for frames in _frames_on_stack(exc):
+        found += [k for k in dict.fromkeys(method_key(owners[id(owner)], name) for owner, name in frames
+                                           if isinstance(owner, nn.Module) and id(owner) in owners
+                                           and is_method_of(owner, name))
+                  if k not in found]
     return found
 
 

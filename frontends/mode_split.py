@@ -93,7 +93,8 @@ def merge_modes(root: nn.Module, train: fx.Graph, eval_: fx.Graph, name: str = "
     tails = {"train": [n for n in t_nodes if n not in shared_train and n.op != "output"],
              "eval": [n for n in e_nodes if n not in shared and n.op != "output"]}
     for mode, nodes in tails.items():
-        odd = [n for n in nodes if n.op in ("call_module", "get_attr", "placeholder") and not _tail_may_hold(root, n)]
+        odd = [n for n in nodes
+               if n.op in ("call_module", "get_attr", "placeholder") and not _tail_may_hold(root, n)]
         if odd:
             raise ValueError(f"the {mode}-mode end of the forward {odd[0].op}s {odd[0].target}")
 

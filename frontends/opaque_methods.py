@@ -14,6 +14,7 @@ A method is named ``"<module path>:<method>"`` (the root's path is empty: ``":co
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 from typing import Iterable, Iterator
 
@@ -35,8 +36,9 @@ class MethodCall(nn.Module):
 
     ``owner`` is held, not registered as a submodule: it may be the root itself (a cycle), and
     its parameters belong to the model's own tree. A method that runs a module with parameters
-    is refused when tracing (:func:`runs_parametrised_modules`): its parameters would be hidden
-    inside one opaque operation."""
+    is refused when tracing (:func:`parametrised_calls`): its parameters would be hidden inside
+    one opaque operation. (Tensors the method reads from its module directly stay where the
+    model was traced: ``.to(device)`` does not reach them.)"""
 
     def __init__(self, owner: nn.Module, name: str):
         super().__init__()
@@ -45,6 +47,15 @@ class MethodCall(nn.Module):
 
     def forward(self, *args, **kwargs):
         return getattr(type(self.owner), self.name)(self.owner, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        # the owner's copy where the copy being made holds it (the root, an opaque part), else
+        # the owner itself: a copy of a lowered graph would otherwise copy the whole model again
+        clone = MethodCall.__new__(MethodCall)
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            clone.__dict__[key] = memo.get(id(value), value) if key == "owner" else copy.deepcopy(value, memo)
+        return clone
 
     def extra_repr(self) -> str:
         return f"{type(self.owner).__name__}.{self.name}"

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import io
 import logging
-import copy
 from typing import Callable, Iterable
 
 import torch
@@ -20,8 +20,8 @@ from archir.modes import eval_mode
 from archir.task import argument_names, describe
 
 from .build import assign_groups, build_graph
-from .capture import (export_trace, failing_methods, failing_modules, first_line, fx_trace, fx_trace_following_modes,
-                      is_torch_leaf, largest_parts, trace_failure, user_location)
+from .capture import (export_trace, failing_methods, failing_modules, first_line, fx_trace,
+                      fx_trace_following_modes, is_torch_leaf, largest_parts, trace_failure, user_location)
 from .mode_dropout import dropout_to_modules
 from .mode_split import merge_modes
 from .normalize import UnsafeMutation, functionalize
@@ -264,13 +264,12 @@ def _check_follows_modes(model: nn.Module, root: nn.Module, graph: fx.Graph, inp
         with _state_kept(root), torch.random.fork_rng(devices=[]):
             for training in (True, False):
                 traced[training] = fx_trace(root.train(training), leaves, inputs, with_values=True)
-        if len(traced) == 2:
-            try:
-                graph = merge_modes(root, traced[True], traced[False])
-                functionalize(graph, root)
-                problem = _mode_problem(model, root, graph, inputs)
-            except ValueError as exc:
-                problem = (problem[0], problem[1] + f"; the two modes' graphs do not merge ({exc})", False)
+        try:
+            graph = merge_modes(root, traced[True], traced[False])
+            functionalize(graph, root)
+            problem = _mode_problem(model, root, graph, inputs)
+        except ValueError as exc:
+            problem = (problem[0], problem[1] + f"; the two modes' graphs do not merge ({exc})", False)
     if problem is not None:
         name = type(model).__name__
         err = trace_failure(name, fx_exc, export_exc, largest_parts(model))
@@ -296,7 +295,9 @@ def _mode_problem(model: nn.Module, root: nn.Module, graph: fx.Graph, inputs: tu
                     expected = _traceable_copy(model).train(training)(*inputs)
                 except Exception as exc:  # noqa: BLE001 - the model's own failure
                     return (training, f"{name} itself fails in {mode} mode on the example inputs "
-                                      f"({first_line(exc)}), so the graph cannot be checked there", False)
+                                      f"({first_line(exc)}), so the graph cannot be checked there: give the "
+                                      f"example inputs it needs in {mode} mode too (a detector's: images and "
+                                      "targets)", False)
                 torch.manual_seed(0)
                 try:
                     with contextlib.redirect_stderr(io.StringIO()):  # fx prints where its code failed

@@ -1113,6 +1113,19 @@ class DetectorWithTargets(DetectorGlue):
         return detections
 
 
+def _assert_exact_in_both_modes(model, nets, inputs):
+    """Each of ``nets`` gives ``model``'s outputs on each of ``inputs`` in eval and in training
+    mode (copies: training updates BatchNorm statistics; the same seed before each call)."""
+    for training in (False, True):
+        for net in nets:
+            for xs in inputs:
+                torch.manual_seed(0)
+                expected = copy.deepcopy(model).train(training)(*xs)
+                torch.manual_seed(0)
+                with torch.no_grad():
+                    assert_same(expected, copy.deepcopy(net).train(training)(*xs))
+
+
 def _glue_targets(*counts):
     out = []
     for n in counts:
@@ -1140,14 +1153,10 @@ def test_a_detector_that_checks_its_targets_traces_whole_for_both_modes():
     assert s.decisions()
     bad = _glue_targets(2, 3)
     bad[1]["boxes"][0, 2] = 0.0  # x2 <= x1
+    nets = (g.to_module(), s.supernet, s.derive())
+    _assert_exact_in_both_modes(model, nets, (args, other))
     for training in (False, True):
-        for net in (g.to_module(), s.supernet, s.derive()):
-            for xs in (args, other):
-                torch.manual_seed(0)
-                expected = copy.deepcopy(model).train(training)(*xs)
-                torch.manual_seed(0)
-                with torch.no_grad():
-                    assert_same(expected, copy.deepcopy(net).train(training)(*xs))
+        for net in nets:
             with pytest.raises(RuntimeError, match="own check .*a box has no area"):
                 copy.deepcopy(net).train(training)(args[0], bad)
 
@@ -1206,20 +1215,18 @@ def test_a_detectors_own_methods_are_kept_opaque_and_the_rest_searched():
     g = archir.trace(model, args)
     g.verify()
     assert {":postprocess", ":compute_loss"} <= set(g.leaves)
+    from archir.frontends.opaque_methods import MethodCall
+
+    lowered = g.to_module()  # a copy shares the root its methods are called on, not a second model
+    owners = [[m.owner for m in net.modules() if isinstance(m, MethodCall)] for net in (lowered, copy.deepcopy(lowered))]
+    assert len(owners[0]) == 2 and all(a is b for a, b in zip(*owners))
     from archir.ir.guards import graph_guards
 
     assert any("numel() == 0" in w and "another branch" in w for w in graph_guards(g))
     s = archir.search(model, args, method="dnat")
     assert s.decisions()
     other = (torch.rand(2, 3, 5, 7), _glue_targets(1, 4))
-    for training in (False, True):
-        for net in (g.to_module(), s.supernet, s.derive()):
-            for xs in (args, other):
-                torch.manual_seed(0)
-                expected = copy.deepcopy(model).train(training)(*xs)
-                torch.manual_seed(0)
-                with torch.no_grad():
-                    assert_same(expected, copy.deepcopy(net).train(training)(*xs))
+    _assert_exact_in_both_modes(model, (g.to_module(), s.supernet, s.derive()), (args, other))
     empty = _glue_targets(2, 3)
     empty[0] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
     model.train()(args[0], empty)  # the model takes the other branch
