@@ -36,7 +36,7 @@ from archir.ir import fetch_attr
 from archir.layers import STANDALONE_CLASSES
 
 from .mode_dropout import dropout_to_modules, trace_following_modes
-from .opaque_methods import is_method_key, is_method_of, method_key
+from .opaque_methods import is_method_key, method_keys
 from .value_trace import value_trace
 
 
@@ -548,18 +548,13 @@ def failing_modules(exc: BaseException, root: nn.Module) -> list[str]:
     return found
 
 
-def failing_methods(exc: BaseException, root: nn.Module, opaque: Iterable[str]) -> list[str]:
-    """The methods (other than ``forward``, ``"path:name"``) of ``root`` and of its ``opaque``
-    submodules whose code was running when ``exc`` was raised, innermost first: the calls that
-    keeping modules opaque cannot reach (:mod:`.opaque_methods`)."""
-    kept = set(opaque)
-    owners = {id(m): p for p, m in root.named_modules(remove_duplicate=False) if not p or p in kept}
+def failing_methods(exc: BaseException, root: nn.Module) -> list[str]:
+    """The methods (other than ``forward``, ``"path:name"``) of ``root`` and its submodules whose
+    code was running when ``exc`` was raised, innermost first: the calls that keeping modules
+    opaque cannot reach (:mod:`.opaque_methods`)."""
     found: list[str] = []
     for frames in _frames_on_stack(exc):
-        found += [k for k in dict.fromkeys(method_key(owners[id(owner)], name) for owner, name in frames
-                                           if isinstance(owner, nn.Module) and id(owner) in owners
-                                           and is_method_of(owner, name))
-                  if k not in found]
+        found += [k for k in method_keys(frames, root) if k not in found]
     return found
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from archir.errors import TraceError
 
-_INPLACE_OPERATORS = {
+INPLACE_OPERATORS = {
     operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
     operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
     operator.imatmul: operator.matmul, operator.ior: operator.or_, operator.iand: operator.and_,
@@ -98,8 +98,8 @@ def functionalize(graph: fx.Graph, root: nn.Module) -> int:
     for node in list(graph.nodes):
         mutated = None
         if node.op == "call_function":
-            if node.target in _INPLACE_OPERATORS:
-                node.target = _INPLACE_OPERATORS[node.target]
+            if node.target in INPLACE_OPERATORS:
+                node.target = INPLACE_OPERATORS[node.target]
                 mutated = node.args[0]
             elif node.target is operator.setitem:
                 node.target = functional_setitem
@@ -128,6 +128,7 @@ def functionalize(graph: fx.Graph, root: nn.Module) -> int:
         if _alias_read_later(mutated, node, position):
             err = UnsafeMutation(f"in-place '{node.name}' updates a view")
             err.modules = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values() if path][::-1]
+            err.methods = node.meta.get("archir_methods", [])  # the methods it ran in (value tracing)
             raise err
         for user in list(mutated.users):
             if user is not node and position.get(user, -1) > position[node]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import re
 from typing import Iterable, Iterator
 
@@ -85,6 +86,23 @@ def calls_through(root: nn.Module, keys: Iterable[str]) -> Iterator[None]:
     finally:
         for owner, name in patched:
             owner.__dict__.pop(name, None)
+
+
+def method_keys(frames: Iterable[tuple[object, str]], root: nn.Module) -> list[str]:
+    """``"path:name"`` of each ``(self, function name)`` in ``frames`` (innermost first) that is a
+    method of ``root`` or of one of its submodules, once each, in that order."""
+    paths = {id(m): p for p, m in root.named_modules(remove_duplicate=False)}
+    return list(dict.fromkeys(method_key(paths[id(owner)], name) for owner, name in frames
+                              if isinstance(owner, nn.Module) and id(owner) in paths and is_method_of(owner, name)))
+
+
+def methods_on_stack(root: nn.Module) -> list[str]:
+    """:func:`method_keys` of the frames now running, innermost first."""
+    frames, frame = [], inspect.currentframe()
+    while frame is not None:
+        frames.append((frame.f_locals.get("self"), frame.f_code.co_name))
+        frame = frame.f_back
+    return method_keys(frames, root)
 
 
 def is_method_of(owner: nn.Module, name: str) -> bool:

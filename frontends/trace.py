@@ -393,8 +393,10 @@ def _fx_with_auto_leaves(model: nn.Module, name: str, leaves: list[str],
             candidates = failing_modules(exc, root)
         candidates = [p for p in candidates if p not in auto and p not in leaves
                       and not is_torch_leaf(root.get_submodule(p))]
-        if not candidates and not isinstance(exc, UnsafeMutation):  # the root's methods, an opaque module's
-            candidates = [k for k in failing_methods(exc, root, [*leaves, *auto]) if k not in auto]
+        if not candidates:  # the root's methods, an opaque module's
+            methods = getattr(exc, "methods", []) if isinstance(exc, UnsafeMutation) else failing_methods(exc, root)
+            kept = {"", *leaves, *auto}
+            candidates = [k for k in methods if k.split(":")[0] in kept and k not in auto]
         if not candidates or _attempt == MAX_AUTO_LEAVES:
             err = trace_failure(name, fx_exc, export_exc, largest_parts(model))
             if auto:

@@ -46,7 +46,8 @@ from torch import nn
 from archir.ir.guards import guard
 
 from .build import mutable
-from .opaque_methods import MethodCall, calls_through, parametrised_calls
+from .normalize import INPLACE_OPERATORS
+from .opaque_methods import MethodCall, calls_through, methods_on_stack, parametrised_calls
 
 log = logging.getLogger("archir")
 
@@ -185,7 +186,12 @@ class ValueTracer(fx.Tracer):
             # leaves out, specialised (fx passes the default as the placeholder's argument)
             self.values[node] = next(self._placeholder_values, args[0] if args else None)
         elif kind != "output":
+            if _writes_into_a_view(node, self.values):  # raised here, where the model's code is
+                raise fx.proxy.TraceError(f"{node.name} writes in place into a view of a tensor, which the graph "
+                                          "cannot make out of place")
             self.values[node] = self._evaluate(node)
+            if _writes_in_place(node):  # where functionalize may refuse it, which methods to keep opaque
+                node.meta["archir_methods"] = methods_on_stack(self.root)
             if target is torch._assert and args and isinstance(args[0], fx.Node):
                 message = args[1] if len(args) > 1 and isinstance(args[1], str) else ""
                 self._add_guard(args[0], True, _own_check(message))  # the check stays, the dead call goes
@@ -257,6 +263,18 @@ class ValueTracer(fx.Tracer):
         if type(value) is dict:
             return {k: self._as_containers(proxy[k], v, name) if v is not None else None for k, v in value.items()}
         return proxy
+
+
+def _writes_in_place(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in (*INPLACE_OPERATORS, operator.setitem)) or (
+        node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"))
+
+
+def _writes_into_a_view(node: fx.Node, values: dict) -> bool:
+    """Whether ``node`` changes its first argument in place, a view of another tensor (which
+    :func:`.normalize.functionalize` refuses)."""
+    first = values.get(node.args[0]) if _writes_in_place(node) and isinstance(node.args[0], fx.Node) else None
+    return isinstance(first, torch.Tensor) and first._base is not None
 
 
 def _own_check(message: str) -> str:

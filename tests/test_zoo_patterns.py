@@ -1237,6 +1237,37 @@ def test_a_detectors_own_methods_are_kept_opaque_and_the_rest_searched():
         g.to_module().eval()(torch.rand(3, 3, 6, 6), _glue_targets(1, 1, 1))
 
 
+class RescalesInPlace(nn.Module):
+    """Like torchvision's ``resize_keypoints`` (in ``transform.postprocess``): a method writes in
+    place into a copy through views, which the graph cannot make out of place: kept opaque."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x, ratio):
+        if (x.abs() > 1e6).any():
+            raise ValueError("x is out of range")
+        return self.rescale(self.conv(x).flatten(2).transpose(1, 2), ratio)
+
+    def rescale(self, points, ratio):
+        out = points.clone()
+        out[..., 0] *= ratio[0]
+        out[..., 1] *= ratio[1]
+        return out
+
+
+def test_a_method_that_writes_through_views_is_kept_opaque():
+    torch.manual_seed(0)
+    model = RescalesInPlace()
+    args = (torch.randn(2, 3, 4, 4), torch.tensor([2.0, 3.0]))
+    g = archir.trace(model, args)
+    assert set(g.leaves) == {":rescale"} and "updates a view" in g.leaves[":rescale"]
+    with torch.no_grad():
+        for xs in (args, (torch.randn(3, 3, 5, 2), torch.tensor([0.5, 4.0]))):
+            assert_same(model(*xs), g.to_module()(*xs))
+
+
 class PostprocessWithParameters(nn.Module):
     def __init__(self):
         super().__init__()
