@@ -35,12 +35,12 @@ def _same(a, b) -> bool:
     return len(la) == len(lb) and all(torch.equal(x, y) for x, y in zip(la, lb))
 
 
-def _targets(*counts: int) -> list[dict]:
+def _targets(*counts: int, classes: int = 10) -> list[dict]:
     out = []
     for n in counts:
         corner = torch.rand(n, 2) * 150
         out.append({"boxes": torch.cat([corner, corner + 10 + torch.rand(n, 2) * 60], 1),
-                    "labels": torch.randint(1, 10, (n,)),
+                    "labels": torch.randint(1, classes, (n,)),
                     "masks": torch.zeros(n, 224, 224, dtype=torch.uint8),
                     "keypoints": torch.cat([torch.rand(n, 17, 2) * 200, torch.ones(n, 17, 1)], 2)})
     return out
@@ -71,8 +71,9 @@ def measure(name: str) -> dict:
     # forward, and the ResNet-50 detectors at 800 pixels passed this machine's 23 GiB
     size = {} if name.startswith("ssd") else {"min_size": 320, "max_size": 320}
     model = getattr(torchvision.models.detection, name)(weights=None, weights_backbone=None, **size).eval()
-    example = ([torch.rand(3, 224, 224), torch.rand(3, 224, 224)], _targets(2, 3))
-    other = ([torch.rand(3, 200, 260), torch.rand(3, 240, 180)], _targets(1, 4))
+    classes = 2 if name.startswith("keypoint") else 10  # Keypoint R-CNN: person or not
+    example = ([torch.rand(3, 224, 224), torch.rand(3, 224, 224)], _targets(2, 3, classes=classes))
+    other = ([torch.rand(3, 200, 260), torch.rand(3, 240, 180)], _targets(1, 4, classes=classes))
     for t, img in zip(other[1], other[0]):  # masks and keypoints of these images' sizes
         t["masks"] = torch.zeros(len(t["boxes"]), *img.shape[-2:], dtype=torch.uint8)
     row: dict = {}
