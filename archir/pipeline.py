@@ -558,9 +558,9 @@ def _choose_and_derive(search, evaluator, timings: dict[str, float]) -> nn.Modul
 def _search_model_or_part(model: nn.Module, example_inputs, chosen, opts: TransformOptions, leaf_modules,
                           groups, emits: bool = False) -> tuple[Any, dict[str, str] | None]:
     """``Search`` on the whole model, or (``auto_submodule``, no ``submodule`` given) where the
-    model's own ``forward`` cannot be traced, or (``emits``) its graph holds parts that model.py
-    cannot (a detector traced whole: torchvision's transform and heads), on its largest child
-    that can: the rest of the model runs and trains as it is, as with ``--submodule PATH``.
+    model's own ``forward`` cannot be traced, or (``emits``, no ``leaf_modules``) its graph holds
+    parts that model.py cannot (a detector traced whole: torchvision's transform and heads), on
+    its largest child that can: the rest of the model runs and trains as it is, as with ``--submodule PATH``.
     Returns the search and, for a part chosen here, ``{"path": ..., "why": ...}`` (said on the
     terminal, kept in report.json)."""
     from .backends.standalone import StandaloneError, check_emittable
@@ -586,7 +586,7 @@ def _search_model_or_part(model: nn.Module, example_inputs, chosen, opts: Transf
             raise
         why = untraceable_reason(model, failure)
     else:
-        if not (emits and automatic):
+        if not (emits and automatic) or leaf_modules:  # parts the user keeps opaque: refused as asked
             return whole, None
         try:
             check_emittable(whole.original.to_module())
