@@ -32,6 +32,12 @@ def is_method_key(key: str) -> bool:
     return SEPARATOR in key
 
 
+def split_method_key(key: str) -> tuple[str, str]:
+    """``"path:name"`` -> ``(path, name)``."""
+    path, name = key.split(SEPARATOR)
+    return path, name
+
+
 class MethodCall(nn.Module):
     """``owner.<name>(*args, **kwargs)``, the method as its class defines it.
 
@@ -63,7 +69,7 @@ class MethodCall(nn.Module):
 
 
 def attribute_name(key: str) -> str:
-    path, name = key.split(SEPARATOR)
+    path, name = split_method_key(key)
     return "archir_" + re.sub(r"\W", "_", f"{path or 'self'}_{name}")
 
 
@@ -75,7 +81,7 @@ def calls_through(root: nn.Module, keys: Iterable[str]) -> Iterator[None]:
     patched = []
     try:
         for key in keys:
-            path, name = key.split(SEPARATOR)
+            path, name = split_method_key(key)
             owner = root.get_submodule(path)
             attr = attribute_name(key)
             if not hasattr(root, attr):

@@ -25,6 +25,7 @@ from .capture import (export_trace, failing_methods, failing_modules, first_line
 from .mode_dropout import dropout_to_modules
 from .mode_split import merge_modes
 from .normalize import UnsafeMutation, functionalize
+from .opaque_methods import split_method_key
 
 GRANULARITIES = ("layer", "block")
 MAX_AUTO_LEAVES = 64  # submodules made opaque automatically before giving up
@@ -396,7 +397,7 @@ def _fx_with_auto_leaves(model: nn.Module, name: str, leaves: list[str],
         if not candidates:  # the root's methods, an opaque module's
             methods = getattr(exc, "methods", []) if isinstance(exc, UnsafeMutation) else failing_methods(exc, root)
             kept = {"", *leaves, *auto}
-            candidates = [k for k in methods if k.split(":")[0] in kept and k not in auto]
+            candidates = [k for k in methods if split_method_key(k)[0] in kept and k not in auto]
         if not candidates or _attempt == MAX_AUTO_LEAVES:
             err = trace_failure(name, fx_exc, export_exc, largest_parts(model))
             if auto:
