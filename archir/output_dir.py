@@ -107,9 +107,10 @@ def commit_run_dir(run: RunDir) -> None:
 
 
 def emit_model(module: nn.Module, out: Path, inputs: tuple, *, onnx: bool, class_name: str, header: str
-               ) -> tuple[dict[str, str], Any]:
+               ) -> tuple[dict[str, str], Any, tuple[str, ...]]:
     """model.py + weights.pt (checked in a fresh namespace against ``module``) and, with ``onnx``,
-    model.onnx (checked against ONNX Runtime). Returns (files, the ONNX report or None)."""
+    model.onnx (checked against ONNX Runtime). Returns (files, the ONNX report or None, the
+    packages model.py imports besides torch: ``("torchvision",)`` for a detector's opaque parts)."""
     from archir.backends.standalone import emit_standalone
 
     emitted = emit_standalone(module, out, class_name=class_name, example_inputs=inputs, header=header)
@@ -120,7 +121,7 @@ def emit_model(module: nn.Module, out: Path, inputs: tuple, *, onnx: bool, class
 
         onnx_report = export_onnx(module, inputs, out / "model.onnx")
         files["model.onnx"] = str(out / "model.onnx")
-    return files, onnx_report
+    return files, onnx_report, emitted.packages
 
 
 def write_outputs(res: "Result", inputs: tuple, onnx: bool = True) -> dict[str, str]:
@@ -135,8 +136,9 @@ def write_outputs(res: "Result", inputs: tuple, onnx: bool = True) -> dict[str, 
 
         say("writing model.py and weights.pt (checked in a fresh namespace)"
             + (", exporting model.onnx and checking it against ONNX Runtime" if onnx else ""))
-    files, onnx_report = emit_model(res.module, out, inputs, onnx=onnx, class_name=f"Slim{res.graph.name}",
-                                    header=header)
+    files, onnx_report, packages = emit_model(res.module, out, inputs, onnx=onnx,
+                                              class_name=f"Slim{res.graph.name}", header=header)
+    report["model_py_needs"] = ["torch", *packages]
     if onnx_report is not None:
         report["onnx"] = onnx_report.to_dict()
     if res.whole is not None:
@@ -299,7 +301,9 @@ def report_markdown(report: dict[str, Any]) -> str:
                      f"| {changed} | {h['seconds']:.1f} |")
     if "onnx" in report:
         lines += ["", f"ONNX: `model.onnx` verified against ONNX Runtime: {report['onnx'].get('passed')}."]
-    lines += ["", "Files: `model.py` + `weights.pt` (standalone slim module, needs only torch), `model.onnx`, "
+    needs = " and ".join(report.get("model_py_needs") or ["torch"])
+    needs = "only torch" if needs == "torch" else needs
+    lines += ["", f"Files: `model.py` + `weights.pt` (standalone slim module, needs {needs}), `model.onnx`, "
               "`report.json` (everything above, architecture weights per epoch, timings, versions)."]
     if sub:
         lines += ["", f"`model.py`, `weights.pt` and `model.onnx` hold the slim `{sub['path']}`; "

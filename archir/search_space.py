@@ -240,7 +240,7 @@ class Search:
         from .output_dir import emit_model
 
         module = self.derive() if module is None else module
-        files, _ = emit_model(module, Path(out_dir), self.example_inputs, onnx=onnx,
+        files, _, _ = emit_model(module, Path(out_dir), self.example_inputs, onnx=onnx,
                               class_name=class_name or f"Slim{self.graph.name}",
                               header=f"Emitted by archir ({self.method.describe()}) from {self.graph.name}.")
         return files

@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch import Tensor
 
 import archir
 from archir.backends import standalone
@@ -404,3 +405,171 @@ def test_model_py_frees_each_value_after_its_last_use(tmp_path):
     with torch.no_grad():
         assert torch.equal(emitted(x), model(x))
     assert len(outputs) == 5 and alive == [1]  # only the last layer's input
+
+
+# ---- parts kept opaque whose classes come from an installed package ------------------------------
+# A tiny package, installed the way pip installs one (a dist-info beside it), in the shape of
+# torchvision's detectors: parts whose classes use the package's own types (so their source cannot
+# be copied into model.py), plain objects and functions held as attributes, a method of the root
+# and of a part kept opaque, and a forward that returns a loss in training mode.
+FAKE_PACKAGE = '''
+import torch
+from torch import Tensor, nn
+
+
+class Coder:
+    """A plain object held as an attribute, like torchvision's BoxCoder."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def __call__(self, x):
+        return x * self.scale
+
+
+def clamp_scores(x):
+    return x.clamp(min=0)
+
+
+class Batch:
+    """The package's own type (like ImageList): the class that uses it cannot be copied."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+
+class Heads(nn.Module):
+    kind: str = "heads"
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 2, 1)
+        self.coder = Coder(2.0)
+        self.score_fn = clamp_scores
+        self.anchors = [torch.arange(4.0), torch.ones(2, dtype=torch.int64)]
+        self.dtype = torch.float32
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.score_fn(self.coder(self.conv(Batch(x).tensors)))
+        if out.sum() > 0:  # a branch on the data: the part is kept opaque
+            out = out + self.anchors[0].sum()
+        return out
+
+    def postprocess(self, out):  # as many scores per image as are positive: kept opaque
+        return [{"scores": o.flatten().topk(max(int((o > 0).sum()), 1)).values} for o in out]
+
+
+class Detector(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.heads = Heads()
+        self.threshold = 0.5
+        self.coder = Coder(0.5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + self.block(x)
+        out = self.heads(x)
+        if self.training:
+            return self.loss(out)
+        return self.heads.postprocess(out)
+
+    def loss(self, out):  # iterates the batch: kept opaque, on the root itself (as SSD's compute_loss)
+        loss = out.new_zeros(())
+        for row in out:
+            if row.mean() > self.threshold:
+                loss = loss + self.coder(row).mean()
+        return {"loss": loss}
+'''
+
+
+@pytest.fixture
+def fake_package(tmp_path, monkeypatch):
+    from archir.backends.standalone import submodules
+
+    name = f"archir_fakepkg_{uuid.uuid4().hex[:8]}"
+    site = tmp_path / "site"
+    (site / name).mkdir(parents=True)
+    (site / name / "__init__.py").write_text(FAKE_PACKAGE)
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "top_level.txt").write_text(name + "\n")
+    monkeypatch.syspath_prepend(str(site))
+    submodules._distributions.cache_clear()
+    yield importlib.import_module(name)
+    submodules._distributions.cache_clear()
+    sys.modules.pop(name, None)
+
+
+def test_parts_from_an_installed_package_are_imported_and_both_modes_emitted(fake_package, tmp_path):
+    """model.py imports the package's classes (it says so), rebuilds their plain attributes
+    (objects, functions, tensors), runs the methods kept opaque on the part and on the model, and
+    writes the forward that differs by mode as two methods: bit for bit in eval and training mode."""
+    torch.manual_seed(0)
+    model = fake_package.Detector().eval()
+    x = torch.randn(2, 3, 6, 6)
+    g = archir.trace(model, (x,))
+    g.verify()
+    assert {"heads", "heads:postprocess", ":loss"} <= set(g.leaves)
+    gm = g.to_module()
+    files = emit_standalone(gm, tmp_path / "out", example_inputs=(x,))
+    src = files.model_py.read_text()
+    name = fake_package.__name__
+    assert f"Needs PyTorch and {name}: the parts kept opaque (heads, Detector's own methods) are its classes." in src
+    assert f"\nimport {name}\n" in src and "class Heads" not in src  # imported, not copied
+    assert f"_archir_object({name}.Coder, {{'scale': 2.0}})" in src and f"{name}.clamp_scores" in src
+    assert "if self.training else self.archir_by_mode_eval(*values)" in src
+    emitted = _load(files.model_py).load_model()
+    for training in (False, True):
+        for xs in (x, torch.randn(2, 3, 5, 7), torch.randn(2, 3, 4, 4) + 1):  # the graph reads two items
+            with torch.no_grad():
+                assert_same(model.train(training)(xs), emitted.train(training)(xs))
+    derived = archir.search(model.eval(), (x,), method="dso").derive()  # what archir transform emits
+    emitted = _load(emit_standalone(derived, tmp_path / "derived", example_inputs=(x,)).model_py).load_model()
+    with torch.no_grad():
+        assert_same(model.train()(x), emitted.train()(x))
+
+
+class Annotated(nn.Module):
+    scale: float = 2.0  # an annotated class attribute stays, as a plain one
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:  # ``Tensor``: a name model.py does not import
+        return self.lin(x) * self.scale
+
+
+def test_a_copied_class_loses_its_annotations(tmp_path):
+    x = torch.randn(2, 4)
+    model = nn.Sequential(nn.Linear(4, 4), Annotated())
+    gm = archir.trace(model, x, leaf_modules=["1"]).to_module()
+    src = emit_standalone(gm, tmp_path / "out", example_inputs=(x,)).model_py.read_text()
+    assert "def forward(self, x):" in src and "    scale = 2.0" in src
+
+
+def test_an_attribute_model_py_cannot_rebuild_is_named(fake_package, tmp_path):
+    model = fake_package.Detector().eval()
+    model.heads.owner = weakref.ref(model)  # neither a literal, a tensor nor a plain object
+    gm = archir.trace(model, (torch.randn(2, 3, 6, 6),)).to_module()
+    with pytest.raises(StandaloneError, match=r"'heads'.*attribute 'owner' \(weakref.ReferenceType\)"):
+        standalone.check_emittable(gm)
+
+
+def test_transform_keeps_the_whole_model_and_says_what_model_py_needs(fake_package, tmp_path):
+    """Before this, a model whose opaque parts model.py could not hold was searched inside a part."""
+    torch.manual_seed(0)
+    model = fake_package.Detector().eval()
+    x = torch.randn(2, 3, 6, 6)
+    res = archir.transform(model, (x,), "dnat", epochs=0, onnx=False, progress=False, out=tmp_path / "out")
+    assert res.whole is None and "submodule" not in res.report
+    assert res.report["model_py_needs"] == ["torch", fake_package.__name__]
+    assert f"needs torch and {fake_package.__name__})" in (tmp_path / "out" / "report.md").read_text()
+    emitted = _load(tmp_path / "out" / "model.py").load_model()
+    with torch.no_grad():
+        for training in (False, True):
+            assert_same(model.train(training)(x), emitted.train(training)(x))

@@ -22,6 +22,8 @@ class StandaloneFiles:
     ``module_names`` maps each ``call_module``/``get_attr`` target of the GraphModule to the
     attribute path that holds it in the emitted class (``"layer1.0.conv1" -> "layer1_0_conv1"``;
     a parameter of a called module keeps its module: ``"fc.weight" -> "fc.weight"``).
+    ``packages``: what model.py imports besides torch and the standard library (``torchvision``,
+    for the classes of parts kept opaque that come from it); empty for most models.
     """
 
     model_py: Path
@@ -29,6 +31,7 @@ class StandaloneFiles:
     class_name: str
     num_parameters: int
     module_names: dict[str, str] = field(default_factory=dict)
+    packages: tuple[str, ...] = ()
 
 
 # Module-level names model.py defines itself; a graph global may not take one of them.

@@ -3,6 +3,7 @@ and (with example inputs) its outputs equal the GraphModule's bit for bit."""
 from __future__ import annotations
 
 import ast
+import copy
 import importlib.util
 import uuid
 from pathlib import Path
@@ -93,7 +94,10 @@ def _mismatch(a: Any, b: Any, where: str = "output") -> str | None:
     return None if a == b else f"{where}: {a!r:.60} vs {b!r:.60}"
 
 
-def _verify(gm: fx.GraphModule, model_py: Path, weights: Path, class_name: str, inputs: tuple) -> None:
+def _verify(gm: fx.GraphModule, model_py: Path, weights: Path, class_name: str, inputs: tuple,
+            plan: _Plan) -> None:
+    """model.py and weights.pt, imported afresh, give ``gm``'s outputs on ``inputs`` bit for bit
+    in eval mode, and in training mode too where the forward differs by mode."""
     name = f"_archir_standalone_{uuid.uuid4().hex}"
     spec = importlib.util.spec_from_file_location(name, model_py)
     module = importlib.util.module_from_spec(spec)
@@ -115,3 +119,23 @@ def _verify(gm: fx.GraphModule, model_py: Path, weights: Path, class_name: str, 
     if problem:
         raise StandaloneError(f"{model_py} does not reproduce the GraphModule on the example inputs "
                               f"(eval mode): {problem}. The files were left in place for inspection.")
+    if plan.by_mode:  # the forward differs by mode: check the training-mode end too
+        _verify_training(gm, emitted, model_py, inputs)
+
+
+def _verify_training(gm: fx.GraphModule, emitted: nn.Module, model_py: Path, inputs: tuple) -> None:
+    """Both in training mode, on copies (training updates BatchNorm statistics), from the same
+    random state (a detector's heads sample), without disturbing the caller's."""
+    outputs = []
+    for module in (gm, emitted):
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)
+            try:
+                outputs.append(copy.deepcopy(module).train()(*inputs))
+            except Exception as exc:  # noqa: BLE001
+                raise StandaloneError(f"running {model_py} in training mode on the example inputs failed: "
+                                      f"{type(exc).__name__}: {exc}") from exc
+    problem = _mismatch(*outputs)
+    if problem:
+        raise StandaloneError(f"{model_py} does not reproduce the GraphModule on the example inputs "
+                              f"(training mode): {problem}. The files were left in place for inspection.")

@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 
 from archir.fileio import save_torch, write_text
+from archir.frontends.opaque_methods import MethodCall
 from archir.ir import fetch_attr
 from archir.layers import STANDALONE_CLASSES
 
@@ -17,20 +18,23 @@ from .base import _FILE_NAMES, StandaloneError, StandaloneFiles
 from .checks import _check_built, _exec_source, _verify
 from .forward import _free_names, _resolve_global
 from .naming import _display_path
-from .plan import _plan
+from .plan import _plan, graph_parts
 from .source import _source
-from .submodules import _module_expr
+from .submodules import _module_expr, method_owner_expr, required_packages
 
 
 def emit_standalone(module: fx.GraphModule, out_dir: Path | str, *, class_name: str = "SlimModel",
                     example_inputs: tuple[torch.Tensor, ...] | None = None,
                     header: str = "") -> StandaloneFiles:
     """Write ``out_dir/model.py`` (torch-only source) and ``out_dir/weights.pt`` (its state_dict).
+    Parts kept opaque whose classes come from an installed package (torchvision's detection
+    transform and heads) are imported from it (:attr:`StandaloneFiles.packages`).
 
     ``header``: extra lines for model.py's docstring (provenance: archir version, options...).
     ``example_inputs``: if given, import the written model and check its eval-mode outputs equal
-    ``module``'s bit for bit. Raises :class:`StandaloneError` when a submodule or a called function
-    cannot be written with torch alone, or when the check fails.
+    ``module``'s bit for bit (and its training-mode outputs, where the forward differs by mode).
+    Raises :class:`StandaloneError` when a submodule or a called function cannot be written, or
+    when the check fails.
     """
     if not isinstance(module, fx.GraphModule):
         raise StandaloneError(f"emit_standalone needs a torch.fx.GraphModule, got {type(module).__name__}")
@@ -53,9 +57,10 @@ def emit_standalone(module: fx.GraphModule, out_dir: Path | str, *, class_name: 
     save_torch(weights, weights_pt)
     write_text(model_py, source)
     if example_inputs is not None:
-        _verify(module, model_py, weights_pt, class_name, tuple(example_inputs))
+        _verify(module, model_py, weights_pt, class_name, tuple(example_inputs), plan)
     return StandaloneFiles(model_py=model_py, weights=weights_pt, class_name=class_name,
-                           num_parameters=num_parameters, module_names=dict(plan.targets))
+                           num_parameters=num_parameters, module_names=dict(plan.targets),
+                           packages=tuple(required_packages(source)))
 
 
 def _checked_weights(build_model, plan) -> dict[str, torch.Tensor]:
@@ -104,27 +109,38 @@ def check_emittable(module: fx.GraphModule) -> None:
 def _check_modules(gm: fx.GraphModule) -> None:
     checked: list[str] = []
     seen: set[int] = set()
-    for node in gm.graph.nodes:
-        if node.op not in ("call_module", "get_attr"):
-            continue
-        obj = fetch_attr(gm, node.target)
-        if not isinstance(obj, torch.nn.Module) or id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if _search_time(obj) or any(node.target.startswith(t + ".") for t in checked):
-            continue  # removed by derive, or inside a module checked whole
-        _module_expr(obj, _display_path(gm, node.target))
-        checked.append(node.target)
+    held: set[int] = set()  # every module model.py will hold
+    methods: list[tuple[str, MethodCall]] = []
+    for prefix, _, graph in graph_parts(gm):
+        for node in graph.nodes:
+            if node.op not in ("call_module", "get_attr"):
+                continue
+            target = prefix + node.target
+            obj = fetch_attr(gm, target)
+            if isinstance(obj, MethodCall):
+                methods.append((target, obj))
+            if not isinstance(obj, torch.nn.Module) or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            if _search_time(obj) or any(target.startswith(t + ".") for t in checked):
+                continue  # removed by derive (or archir's own: checked below), or inside a module checked whole
+            _module_expr(obj, _display_path(gm, target))
+            checked.append(target)
+            held |= {id(m) for m in obj.modules()}
+    for target, call in methods:
+        if id(call.owner) not in held:
+            method_owner_expr(call.owner, f"{target} ({type(call.owner).__name__})")
 
 
 def _check_globals(gm: fx.GraphModule) -> None:
-    codegen = gm.graph._codegen
-    if type(codegen) is not fx.graph.CodeGen:
-        raise StandaloneError(f"the GraphModule uses a custom fx code generator ({type(codegen).__name__}); "
-                              "only plain graphs can be emitted")
-    code = gm.graph.python_code(root_module="self")
-    tree = ast.parse(code.src)
-    fdef = next(st for st in tree.body if isinstance(st, ast.FunctionDef) and st.name == "forward")
-    for name in sorted(_free_names(fdef)):
-        if name in code.globals and not _search_time(code.globals[name]):
-            _resolve_global(name, code.globals[name])
+    for _, _, graph in graph_parts(gm):
+        codegen = graph._codegen
+        if type(codegen) is not fx.graph.CodeGen:
+            raise StandaloneError(f"the GraphModule uses a custom fx code generator ({type(codegen).__name__}); "
+                                  "only plain graphs can be emitted")
+        code = graph.python_code(root_module="self")
+        tree = ast.parse(code.src)
+        fdef = next(st for st in tree.body if isinstance(st, ast.FunctionDef) and st.name == "forward")
+        for name in sorted(_free_names(fdef)):
+            if name in code.globals and not _search_time(code.globals[name]):
+                _resolve_global(name, code.globals[name])

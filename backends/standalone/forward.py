@@ -228,32 +228,57 @@ def _as_del(stmt: ast.stmt) -> ast.stmt:
     return stmt
 
 
-def _forward(gm: fx.GraphModule, plan: _Plan) -> tuple[str, list[str], list[str]]:
-    """Forward source (unindented), import lines, module-level definitions it needs."""
-    codegen = gm.graph._codegen
+def _method(source_graph: fx.Graph, prefix: str, name: str, plan: _Plan) -> tuple[ast.FunctionDef, dict]:
+    """The emitted method ``name`` computing ``source_graph`` (its targets under ``prefix``),
+    and the globals fx's generated code reads."""
+    codegen = source_graph._codegen
     if type(codegen) is not fx.graph.CodeGen:
         raise StandaloneError(f"the GraphModule uses a custom fx code generator ({type(codegen).__name__}); "
                               "only plain graphs can be emitted")
     graph = fx.Graph()
-    values, old_output = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    values, old_output = graph.graph_copy(source_graph, {}, return_output_node=True)
     graph.output(values, type_expr=getattr(old_output, "type", None))
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
-            node.target = plan.targets[node.target]
+            node.target = plan.targets[prefix + node.target]
     code = graph.python_code(root_module="self")
     tree = ast.parse(code.src)
     fdef = next(s for s in tree.body if isinstance(s, ast.FunctionDef) and s.name == "forward")
+    fdef.name = name
     # fx's ``a = b = None`` lines free each value after its last use (model.py's peak memory is then
     # the original's, not every activation of the network at once); ``del a, b`` says so plainly
     fdef.body = [_as_del(s) for s in fdef.body] or [ast.Pass()]
+    return fdef, code.globals
 
-    free = _free_names(fdef)
-    bound = _bound_names(fdef)
+
+def _by_mode_method(names: dict[str, str]) -> str:
+    return (f"def {names['forward']}(self, *values):\n"
+            "    # the end of the forward that the model's own code writes differently in training\n"
+            f"    return self.{names['train']}(*values) if self.training else self.{names['eval']}(*values)")
+
+
+def _forward(gm: fx.GraphModule, plan: _Plan) -> tuple[str, list[str], list[str]]:
+    """Forward source (unindented; with the methods of a forward that differs by mode), import
+    lines, module-level definitions it needs."""
+    from .plan import graph_parts
+
+    methods, globals_ = [], {}
+    for prefix, part, graph in graph_parts(gm):
+        name = "forward" if part == "forward" else plan.by_mode[prefix.rsplit(".", 2)[0]][part]
+        fdef, fx_globals = _method(graph, prefix, name, plan)
+        for key, obj in fx_globals.items():
+            if key in globals_ and globals_[key] is not obj:
+                raise StandaloneError(f"internal: the generated methods name two objects '{key}'")
+            globals_[key] = obj
+        methods.append(fdef)
+
+    free = set().union(*map(_free_names, methods))
+    bound = set().union(*map(_bound_names, methods))
     resolved = {}
     for name in sorted(free):
-        if name not in code.globals:
+        if name not in globals_:
             raise StandaloneError(f"internal: generated forward uses '{name}', which fx did not define")
-        resolved[name] = _resolve_global(name, code.globals[name])
+        resolved[name] = _resolve_global(name, globals_[name])
     imports = [line for g in resolved.values() for line in g.imports]
     import_roots = {line.split()[-1].split(".")[0] for line in imports}
     taken = bound | free | import_roots | _FILE_NAMES | set(dir(builtins))
@@ -297,13 +322,15 @@ def _forward(gm: fx.GraphModule, plan: _Plan) -> tuple[str, list[str], list[str]
             defs.append(f"{name} = {g.expr}")
         else:
             subst[name] = ast.parse(g.expr, mode="eval").body
-    fdef = _Rename(subst).visit(fdef)
-    return ast.unparse(fdef), imports, defs
+    sources = [ast.unparse(_Rename(subst).visit(fdef)) for fdef in methods]
+    sources += [_by_mode_method(names) for names in plan.by_mode.values()]
+    return "\n\n".join(sources), imports, defs
 
 
-def _torch_imports(source: str) -> list[str]:
+def _torch_imports(source: str, packages: tuple[str, ...] = ()) -> list[str]:
     """``import torch.x.y`` lines for every torch submodule an attribute chain goes through that
-    ``import torch`` does not import by itself."""
+    ``import torch`` does not import by itself; for each of ``packages`` (installed packages whose
+    classes model.py imports: ``torchvision``), the deepest module each chain goes through."""
     needed = set()
     for node in ast.walk(ast.parse(source)):
         if not isinstance(node, ast.Attribute):
@@ -312,9 +339,11 @@ def _torch_imports(source: str) -> list[str]:
         while isinstance(cur, ast.Attribute):
             chain.append(cur.attr)
             cur = cur.value
-        if not (isinstance(cur, ast.Name) and cur.id == "torch"):
+        if not (isinstance(cur, ast.Name) and cur.id in ("torch", *packages)):
             continue
-        dotted = "torch"
+        dotted = cur.id
+        if dotted != "torch":
+            needed.add(dotted)
         for atom in reversed(chain):
             dotted += "." + atom
             if dotted.startswith("torch.ops"):

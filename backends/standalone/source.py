@@ -13,7 +13,8 @@ from archir.layers import STANDALONE_CLASSES
 from .forward import _forward, _torch_imports
 from .naming import _attr_expr
 from .plan import _Plan
-from .submodules import REBUILD_SOURCE, user_class_source, user_classes
+from .submodules import (OBJECT_FN, OBJECT_SOURCE, REBUILD_SOURCE, copied_or_imported, required_packages,
+                         user_class_source, user_classes)
 
 
 def _layer_sources(plan: _Plan) -> list[str]:
@@ -23,7 +24,8 @@ def _layer_sources(plan: _Plan) -> list[str]:
             for cls in STANDALONE_CLASSES if cls in used]
 
 
-def _docstring(class_name: str, gm: fx.GraphModule, header: str, num_parameters: int) -> str:
+def _docstring(class_name: str, gm: fx.GraphModule, header: str, num_parameters: int,
+               packages: dict[str, list[str]] | None = None) -> str:
     import archir
 
     lines = [f"{class_name}: a standalone PyTorch model written by archir {archir.__version__}.", ""]
@@ -31,7 +33,10 @@ def _docstring(class_name: str, gm: fx.GraphModule, header: str, num_parameters:
         lines += [*header.strip("\n").splitlines(), ""]
     lines += [
         f"Source: {type(gm).__name__} (torch.fx GraphModule), {num_parameters:,} parameters.",
-        "Needs only PyTorch. weights.pt beside this file holds the state_dict:",
+        *(["Needs only PyTorch."] if not packages else [
+            f"Needs PyTorch and {pkg}: the parts kept opaque ({', '.join(parts)}) are its classes."
+            if parts else f"Needs PyTorch and {pkg} (model.py imports from it)." for pkg, parts in packages.items()]),
+        "weights.pt beside this file holds the state_dict:",
         "",
         "    model = load_model()          # build_model() + torch.load(weights.pt, weights_only=True)",
         "    model.eval()",
@@ -53,6 +58,8 @@ def _source(gm: fx.GraphModule, plan: _Plan, class_name: str, header: str, num_p
         for pname, p in mod.named_parameters():
             if not p.requires_grad:
                 init.append(f"{_attr_expr('self.' + flat, pname)}.requires_grad_(False)")
+    for flat, expr, owner in plan.owners:
+        init.append(f"self.{flat} = {expr}  # runs {type(owner).__name__}'s own methods (no parameters)")
     for flat, t, is_param in plan.tensors:
         if is_param:
             grad = "" if t.requires_grad else ", requires_grad=False"
@@ -105,18 +112,29 @@ def _source(gm: fx.GraphModule, plan: _Plan, class_name: str, header: str, num_p
     aliases = [d for d in defs if not d.startswith("#")]
     functions = [d for d in defs if d.startswith("#")] + _layer_sources(plan)
     classes = user_classes(mod for _, _, mod, _ in plan.modules)
-    if classes:  # user-defined modules kept opaque: their classes are copied (checked when built)
+    classes += [type(owner) for _, _, owner in plan.owners if type(owner) not in classes]
+    if classes:  # user-defined modules kept opaque: their classes are copied or imported (checked when built)
         for cls in classes:
+            if copied_or_imported(cls) is not None:
+                continue  # an installed package's class that model.py imports (see below)
             lines, src = user_class_source(cls)
             imports += [line for line in lines if line.startswith("import ")]
             aliases += [line for line in lines if not line.startswith("import ") and line not in aliases]
             functions.append(src)
         functions.append(REBUILD_SOURCE)
+    if f"{OBJECT_FN}(" in body_text:
+        functions.append(OBJECT_SOURCE)
+    packages = tuple(required_packages(body_text))
+    code = "\n".join(defs) + "\n" + body_text
     std = sorted({line for line in imports if not line.split()[1].startswith("torch")})
-    tch = sorted({line for line in imports + _torch_imports("\n".join(defs) + "\n" + body_text)
+    tch = sorted({line for line in imports + _torch_imports(code)
                   if line.split()[1].startswith("torch")} - {"import torch"})
-    head = [_docstring(class_name, gm, header, num_parameters), "",
-            *std, "from pathlib import Path", "", "import torch", *tch]
+    pkg = sorted(set(_torch_imports(code, packages)) - set(tch) - {"import torch"})
+    opaque = {p: [display for _, expr, _, display in plan.modules if p in required_packages(expr)]
+              + [f"{type(owner).__name__}'s own methods" for _, expr, owner in plan.owners
+                 if p in required_packages(expr)] for p in packages}
+    head = [_docstring(class_name, gm, header, num_parameters, opaque), "",
+            *std, "from pathlib import Path", "", "import torch", *tch, *([""] + pkg if pkg else [])]
     text = "\n".join(head) + "\n"
     if aliases:
         text += "\n" + "\n".join(aliases) + "\n"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import inspect
 
@@ -192,10 +193,97 @@ def _float_dtypes(mod: nn.Module) -> set[torch.dtype]:
     return {t.dtype for t in [*mod.parameters(), *mod.buffers()] if t.is_floating_point()}
 
 
-# ---- user-defined modules kept opaque (automatic leaves): their class source is copied ------------
+# ---- user-defined modules kept opaque (automatic leaves): their class source is copied, ------------
+# ---- or, for a class from an installed package that cannot be copied, imported from it ------------
 REBUILD_FN = "_archir_module"
+OBJECT_FN = "_archir_object"
+OBJECT_SOURCE = f'''def {OBJECT_FN}(cls, attrs):
+    """An instance of ``cls`` (a plain object an opaque part holds: a box coder, a matcher) with
+    the attributes it had, without running its ``__init__``."""
+    obj = cls.__new__(cls)
+    obj.__dict__.update(attrs)
+    return obj'''
+# the largest tensor held as a plain attribute (not a parameter or buffer) that model.py writes out
+_MAX_LITERAL_TENSOR = 4096
+
+
+def _rebuild_object(cls, attrs):  # the in-process twin of OBJECT_SOURCE
+    obj = cls.__new__(cls)
+    obj.__dict__.update(attrs)
+    return obj
+
+
+def package_class(cls, *, torch_too: bool = False) -> str | None:
+    """``torchvision.models.detection.rpn.RegionProposalNetwork``: where model.py imports ``cls``
+    (a class or a function) from, when it comes from an installed package other than torch and
+    archir (a distribution pip knows, not a file beside the user's model), or from torch where
+    ``torch_too``; None otherwise."""
+    module_name, qual = getattr(cls, "__module__", None), getattr(cls, "__qualname__", None)
+    if not (isinstance(module_name, str) and isinstance(qual, str)):
+        return None
+    top = module_name.split(".")[0]
+    if not (torch_too and top == "torch") and (
+            top in ("torch", "archir", "__main__", "builtins") or top not in _distributions()):
+        return None
+    try:
+        if fetch_attr(importlib.import_module(module_name), qual) is cls:
+            return f"{module_name}.{qual}"
+    except (ImportError, AttributeError):
+        pass
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _distributions() -> frozenset[str]:
+    """Top-level import names of the installed distributions (reading them takes ~0.1 s: once)."""
+    import importlib.metadata
+
+    return frozenset(importlib.metadata.packages_distributions())
+
+
+def required_packages(source: str) -> list[str]:
+    """The installed packages (other than torch) an expression or source imports from."""
+    names = {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
+    return sorted(n for n in names if n in _distributions() and n not in ("torch", "archir"))
+
+
+def _value_expr(value, path: str, mod: nn.Module, attr: str, _depth: int = 0) -> str:
+    """A Python expression for one attribute of an opaque module: a literal, a small tensor, a
+    list/tuple/dict of such values, or a plain object of an installed package's class rebuilt
+    from its attributes (:data:`OBJECT_SOURCE`). Raises what else it is."""
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.is_quantized or value.numel() > _MAX_LITERAL_TENSOR \
+                or value.requires_grad or value.device.type == "meta":
+            raise _why_not(path, mod, f"its attribute '{attr}' holds a tensor of {value.numel()} elements that is "
+                                      "neither a parameter nor a buffer, so weights.pt cannot carry it")
+        return f"torch.tensor({value.cpu().tolist()!r}, dtype={value.dtype})"
+    if isinstance(value, torch.dtype):
+        return repr(value)  # torch.float32
+    if isinstance(value, torch.device):
+        return f"torch.device({str(value)!r})"
+    if _literal(repr(value)) and type(value) in (*_SIMPLE, tuple, list, dict, set):
+        return repr(value)
+    if _depth < 4 and type(value) in (tuple, list):
+        items = [_value_expr(v, path, mod, attr, _depth + 1) for v in value]
+        return f"({', '.join(items)}{',' if len(items) == 1 else ''})" if isinstance(value, tuple) \
+            else f"[{', '.join(items)}]"
+    if _depth < 4 and type(value) is dict and all(_literal(repr(k)) for k in value):
+        return "{" + ", ".join(f"{k!r}: {_value_expr(v, path, mod, attr, _depth + 1)}"
+                               for k, v in value.items()) + "}"
+    if inspect.isfunction(value) or inspect.isbuiltin(value) or isinstance(value, type):
+        where = package_class(value, torch_too=True)  # torchvision's box_iou, kept as a box similarity
+        if where is not None:
+            return where
+    cls = type(value)
+    where = package_class(cls) if not isinstance(value, (nn.Module, type)) else None
+    if _depth < 4 and where is not None and hasattr(value, "__dict__") and not hasattr(cls, "__slots__"):
+        attrs = [f"{k!r}: {_value_expr(v, path, mod, f'{attr}.{k}', _depth + 1)}" for k, v in vars(value).items()]
+        return f"{OBJECT_FN}({where}, {{{', '.join(attrs)}}})"
+    raise _why_not(path, mod, f"its attribute '{attr}' ({cls.__module__}.{cls.__qualname__}) is neither a Python "
+                              "literal, a small tensor nor a plain object of an installed package, so model.py "
+                              "cannot rebuild it")
 REBUILD_SOURCE = f'''def {REBUILD_FN}(cls, attrs, children, params, buffers):
-    """An instance of ``cls`` (a class copied above) without running its ``__init__``, whose
+    """An instance of ``cls`` (a class copied above, or imported) without running its ``__init__``, whose
     arguments archir does not know: its attributes, submodules, and zero-filled parameters and
     buffers in the original's order (load_model() fills them from weights.pt)."""
     module = cls.__new__(cls)
@@ -270,28 +358,59 @@ def user_class_source(cls: type) -> tuple[list[str], str]:
         else:
             raise StandaloneError(f"{where} uses '{ref}' ({type(val).__name__}) from its module, which is "
                                   "neither torch, the standard library nor a literal")
-    return lines, f"# copied from {where}\n{src.strip()}"
+    return lines, f"# copied from {where}\n{_without_annotations(src.strip())}"
+
+
+def _without_annotations(src: str) -> str:
+    """A class's source without its annotations: they may name what model.py does not import
+    (``Tensor``, the class's own module's types) and never change what the code computes."""
+    tree = ast.parse(src)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            node.returns = None
+            for arg in [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs,
+                        node.args.vararg, node.args.kwarg]:
+                if arg is not None:
+                    arg.annotation = None
+        elif isinstance(node, ast.ClassDef):
+            node.body = [ast.Assign([node_.target], node_.value, lineno=node_.lineno)
+                         if isinstance(node_, ast.AnnAssign) and node_.value is not None else node_
+                         for node_ in node.body if not (isinstance(node_, ast.AnnAssign) and node_.value is None)]
+            node.body = node.body or [ast.Pass()]
+    return ast.unparse(ast.fix_missing_locations(tree))
+
+
+def _class_and_attrs(mod: nn.Module, path: str, cannot_copy: str) -> tuple[str, list[str]]:
+    """How model.py names ``mod``'s class (imported from its package, or the name of its copied
+    source) and ``mod``'s attributes, as ``'name': expression`` items. ``cannot_copy`` says why a
+    class model.py can neither import nor copy is refused (``{}``: what its source reads)."""
+    cls = type(mod)
+    imported = copied_or_imported(cls)
+    if imported is None:
+        try:
+            user_class_source(cls)
+        except StandaloneError as exc:
+            raise _why_not(path, mod, cannot_copy.format(exc)) from None
+    # (nn.Module's own bookkeeping, set by its __init__, is skipped: hooks were refused earlier)
+    attrs = [f"{k!r}: {_value_expr(v, path, mod, k)}" for k, v in vars(mod).items() if k not in _MODULE_STATE]
+    return imported or cls.__name__, attrs
+
+
+def _rebuild_namespace(expr: str, classes) -> dict:
+    """What evaluating a rebuild expression needs beside torch: the rebuild helpers, the copied
+    classes and the packages classes are imported from."""
+    return {REBUILD_FN: _rebuild, OBJECT_FN: _rebuild_object, **{c.__name__: c for c in classes},
+            **{name: importlib.import_module(name) for name in required_packages(expr)}}
 
 
 def _user_module_expr(mod: nn.Module, path: str) -> str:
     """``_archir_module(Cls, {attrs}, {children}, {params}, {buffers})`` for a user-defined module
-    kept opaque: its class source goes into model.py (:func:`user_class_source`), the instance is
-    rebuilt from its attributes (literals only), and the result is checked like any other."""
-    cls = type(mod)
-    try:
-        user_class_source(cls)
-    except StandaloneError as exc:
-        raise _why_not(path, mod, f"it is a user-defined class that model.py cannot copy: {exc}. Trace "
-                                  "through it (drop it from leaf_modules) or write it with torch.nn "
-                                  "built-ins") from None
-    attrs = []
-    for k, v in vars(mod).items():
-        if k in _MODULE_STATE:
-            continue  # nn.Module's own bookkeeping (hooks were refused above), set by its __init__
-        if isinstance(v, torch.Tensor) or not _literal(repr(v)):
-            raise _why_not(path, mod, f"its attribute '{k}' ({type(v).__name__}) is not a Python literal, "
-                                      "so model.py cannot rebuild it")
-        attrs.append(f"{k!r}: {v!r}")
+    kept opaque: its class source goes into model.py (:func:`user_class_source`) or is imported
+    from its package, the instance is rebuilt from its attributes, and the result is checked like
+    any other."""
+    cls_expr, attrs = _class_and_attrs(
+        mod, path, "it is a user-defined class that model.py cannot copy: {}. Trace through it (drop it "
+                   "from leaf_modules) or write it with torch.nn built-ins")
     if mod._non_persistent_buffers_set:
         raise _why_not(path, mod, f"its buffers {sorted(mod._non_persistent_buffers_set)} are not saved in the "
                                   "state_dict (persistent=False), so weights.pt cannot carry them")
@@ -302,17 +421,43 @@ def _user_module_expr(mod: nn.Module, path: str) -> str:
     bufs = [f"{k!r}: ({None if b is None else tuple(b.shape)!r}, {None if b is None else b.dtype})"
             for k, b in mod._buffers.items()]
     children = [f"{k!r}: {_module_expr(c, f'{path}.{k}')}" for k, c in mod._modules.items() if c is not None]
-    expr = (f"{REBUILD_FN}({cls.__name__}, {{{', '.join(attrs)}}}, {{{', '.join(children)}}}, "
+    expr = (f"{REBUILD_FN}({cls_expr}, {{{', '.join(attrs)}}}, {{{', '.join(children)}}}, "
             f"{{{', '.join(params)}}}, {{{', '.join(bufs)}}})")
-    extra = {REBUILD_FN: _rebuild, **{c.__name__: c for c in user_classes([mod])}}
-    return _construct(expr, path, mod, extra=extra)
+    return _construct(expr, path, mod, extra=_rebuild_namespace(expr, user_classes([mod])))
+
+
+def method_owner_expr(owner: nn.Module, path: str) -> str:
+    """``_archir_module(Cls, {attrs}, {}, {}, {})``: the module whose method a graph runs
+    (:class:`~archir.frontends.opaque_methods.MethodCall`) where model.py holds no copy of it (the
+    model itself: SSD's ``postprocess_detections``), rebuilt with its plain attributes only. The
+    method reads no module with parameters (tracing refuses those), and model.py holds the
+    model's parts elsewhere."""
+    cls_expr, attrs = _class_and_attrs(owner, path, "model.py runs its methods but cannot copy its class: {}")
+    expr = f"{REBUILD_FN}({cls_expr}, {{{', '.join(attrs)}}}, {{}}, {{}}, {{}})"
+    ns = {"torch": torch, "__builtins__": {}, **_rebuild_namespace(expr, [type(owner)])}
+    try:
+        built = eval(expr, ns)  # noqa: S307 - our own expression of literals and imported classes
+    except Exception as exc:  # noqa: BLE001
+        raise _why_not(path, owner, f"{expr} failed: {type(exc).__name__}: {exc}") from exc
+    if _plain_attrs(built) != _plain_attrs(owner):
+        raise _why_not(path, owner, f"rebuilding it as {expr} does not give back its attributes")
+    return expr
+
+
+def copied_or_imported(cls: type) -> str | None:
+    """None when model.py copies ``cls``'s source (a user's own class: model.py needs only torch);
+    where model.py imports it from for a class of an installed package (:func:`package_class`):
+    its source is the package's to keep (torchvision's detection parts use its ImageList, its
+    nms and roi_align ops), and the user has it installed."""
+    return package_class(cls)
 
 
 _MODULE_STATE = set(vars(nn.Module()))
 
 
 def user_classes(modules) -> list[type]:
-    """The user-defined classes among ``modules`` (and their submodules), first seen first."""
+    """The user-defined classes among ``modules`` (and their submodules), first seen first: those
+    model.py copies and those it imports (:func:`copied_or_imported`)."""
     seen: dict[type, None] = {}
     for mod in modules:
         for m in mod.modules():
