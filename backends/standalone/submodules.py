@@ -242,9 +242,13 @@ def _distributions() -> frozenset[str]:
 
 
 def required_packages(source: str) -> list[str]:
-    """The installed packages (other than torch) an expression or source imports from."""
-    names = {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
-    return sorted(n for n in names if n in _distributions() and n not in ("torch", "archir"))
+    """The installed packages (other than torch) an expression or source reads from: the roots
+    of its attribute chains (``torchvision.ops.boxes.box_iou``) that name one and that nothing in
+    it assigns (a local variable of the forward may have any name)."""
+    tree = ast.parse(source)
+    roots = {n.value.id for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
+    assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+    return sorted(n for n in roots - assigned if n in _distributions() and n not in ("torch", "archir"))
 
 
 def _value_expr(value, path: str, mod: nn.Module, attr: str, _depth: int = 0) -> str:
