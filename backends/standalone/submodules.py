@@ -194,7 +194,7 @@ def _float_dtypes(mod: nn.Module) -> set[torch.dtype]:
 
 
 # ---- user-defined modules kept opaque (automatic leaves): their class source is copied, ------------
-# ---- or, for a class from an installed package that cannot be copied, imported from it ------------
+# ---- or, for a class from an installed package (torchvision), imported from it --------------------
 REBUILD_FN = "_archir_module"
 OBJECT_FN = "_archir_object"
 OBJECT_SOURCE = f'''def {OBJECT_FN}(cls, attrs):
@@ -286,6 +286,8 @@ def _value_expr(value, path: str, mod: nn.Module, attr: str, _depth: int = 0) ->
     raise _why_not(path, mod, f"its attribute '{attr}' ({cls.__module__}.{cls.__qualname__}) is neither a Python "
                               "literal, a small tensor nor a plain object of an installed package, so model.py "
                               "cannot rebuild it")
+
+
 REBUILD_SOURCE = f'''def {REBUILD_FN}(cls, attrs, children, params, buffers):
     """An instance of ``cls`` (a class copied above, or imported) without running its ``__init__``, whose
     arguments archir does not know: its attributes, submodules, and zero-filled parameters and
@@ -369,13 +371,17 @@ def _without_annotations(src: str) -> str:
     """A class's source without its annotations: they may name what model.py does not import
     (``Tensor``, the class's own module's types) and never change what the code computes."""
     tree = ast.parse(src)
+    arguments = [a for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 for a in [*n.args.posonlyargs, *n.args.args, *n.args.kwonlyargs, n.args.vararg, n.args.kwarg]
+                 if a is not None]
+    if not any(isinstance(n, ast.AnnAssign) or getattr(n, "returns", None) for n in ast.walk(tree)) \
+            and not any(a.annotation for a in arguments):
+        return src  # as written, comments included
+    for arg in arguments:
+        arg.annotation = None
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             node.returns = None
-            for arg in [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs,
-                        node.args.vararg, node.args.kwarg]:
-                if arg is not None:
-                    arg.annotation = None
         elif isinstance(node, ast.ClassDef):
             node.body = [ast.Assign([node_.target], node_.value, lineno=node_.lineno)
                          if isinstance(node_, ast.AnnAssign) and node_.value is not None else node_
