@@ -204,7 +204,8 @@ def _run_transform(model_file: Path, method: str, input_shape, out, quiet, leaf_
         train_data, val_data = datasets
     try:
         res = run_transform(spec.model, spec.example_inputs, method, train_data, val_data, out, task=spec.task,
-                            groups=spec.groups, leaf_modules=leaf_modules, progress=not quiet, **options)
+                            groups=spec.groups, leaf_modules=leaf_modules, collate=spec.collate,
+                            progress=not quiet, **options)
     finally:
         distributed.teardown()
     world_rank = int(os.environ.get("RANK", "0") or 0)

@@ -6,6 +6,9 @@ MODEL.py defines ``build_model()`` or ``model()`` returning the ``nn.Module`` (o
 - ``example_input()`` returning a tensor or a tuple of the model's positional inputs (tensors, or
   lists, tuples and dicts of tensors);
 - ``data()`` returning ``(train_dataset, val_dataset)``;
+- ``collate(samples)`` returning one batch of a list of the data sets' samples (the
+  ``collate_fn`` of a :class:`torch.utils.data.DataLoader`; default: stack their tensors), for
+  samples that do not stack: a detector's images of different sizes and its target dicts;
 - ``loss(output, target)`` returning a scalar tensor, the mean over the batch, of the model's
   output (whatever the model returns: a tensor, a tuple, a dict) and the batch's target
   (default: cross-entropy of the logits, a classifier);
@@ -48,6 +51,7 @@ class ModelSpec:
     data: Callable | None
     task: Task = field(default_factory=classification_task)
     groups: dict | None = None  # explicit cell-sharing groups ({name: [module path prefix, ...]})
+    collate: Callable | None = None  # how samples become a batch (DataLoader's collate_fn)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -138,8 +142,24 @@ def load_model_file(path: str | Path, input_shape: str | tuple[int, ...] | None 
     else:
         example = (torch.randn(DEFAULT_INPUT_SHAPE),)
     data = getattr(module, "data", None)
+    collate = getattr(module, "collate", None)
+    if collate is not None and not callable(collate):
+        raise UserInputError(f"{path}: collate must be a function collate(samples) returning a batch, got "
+                             f"{type(collate).__name__}")
     return ModelSpec(path, model, example, data if callable(data) else None, _task(module, path),
-                     _groups(module, path))
+                     _groups(module, path), collate and _user_collate(collate, path))
+
+
+def _user_collate(fn: Callable, path: Path) -> Callable:
+    """MODEL.py's ``collate``, whose errors (raised while the trainer iterates a loader) become one
+    clear line naming the file and line."""
+    def collate(samples):
+        try:
+            return fn(samples)
+        except Exception as exc:  # noqa: BLE001
+            raise UserInputError(f"collate() failed on a batch of {len(samples)} samples: "
+                                 f"{_user_error_line(exc, path)}") from exc
+    return collate
 
 
 def _groups(module, path: Path) -> dict | None:

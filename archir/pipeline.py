@@ -247,12 +247,12 @@ def _datasets(opts: TransformOptions, train_data, val_data):
     return load_dataset(opts.data, opts.data_dir, subset=opts.subset, seed=0, progress=opts.progress)
 
 
-def _loaders(opts: TransformOptions, train_data, val_data, device):
+def _loaders(opts: TransformOptions, train_data, val_data, device, collate: Callable | None = None):
     from .data import as_loader, split_train
 
     def loader(ds, shuffle, seed, augment=False, cutout=0):
         return as_loader(ds, opts.batch_size, shuffle=shuffle, device=device, seed=seed, augment=augment,
-                         cutout=cutout)
+                         cutout=cutout, collate=collate)
 
     # every training loader (the held-out architecture part too) gets the same augmentation
     train = loader(train_data, True, opts.seed, opts.augment, opts.cutout)
@@ -306,7 +306,7 @@ def _train_config(opts: TransformOptions, device) -> TrainConfig:
 
 def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data=None, val_data=None,
               out: str | Path | None = None, *, on_epoch: Callable | None = None, task: Task | None = None,
-              leaf_modules=(), groups: dict | None = None, **options) -> Result:
+              leaf_modules=(), groups: dict | None = None, collate: Callable | None = None, **options) -> Result:
     """Transform ``model`` with ``method`` and return the trained, slim result.
 
     ``options`` are :class:`TransformOptions` fields (``epochs``, ``arch_epochs``, ``seed``,
@@ -318,6 +318,9 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
     top-1 accuracy). ``leaf_modules``: submodule paths to keep whole (opaque) when tracing; with
     ``out`` set, one that model.py cannot rebuild is refused before any training. ``groups``:
     explicit cell-sharing groups, ``{name: [module path prefix, ...]}`` (see :func:`archir.trace`).
+    ``collate``: how a list of samples of ``train_data``/``val_data`` becomes a batch (the
+    ``collate_fn`` of :class:`torch.utils.data.DataLoader`; default: stack their tensors), e.g.
+    ``lambda samples: (*map(list, zip(*samples)),)`` for a detector's lists of images and targets.
     With ``out`` set, the directory receives model.py, weights.pt, model.onnx, report.json, report.md, graph.svg and arch.png.
     """
     from .preflight import check_device, check_epochs, check_room, required_bytes
@@ -382,7 +385,7 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
     if opts.epochs > 0:
         t = time.perf_counter()
         train_ds, val_ds = _datasets(opts, train_data, val_data)
-        loaders.update(zip(("train", "val", "arch", "net"), _loaders(opts, train_ds, val_ds, device)))
+        loaders.update(zip(("train", "val", "arch", "net"), _loaders(opts, train_ds, val_ds, device, collate)))
         # the trainer runs the model, loss and metric once on the first batch before any step
         # (archir.task.check_task), so a data/model mismatch is one clear error before training
         timings["data"] = time.perf_counter() - t
@@ -393,7 +396,7 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
         _say(opts, f"baseline: training the original {search.graph.name} alone ({opts.epochs} epochs)")
         # loaders of its own with the same seeds: the transformed run then sees the same batches
         # in the same order (and augmentation) as it would without a baseline
-        train, val, _, net = _loaders(opts, train_ds, val_ds, device)
+        train, val, _, net = _loaders(opts, train_ds, val_ds, device, collate)
         baseline = train_plain(baseline_model, net or train, val, cfg, task=task)
         del train, val, net
         timings["baseline"] = time.perf_counter() - t
@@ -411,7 +414,7 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
                 "`archir inspect MODEL.py --method NAME` shows what each method could change")
     has_penalty = type(chosen).extra_loss is not methods.Method.extra_loss
     # held-out data a method may score architectures on before derive (NAO); none without training
-    evaluator = (_arch_evaluator(opts, train_ds, val_ds, loaders, device, task)
+    evaluator = (_arch_evaluator(opts, train_ds, val_ds, loaders, device, task, collate)
                  if opts.epochs > 0 and cfg.arch_epochs > 0 else None)
     epoch_hook, run_log = _epoch_logger(opts, cfg, on_epoch, resume_from)
     if opts.epochs > 0:  # one architecture step per batch of the search epochs (after the warm-up)
@@ -533,7 +536,8 @@ def _check_finite_weights(module: nn.Module, opts: TransformOptions) -> None:
                             "or --arch-lr, or use --nan-policy stop to stop at the first such step")
 
 
-def _arch_evaluator(opts: TransformOptions, train_ds, val_ds, loaders: dict, device, task: Task):
+def _arch_evaluator(opts: TransformOptions, train_ds, val_ds, loaders: dict, device, task: Task,
+                    collate: Callable | None = None):
     """The :class:`~archir.arch_eval.ArchEvaluator` a method may score architectures with before
     derive: the held-out part of the training set with ``--arch-update split`` (else the
     validation set), without augmentation; BatchNorm calibration batches from the training loader."""
@@ -541,7 +545,7 @@ def _arch_evaluator(opts: TransformOptions, train_ds, val_ds, loaders: dict, dev
     from .data import as_loader, split_train
 
     held_out = split_train(train_ds, opts.split_fraction, seed=opts.seed)[1] if opts.arch_update == "split" else val_ds
-    data = as_loader(held_out, opts.batch_size, shuffle=False, device=device, seed=opts.seed)
+    data = as_loader(held_out, opts.batch_size, shuffle=False, device=device, seed=opts.seed, collate=collate)
     return ArchEvaluator(data, loaders["train"], task, device, log=lambda line: _say(opts, line))
 
 

@@ -10,7 +10,8 @@ Pipeline (one straight function, :func:`export_onnx`, of named stages):
 4. **save** a candidate into that temporary folder and check the saved file again;
 5. **verify** (``verify=True``): run ONNX Runtime on the candidate with seeded random inputs at the
    example's batch size ``B`` and, with ``dynamic_batch``, at ``B + 3`` (drawn by
-   :func:`_random_like`); compare every output with the eval-mode PyTorch module. An output passes
+   :func:`_random_like`; inputs that share no batch axis, :func:`common_batch`, at their own
+   shapes); compare every output with the eval-mode PyTorch module. An output passes
    when its largest error is small next to its largest value (see :func:`_compare`):
 
        max_i |onnx_i - torch_i| <= atol + rtol * max_i |torch_i|
@@ -159,7 +160,7 @@ class OutputError:
     ref_scale)``, > 0 exactly when the output fails."""
 
     name: str
-    batch: int
+    batch: int | None  # None: inputs that share no batch axis, at the example's shapes
     shape: list[int]
     max_abs_err: float
     max_rel_err: float
@@ -449,15 +450,27 @@ def _cycled(example: torch.Tensor, batch: int) -> torch.Tensor:
     return example[torch.arange(batch, device=example.device) % example.shape[0]].clone()
 
 
-def _verification_run(module, args, batch: int, generator: torch.Generator, notes: list[str]) -> tuple:
+def common_batch(args) -> int | None:
+    """The batch size of ``args``: axis 0 of the inputs, where every input that has axes has the
+    same length there (``None`` otherwise: a detector's list of images and its targets, say, are
+    3 channels, 2 boxes, ... along axis 0, with no batch axis they share)."""
+    rows = {int(a.shape[0]) for a in args if a.dim()}
+    return rows.pop() if len(rows) == 1 else None
+
+
+def _verification_run(module, args, batch: int | None, generator: torch.Generator, notes: list[str]) -> tuple:
     """``(inputs, outputs)``: ``module`` run on random inputs like ``args`` at ``batch`` rows
-    (:func:`_random_like`); where the model refuses them (its own checks on its data, archir's
-    guards), on the example's rows cycled to ``batch``, said once in ``notes``."""
-    inputs = tuple(_random_like(a, batch, generator) if a.dim() else a for a in args)
+    (:func:`_random_like`; ``None``: each at its own rows); where the model refuses them (its own
+    checks on its data, archir's guards), on the example's rows cycled to ``batch``, said once in
+    ``notes``."""
+    def rows(a):
+        return a.shape[0] if batch is None else batch
+
+    inputs = tuple(_random_like(a, rows(a), generator) if a.dim() else a for a in args)
     try:
         return inputs, module(*inputs)
     except Exception as exc:  # noqa: BLE001 - the example's own values are the fallback
-        inputs = tuple(_cycled(a, batch) if a.dim() else a for a in args)
+        inputs = tuple(_cycled(a, rows(a)) if a.dim() else a for a in args)
         outputs = module(*inputs)  # fails as the model does on its example: reported by the caller
         note = f"the model refuses random inputs ({_first_line(exc)}): checked on the example's values"
         if note not in notes:
@@ -632,7 +645,7 @@ def _data_bytes(t: onnx.TensorProto) -> int:
     return len(t.raw_data)
 
 
-def _compare(name: str, batch: int, got: np.ndarray, ref: np.ndarray, rtol: float, atol: float) -> OutputError:
+def _compare(name: str, batch: int | None, got: np.ndarray, ref: np.ndarray, rtol: float, atol: float) -> OutputError:
     """Compare ONNX Runtime's output ``got`` with PyTorch's ``ref``: the output passes when
 
         max_i |d_i| <= atol + rtol * S,     d_i = got_i - ref_i,     S = max_i |ref_i|
@@ -798,6 +811,11 @@ def export_onnx(
         if len(set(names)) != len(names):
             raise ValueError(f"output names are not unique: {names}")
 
+        if dynamic_batch and common_batch(args) is None:
+            dynamic_batch = False
+            notes.append("the inputs share no batch axis (axis 0: " + ", ".join(
+                f"{n} {a.shape[0]}" for n, a in zip(input_names, args) if a.dim()) + "): exported at the example's "
+                "shapes and checked on random inputs of those shapes")
         if dynamic_batch and not _runs_at_other_batch(module, args, seed, notes):
             dynamic_batch = False
 
@@ -841,7 +859,7 @@ def export_onnx(
             if dynamic_batch and _static_batch(model):
                 dynamic_batch = False
                 notes.append("the exporter fixed the batch size (the traced graph specialises it); "
-                             f"the ONNX model takes batch {int(args[0].shape[0])} only")
+                             f"the ONNX model takes batch {common_batch(args)} only")
             graph_outputs = [o.name for o in model.graph.output]
             if graph_outputs != names:
                 raise RuntimeError(f"exporter named the outputs {graph_outputs}, expected {names}")
@@ -878,7 +896,7 @@ def export_onnx(
                     again.notes[:0] = notes + [
                         f"ONNX Runtime could not run the model exported with a dynamic batch at batch "
                         f"{exc.batch} ({exc.reason}); exported with the batch size fixed at "
-                        f"{int(args[0].shape[0])}"]
+                        f"{common_batch(args)}"]
                     return again
                 if not report.passed:
                     with atomic_path(unverified) as tmp:  # kept for inspection, under its own name
@@ -887,7 +905,8 @@ def export_onnx(
                     report.path = str(unverified)
                     worst = report.worst()
                     raise OnnxVerificationError(
-                        f"ONNX Runtime output {worst.name!r} (batch {worst.batch}) differs from PyTorch: "
+                        f"ONNX Runtime output {worst.name!r} "
+                        f"({'example shapes' if worst.batch is None else f'batch {worst.batch}'}) differs from PyTorch: "
                         f"max abs error {worst.max_abs_err:.3g} > atol={atol:g} + rtol={rtol:g}*max|ref| = "
                         f"{atol + rtol * worst.ref_scale:.3g} (max|ref| {worst.ref_scale:.3g}, "
                         f"error relative to it {worst.max_rel_err:.3g})"
@@ -956,16 +975,16 @@ def _uses_external_data(path: Path) -> bool:
 def _runs_at_other_batch(module, args, seed: int, notes: list[str]) -> bool:
     """Whether PyTorch itself runs ``module`` at batch ``B + 3`` (a graph traced at one batch size
     may hard-code it in a reshape); if not, say so in ``notes``."""
-    if not args[0].dim():
+    if common_batch(args) is None:
         return False
-    batch = int(args[0].shape[0]) + _BATCH_EXTRA
+    batch = common_batch(args) + _BATCH_EXTRA
     generator = torch.Generator().manual_seed(seed)
     try:
         _verification_run(module, args, batch, generator, notes)
         return True
     except Exception as exc:  # noqa: BLE001 - any failure means: no dynamic batch
         notes.append(f"the module does not run at batch {batch} in PyTorch ({_first_line(exc)}); "
-                     f"exported with the batch size fixed at {int(args[0].shape[0])}")
+                     f"exported with the batch size fixed at {common_batch(args)}")
         return False
 
 
@@ -987,7 +1006,7 @@ def _verify(module, args, path, report: OnnxReport, seed: int, providers) -> Non
     session = ort_session(path, providers)
     report.providers = list(session.get_providers())
     feed_names = {i.name for i in session.get_inputs()}
-    batch = int(args[0].shape[0]) if args[0].dim() else 1
+    batch = common_batch(args)  # None: every input at its own shape (dynamic_batch is off then)
     batches = [batch, batch + _BATCH_EXTRA] if report.dynamic_batch else [batch]
     generator = torch.Generator().manual_seed(seed)
     for b in batches:
@@ -1014,7 +1033,7 @@ def _verify(module, args, path, report: OnnxReport, seed: int, providers) -> Non
                 errors = [e if e.passed else _float64_verdict(e, np.asarray(g), (r, rn), r64)
                           for e, g, r, rn, r64 in zip(errors, got, ref, second[1], second[0])]
         report.errors.extend(errors)
-        report.notes += [f"output {e.name!r} at batch {b}: {e.max_rel_err:.3g} of max|ref| from PyTorch float32, "
+        report.notes += [f"output {e.name!r} at {'the example shapes' if b is None else f'batch {b}'}: {e.max_rel_err:.3g} of max|ref| from PyTorch float32, "
                          f"over rtol, but passed {e.detail}" for e in errors if e.passed and e.float64_onnx_err is not None]
     report.verified = True
     report.passed = all(e.passed for e in report.errors)

@@ -240,6 +240,19 @@ _VIDEO_INPUT = {"mvit_v1_b": [1, 3, 16, 224, 224], "mvit_v2_s": [1, 3, 16, 224, 
                 "swin3d_s": [1, 3, 8, 224, 224], "swin3d_b": [1, 3, 8, 224, 224]}
 _DET_KWARGS = {"ssd300_vgg16": {"weights_backbone": None},  # fixed input sizes of their own
                "ssdlite320_mobilenet_v3_large": {"weights_backbone": None}}
+# A whole detector: two images and their targets (its training forward needs them), the score
+# threshold at 0 (random weights score every class alike, under the default threshold: without
+# it there would be no detection to compare).
+_DET_IMAGES = [[3, 224, 224], [3, 224, 224]]
+_DET_BOXES = [2, 3]
+
+
+def _detection_spec(name: str) -> dict:
+    return {"images": _DET_IMAGES, "boxes": _DET_BOXES, "classes": 2 if name.startswith("keypoint") else 10}
+
+
+def _zero_threshold(name: str) -> dict:
+    return {"box_score_thresh": 0.0} if "rcnn" in name else {"score_thresh": 0.0}
 
 
 def tvtasks_selection() -> dict[str, dict]:
@@ -251,20 +264,23 @@ def tvtasks_selection() -> dict[str, dict]:
             kw = _DET_KWARGS.get(name, kwargs)
             size = _VIDEO_INPUT.get(name, shape)
             inputs = [{"shape": size}] * (2 if task == "optical_flow" else 1)
+            if task == "detection":
+                kw = {**kw, **_zero_threshold(name)}
+                inputs = [{"detection": _detection_spec(name)}]
+                size = [len(_DET_IMAGES), *_DET_IMAGES[0]]
             rec = {"suite": "tvtasks", "task": task, "name": name, "kwargs": kw, "inputs": inputs,
-                   "input": size, "train_parity": task != "detection"}
+                   "input": size, "train_parity": True}
             try:
                 rec["params"] = _count_params(lambda: torchvision.models.get_model(name, weights=None, **kw))
             except Exception as exc:  # noqa: BLE001
                 rec["excluded"] = f"cannot build: {_first(exc)}"
             out[name] = rec
             if task == "detection":
-                # The whole detector cannot be traced (its root's own forward iterates the image
-                # list and hands ImageList objects to data-dependent heads: docs/zoo.md); its
-                # backbone (+ FPN), on the batch the model's transform makes, is the searchable part.
+                # Its backbone (+ FPN) alone too, on the batch the model's transform makes: the
+                # part a search inside the detector (``submodule="backbone"``) works on.
                 side = 300 if name == "ssd300_vgg16" else 320
                 back = {**rec, "name": f"{name}.backbone", "part": "backbone", "input": [1, 3, side, side],
-                        "inputs": [{"shape": [1, 3, side, side]}], "train_parity": True}
+                        "inputs": [{"shape": [1, 3, side, side]}], "kwargs": _DET_KWARGS.get(name, kwargs)}
                 try:
                     back["params"] = _count_params(
                         lambda: torchvision.models.get_model(name, weights=None, **kw).backbone)
@@ -347,11 +363,15 @@ def _build_hf(sel: dict) -> torch.nn.Module:
 
 def example_inputs(sel: dict, batch: int | None = None, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """The example inputs of a selected model (float: normal; int64: uniform below ``high``; an
-    attention mask: ones with the last two positions of the first sample masked)."""
+    attention mask: ones with the last two positions of the first sample masked; a detector:
+    :func:`_detection_inputs`)."""
     gen = torch.Generator().manual_seed(seed)
     specs = sel.get("inputs") or [{"shape": sel["input"]}]
     out = []
     for spec in specs:
+        if "detection" in spec:
+            out.extend(_detection_inputs(spec["detection"], gen))
+            continue
         shape = list(spec["shape"])
         if batch is not None:
             shape[0] = batch
@@ -364,6 +384,24 @@ def example_inputs(sel: dict, batch: int | None = None, seed: int = 0) -> tuple[
             t = torch.randn(shape, generator=gen)
         out.append(t)
     return tuple(out)
+
+
+def _detection_inputs(spec: dict, gen: torch.Generator) -> tuple[list, list]:
+    """A torchvision detector's ``(images, targets)``: uniform images, and per image boxes inside
+    it with labels below ``classes``, plus a mask and 17 keypoints per box (the detectors that do
+    not predict them ignore them)."""
+    images = [torch.rand(shape, generator=gen) for shape in spec["images"]]
+    targets = []
+    for img, n in zip(images, spec["boxes"]):
+        h, w = img.shape[-2:]
+        corner = torch.rand(n, 2, generator=gen) * torch.tensor([w, h]) * 0.6
+        size = 10 + torch.rand(n, 2, generator=gen) * torch.tensor([w, h]) * 0.3
+        targets.append({"boxes": torch.cat([corner, corner + size], 1),
+                        "labels": torch.randint(1, spec["classes"], (n,), generator=gen),
+                        "masks": (torch.rand(n, h, w, generator=gen) > 0.5).to(torch.uint8),
+                        "keypoints": torch.cat([torch.rand(n, 17, 2, generator=gen) * torch.tensor([w, h]),
+                                                torch.ones(n, 17, 1)], 2)})
+    return images, targets
 
 
 def build_model(suite: str, name: str, sel: dict | None = None) -> torch.nn.Module:

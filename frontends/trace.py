@@ -240,7 +240,7 @@ def _trace(model: nn.Module, example_inputs, granularity: str, leaf_modules: Ite
     except Exception:  # noqa: BLE001 - shape recording runs the model: explain a bad input
         _check_runs(model, inputs, name)
         raise
-    _record_input_paths(g, model, dict(zip(placeholders, paths)))
+    _record_input_paths(g, model, dict(zip(placeholders, paths)), inputs)
     g.leaves.update({p: "requested" for p in leaves})
     g.leaves.update(auto)
     if groups:
@@ -336,13 +336,24 @@ def _same_values(a, b) -> bool:
         for x, y in zip(la, lb))
 
 
-def _record_input_paths(g: Graph, model: nn.Module, paths: dict[str, tuple]) -> None:
+def _record_input_paths(g: Graph, model: nn.Module, paths: dict[str, tuple], inputs: tuple) -> None:
     """Record the graph's positional arguments (:attr:`Graph.arguments`) and, on each input junction,
     the argument of ``model.forward`` it is part of and the keys that reach it there
-    (:attr:`Junction.input_path`), for inputs inside lists, tuples and dicts.
+    (:attr:`Junction.input_path`), for inputs inside lists, tuples and dicts, and the length of
+    each list and tuple among them (:attr:`Graph.input_lengths`).
     ``paths``: each placeholder's ``(position, key, ...)`` (an unused one has no junction)."""
     # every argument, used or not: the lowered module takes the same positional arguments
     g.arguments = argument_names(model, 1 + max((p[0] for p in paths.values()), default=-1))
+
+    def lengths(value, path):
+        if isinstance(value, (list, tuple)):
+            g.input_lengths[path] = len(value)
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+        for key, item in items:
+            lengths(item, (*path, key))
+
+    for name, value in zip(g.arguments, inputs):
+        lengths(value, (name,))
     for jid in g.inputs:
         j = g.junctions[jid]
         if j.input_name not in paths:

@@ -84,7 +84,7 @@ def test_search_is_exact_at_initialisation_and_emits_model_py_and_onnx(method, t
     files = s.emit(tmp_path / "out")
     assert {"model.py", "weights.pt", "model.onnx"} <= set(files)
     source = (tmp_path / "out" / "model.py").read_text()
-    assert "def forward(self, views, extras)" in source and "views[0]" in source
+    assert "def forward(self, views, extras)" in source and "views_checked[0]" in source
     # model.py alone, in a fresh interpreter, on new inputs
     y = random_like(x, 2)
     torch.save({"x": y, "ref": model(*y)}, tmp_path / "io.pt")
@@ -195,3 +195,151 @@ def test_example_input_returning_a_bare_dict_says_how_to_pass_it(tmp_path):
     r = CliRunner().invoke(main, ["inspect", str(tmp_path / "fusion.py")])
     assert r.exit_code == 2
     assert "return (the_dict,)" in r.output and "Traceback" not in r.output
+
+
+def test_a_list_of_another_length_is_refused_by_the_lowered_module_and_model_py(tmp_path):
+    """The graph reads a list argument's items by position: a longer list would lose its extra
+    items without a word, a shorter one fail deep inside; both are refused up front."""
+    torch.manual_seed(0)
+    model = ContainerInputs().eval()
+    x = _inputs()
+    longer = ([*x[0], torch.randn(2, 3, 8, 8)], x[1])
+    shorter = ([x[0][0]], x[1])
+    lowered = archir.trace(model, x).to_module()
+    for bad, n in ((longer, 3), (shorter, 1)):
+        with pytest.raises(ValueError, match=rf"views has {n} items; the model was traced on an example where it "
+                                             r"has 2, and the traced graph reads them by position"):
+            lowered(*bad)
+    with pytest.raises(ValueError, match=r"extras\['bias'\] has 1 items"):
+        lowered(x[0], {**x[1], "bias": x[1]["bias"][:1]})
+    archir.transform(model, x, epochs=0, onnx=False, progress=False, out=tmp_path / "out")
+    torch.save({"x": x, "longer": longer, "ref": model(*x)}, tmp_path / "io.pt")
+    check = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(tmp_path / 'out')!r})
+        import model
+        io = torch.load({str(tmp_path / 'io.pt')!r})
+        m = model.load_model().eval()
+        torch.testing.assert_close(m(*io["x"]), io["ref"], rtol=1e-5, atol=1e-6)
+        try:
+            m(*io["longer"])
+        except ValueError as exc:
+            assert "views has 3 items" in str(exc), exc
+        else:
+            raise AssertionError("model.py took a longer list")
+    """)
+    subprocess.run([sys.executable, "-c", check], check=True)
+
+
+DETECTOR_PY = '''
+"""A detector in miniature: a list of images of any size, and in training mode the targets too
+(it returns its losses then); in eval mode one box per image."""
+import torch
+from torch import nn
+
+
+class TinyDetector(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, images, targets):
+        boxes = []
+        for img in images:
+            x = torch.relu(self.stem(img.unsqueeze(0)))
+            x = x + self.block(x)
+            boxes.append(self.head(x.mean((2, 3)))[0])
+        boxes = torch.stack(boxes)
+        if self.training:
+            want = torch.stack([t["boxes"][0] for t in targets])
+            return {"loss_box": (boxes - want).abs().mean()}
+        return [{"boxes": b.unsqueeze(0)} for b in boxes]
+
+
+class Boxes(torch.utils.data.Dataset):
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for i in range(n):
+            h, w = 12 + i % 3 * 4, 16 - i % 2 * 4
+            box = torch.tensor([[1.0, 2.0, w - 1.0, h - 2.0]])
+            self.items.append((torch.rand(3, h, w, generator=g), {"boxes": box}))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def build_model():
+    return TinyDetector()
+
+
+def example_input():
+    (a, ta), (b, tb) = Boxes(2, 0)
+    return [a, b], [ta, tb]
+
+
+def data():
+    return Boxes(8, 1), Boxes(4, 2)
+
+
+def collate(samples):
+    images, targets = [list(s) for s in zip(*samples)]
+    return images, targets, targets  # model(images, targets); loss(output, targets)
+
+
+def loss(output, targets):
+    if isinstance(output, dict):  # training mode: the model's own losses
+        return sum(output.values())
+    want = torch.stack([t["boxes"][0] for t in targets])
+    return torch.stack([o["boxes"][0] for o in output]).sub(want).abs().mean()
+'''
+
+
+def test_a_detector_trains_on_the_batches_its_collate_makes_and_exports(tmp_path):
+    """MODEL.py's ``collate`` batches images of different sizes and target dicts as lists; the
+    model's two modes (losses, detections) are one graph; the run trains, and model.onnx (whose
+    inputs, images and boxes, share no batch axis) is checked at the example's shapes."""
+    (tmp_path / "det.py").write_text(DETECTOR_PY)
+    out = tmp_path / "out"
+    args = ["transform", str(tmp_path / "det.py"), "--method", "dso", "--epochs", "2", "--batch-size", "2",
+            "--out", str(out)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["onnx"]["passed"] is True, report["onnx"]
+    assert any("share no batch axis" in n for n in report["onnx"]["notes"]), report["onnx"]["notes"]
+    losses = [e["train_loss"] for e in report["history"]]
+    assert len(losses) == 2 and all(v == v for v in losses), report["history"]  # trained, finite
+    # a batch size the graph cannot take is one clear error before any training step
+    r = CliRunner().invoke(main, [*args[:-4], "--batch-size", "3", "--out", str(tmp_path / "out3")])
+    assert r.exit_code == 2 and "images has 3 items" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_a_collate_that_fails_names_its_file_and_line(tmp_path):
+    (tmp_path / "det.py").write_text(DETECTOR_PY.replace(
+        "    images, targets = [list(s) for s in zip(*samples)]\n",
+        "    images, targets = [list(s) for s in zip(*samples)]\n    raise KeyError('boxes')\n"))
+    r = CliRunner().invoke(main, ["transform", str(tmp_path / "det.py"), "--epochs", "1", "--batch-size", "2",
+                                  "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "collate() failed on a batch of 2 samples" in r.output and "det.py:" in r.output, r.output
+    (tmp_path / "det.py").write_text(DETECTOR_PY.replace("def collate(samples):", "collate = 3\n\n\ndef _c(samples):"))
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "det.py")])
+    assert r.exit_code == 2 and "collate must be a function collate(samples)" in r.output, r.output
+
+
+def test_onnx_of_inputs_that_share_no_batch_axis_is_checked_at_their_own_shapes(tmp_path):
+    torch.manual_seed(0)
+    ns: dict = {}
+    exec(DETECTOR_PY, ns)  # noqa: S102 - the test's own model source
+    model, x = ns["TinyDetector"]().eval(), ns["example_input"]()
+    report = archir.export_onnx(archir.trace(model, x).to_module(), x, tmp_path / "det.onnx")
+    assert report.passed and not report.dynamic_batch
+    assert {e.batch for e in report.errors} == {None}
+    assert any("share no batch axis (axis 0: images_0 3, images_1 3, targets_0_boxes 1" in n
+               for n in report.notes), report.notes

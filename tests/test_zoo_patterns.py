@@ -1234,6 +1234,9 @@ def test_a_detectors_own_methods_are_kept_opaque_and_the_rest_searched():
         g.to_module().train()(args[0], empty)
     # the post-process returns one item per image: the graph reads two, and refuses three
     with pytest.raises(RuntimeError, match=r"SingleShot.postprocess, called at .* returns a list of another length"):
+        g.to_module().eval()(torch.rand(3, 3, 6, 6), _glue_targets(1, 1))
+    # the graph reads the targets by position: a list of another length is refused up front
+    with pytest.raises(ValueError, match=r"targets has 3 items; the model was traced on an example where it has 2"):
         g.to_module().eval()(torch.rand(3, 3, 6, 6), _glue_targets(1, 1, 1))
 
 

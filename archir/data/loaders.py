@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
@@ -238,7 +238,9 @@ class DeviceDataLoader:
     ``(x, y)`` batches whose ``x`` is a 4-D float image batch (padding value 0 in the data set's
     own value space); ``cutout`` > 0 applies :func:`cutout_batch` after it to the same batches
     (with or without ``augment``; the square is 0 in the data set's value space, its mean when
-    the data set is normalised); other batches are left as they are.
+    the data set is normalised); other batches are left as they are. ``collate`` is the
+    :class:`~torch.utils.data.DataLoader`'s ``collate_fn``: how a list of samples becomes a batch
+    (default: stack their tensors; a detector's images and targets, say, are batched as lists).
     """
 
     def __init__(
@@ -253,6 +255,7 @@ class DeviceDataLoader:
         padding: int = 4,
         generator: torch.Generator | None = None,
         cutout: int = 0,
+        collate: Callable | None = None,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}")
@@ -265,7 +268,8 @@ class DeviceDataLoader:
         self.padding = padding
         self.generator = _cpu_generator(seed, generator)
         self.loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
-                                 num_workers=0, drop_last=drop_last, generator=self.generator)
+                                 num_workers=0, drop_last=drop_last, generator=self.generator,
+                                 collate_fn=collate)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -299,14 +303,16 @@ def as_loader(
     augment: bool = False,
     drop_last: bool = False,
     cutout: int = 0,
+    collate: Callable | None = None,
 ) -> BatchLoader | DeviceDataLoader:
     """A loader with one interface for any data set: ``len()`` and batches on ``device``. An
     :class:`ImageTensorDataset` gets the fast :class:`BatchLoader`; any other ``torch`` data set
     (samples of any structure, see :mod:`archir.task`) is wrapped in a :class:`DeviceDataLoader`.
     ``cutout`` > 0: a random square of that side zeroed per image (:func:`cutout_batch`).
+    ``collate``: how samples become a batch (:class:`DeviceDataLoader`, for any data set).
     """
-    if isinstance(dataset, ImageTensorDataset):
+    if isinstance(dataset, ImageTensorDataset) and collate is None:
         return BatchLoader(dataset, batch_size, shuffle=shuffle, augment=augment, device=device,
                            seed=seed, drop_last=drop_last, cutout=cutout)
     return DeviceDataLoader(dataset, batch_size, shuffle=shuffle, device=device, seed=seed,
-                            augment=augment, drop_last=drop_last, cutout=cutout)
+                            augment=augment, drop_last=drop_last, cutout=cutout, collate=collate)

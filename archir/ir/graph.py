@@ -457,6 +457,9 @@ class Graph:
         # the traced call's positional arguments, used or not (a list or dict argument holds
         # several inputs: Junction.input_path); empty: one argument per input junction
         self.arguments: list[str] = []
+        # (argument, key, ...) of each list or tuple in the traced call's arguments -> its length on
+        # the example: the graph reads the items by position, so another length is refused
+        self.input_lengths: dict[tuple, int] = {}
         self.output: Any = None  # nested tuple/list/dict of JunctionRef / Op / constants
         self.leaves: dict[str, str] = {}  # module path -> why it was kept opaque
         self._in: dict[str, list[str]] = {}
@@ -758,6 +761,7 @@ class Graph:
                    for k, v in self.edges.items()}
         g.inputs = list(self.inputs)
         g.arguments = list(self.arguments)
+        g.input_lengths = dict(self.input_lengths)
         g.leaves = dict(self.leaves)
         g._in = {k: list(v) for k, v in self._in.items()}
         g._out = {k: list(v) for k, v in self._out.items()}

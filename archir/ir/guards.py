@@ -37,6 +37,18 @@ def guard(value, condition, expected, what):
     return value
 
 
+def check_length(items, expected: int, where: str):
+    """``items`` itself when it has ``expected`` items, as the list or tuple ``where`` of the
+    traced example had; otherwise a ValueError. A traced graph reads such an argument's items by
+    position (a detector's images: ``images[0]``, ``images[1]``), so with more items it would
+    silently leave the rest out, and with fewer fail deep inside."""
+    if len(items) != expected:
+        raise ValueError(f"{where} has {len(items)} items; the model was traced on an example where it has "
+                         f"{expected}, and the traced graph reads them by position: give {expected} (a batch of "
+                         f"{expected}), or trace it on an example with as many as you will give")
+    return items
+
+
 def graph_guards(g: "Graph") -> list[str]:
     """What each guard of ``g`` checks, and where (see the module docstring), in edge order;
     guards inside a searched edge's candidates count once per candidate that holds them, and

@@ -20,6 +20,7 @@ import torch.fx as fx
 from archir.errors import IRError
 
 from .graph import Input, JunctionRef, Op, Operand, fetch_attr, map_refs
+from .guards import check_length
 
 if TYPE_CHECKING:
     from .graph import Combine, Graph
@@ -142,9 +143,19 @@ class Lowering:
 
     def _placeholders(self, g: "Graph") -> None:
         """One placeholder per argument, in the graph's input order; an input inside a list, tuple
-        or dict argument (``Junction.input_path``) is read from it with ``getitem``."""
+        or dict argument (``Junction.input_path``) is read from it with ``getitem``, after a check
+        that each list or tuple on the way has the example's length (:func:`check_length`)."""
         paths = {jid: g.junctions[jid].input_path or (g.junctions[jid].input_name,) for jid in g.inputs}
         reached: dict[tuple, fx.Node] = {}  # (argument, key, ...) -> its value
+        length_checked: dict[tuple, fx.Node] = {}  # a list or tuple -> the same after check_length
+
+        def checked(path: tuple, node: fx.Node) -> fx.Node:
+            if path not in g.input_lengths:
+                return node
+            where = str(path[0]) + "".join(f"[{k!r}]" for k in path[1:])
+            return self.fx.create_node("call_function", check_length, (node, g.input_lengths[path], where),
+                                       name="_".join(map(str, path)) + "_checked")
+
         for name in g.arguments:  # an argument the graph does not read is still one
             reached[(name,)] = self.fx.placeholder(name)
         for path in paths.values():
@@ -154,8 +165,11 @@ class Lowering:
             for depth in range(2, len(path) + 1):
                 if path[:depth] not in reached:  # the tensor itself keeps the input's name
                     name = g.junctions[jid].input_name if depth == len(path) else None
+                    parent = path[:depth - 1]
+                    if parent not in length_checked:
+                        length_checked[parent] = checked(parent, reached[parent])
                     reached[path[:depth]] = self.fx.create_node(
-                        "call_function", operator.getitem, (reached[path[:depth - 1]], path[depth - 1]), name=name)
+                        "call_function", operator.getitem, (length_checked[parent], path[depth - 1]), name=name)
             self.values[jid] = reached[path]
 
     def run(self) -> fx.GraphModule:
