@@ -689,3 +689,62 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="exporter"):
         export_onnx(TupleNet(), torch.randn(2, 3, 8, 8), tmp_path / "x.onnx", exporter="tvm")
     assert files_in(tmp_path) == []
+
+
+def _detections(scores):
+    """One image's detections as a detector returns them: rows ranked by score."""
+    n = len(scores)
+    rng = np.random.default_rng(0)
+    return {"boxes": rng.uniform(0, 200, (n, 4)).astype(np.float32), "labels": np.arange(n, dtype=np.int64),
+            "scores": np.asarray(scores, dtype=np.float32), "masks": rng.uniform(0, 1, (n, 1, 6, 6)).astype(np.float32)}
+
+
+def _as_outputs(dets):
+    names = [f"output_0.{k}" for k in dets]
+    return names, list(dets.values())
+
+
+@pytest.mark.parametrize("gap, passes", [(1e-6, True), (0.05, False)])
+def test_rows_in_another_order_pass_only_among_near_tied_scores(gap, passes):
+    """Rows 1 and 2 swapped: the same detections, ranked the other way. That is rounding where
+    PyTorch's own scores are within tolerance of each other, and a real difference where not."""
+    from archir.backends.onnx_rows import reordered_rows
+
+    ref = _detections([0.9, 0.5 + gap, 0.5, 0.1])
+    names, want = _as_outputs(ref)
+    got = [a[[0, 2, 1, 3]] for a in want]
+    failed = {"output_0.boxes", "output_0.labels", "output_0.masks"}
+    found = reordered_rows(names, got, want, failed, rtol=1e-4, atol=1e-5)
+    assert bool(found) == passes
+    if passes:
+        assert found[0].moved == 2 and found[0].rows == 4 and found[0].key == "scores"
+        assert max(found[0].max_abs_err.values()) <= 1e-5 + 1e-4 * 200
+
+
+def test_a_row_that_is_not_pytorchs_fails_even_among_ties():
+    from archir.backends.onnx_rows import reordered_rows
+
+    ref = _detections([0.5, 0.5, 0.5])
+    names, want = _as_outputs(ref)
+    got = [a[[1, 0, 2]].copy() for a in want]
+    got[0][2] += 1.0  # one box moved by a pixel: no reordering explains it
+    assert reordered_rows(names, got, want, {"output_0.boxes"}, rtol=1e-4, atol=1e-5) == []
+    got = [a[[1, 0, 2]].copy() for a in want]
+    got[3][0, 0, 0, 0] += 0.5  # a mask pixel
+    assert reordered_rows(names, got, want, {"output_0.masks"}, rtol=1e-4, atol=1e-5) == []
+
+
+def test_the_verification_passes_detections_ranked_the_other_way_and_says_so():
+    from types import SimpleNamespace
+
+    from archir.backends.onnx_export import _compare, _rows_verdict
+
+    names, want = _as_outputs(_detections([0.9, 0.5 + 1e-6, 0.5, 0.1]))
+    got = [a[[0, 2, 1, 3]] for a in want]
+    errors = [_compare(n, None, g, r, 1e-4, 1e-5) for n, g, r in zip(names, got, want)]
+    assert not all(e.passed for e in errors)
+    report = SimpleNamespace(output_names=names, rtol=1e-4, atol=1e-5)
+    judged = _rows_verdict(errors, report, got, want)
+    assert all(e.passed for e in judged)
+    assert all("2 of them in another order (near-tied scores" in e.detail for e in judged if e.detail)
+    assert [e.max_abs_err for e in judged] == [e.max_abs_err for e in errors]  # as measured row for row
