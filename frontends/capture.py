@@ -59,6 +59,22 @@ class _LeafTracer(fx.Tracer):
         return qualname in self.extra_leaves or is_torch_leaf(m)
 
 
+@contextlib.contextmanager
+def state_kept(root: nn.Module):
+    """Put back every module's mode and every buffer of ``root`` afterwards (a training-mode run
+    updates running statistics)."""
+    modes = {m: m.training for m in root.modules()}
+    saved = [(b, b.clone()) for b in root.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+        for m, training in modes.items():
+            m.training = training
+
+
 def fx_trace(root: nn.Module, leaves: Iterable[str] = (), inputs: Sequence | None = None,
              with_values: bool = False) -> fx.Graph:
     """Symbolically trace ``root`` (its tensor constants are registered on ``root`` itself).
@@ -75,9 +91,13 @@ def fx_trace(root: nn.Module, leaves: Iterable[str] = (), inputs: Sequence | Non
     concrete = _defaults_after(root, n_inputs) if n_inputs is not None else {}
     structured = _structured_args(root, inputs) if inputs is not None else {}
     if with_values:
+        # tracing with values runs the model: in training mode that would move BatchNorm's
+        # running statistics, and the next trace (the other mode's) and the checks would start
+        # from another state than the model's
         extra = {p for p in leaves if not is_method_key(p)}
-        graph = value_trace(root, lambda path, m: path in extra or is_torch_leaf(m), {**concrete, **structured},
-                            pytree.tree_leaves(tuple(inputs)), [p for p in leaves if is_method_key(p)])
+        with state_kept(root):
+            graph = value_trace(root, lambda path, m: path in extra or is_torch_leaf(m), {**concrete, **structured},
+                                pytree.tree_leaves(tuple(inputs)), [p for p in leaves if is_method_key(p)])
     else:
         graph = _LeafTracer(leaves).trace(root, concrete_args={**concrete, **structured} or None)
     if isinstance(graph._codegen, fx.graph._PyTreeCodeGen):

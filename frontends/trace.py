@@ -21,7 +21,8 @@ from archir.task import argument_names, describe
 
 from .build import assign_groups, build_graph
 from .capture import (export_trace, failing_methods, failing_modules, first_line, fx_trace,
-                      fx_trace_following_modes, is_torch_leaf, largest_parts, trace_failure, user_location)
+                      fx_trace_following_modes, is_torch_leaf, largest_parts, state_kept, trace_failure,
+                      user_location)
 from .mode_dropout import dropout_to_modules
 from .mode_split import merge_modes
 from .normalize import UnsafeMutation, functionalize
@@ -262,7 +263,7 @@ def _check_follows_modes(model: nn.Module, root: nn.Module, graph: fx.Graph, inp
         traced = {}
         # a failure here propagates: the caller keeps the submodule it happened in opaque, as
         # for a failure in the traced mode (a detector's heads sample in training mode only)
-        with _state_kept(root), torch.random.fork_rng(devices=[]):
+        with state_kept(root), torch.random.fork_rng(devices=[]):
             for training in (True, False):
                 traced[training] = fx_trace(root.train(training), leaves, inputs, with_values=True)
         try:
@@ -287,45 +288,29 @@ def _mode_problem(model: nn.Module, root: nn.Module, graph: fx.Graph, inputs: tu
     copied.output(copied.graph_copy(graph, {}))  # a GraphModule would take ownership of ``graph``
     traced = fx.GraphModule(root, copied)  # shares root's modules
     name = type(model).__name__
-    with _state_kept(root):
-        for training in (root.training, not root.training):
-            mode = "training" if training else "eval"
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                try:
-                    expected = _traceable_copy(model).train(training)(*inputs)
-                except Exception as exc:  # noqa: BLE001 - the model's own failure
-                    return (training, f"{name} itself fails in {mode} mode on the example inputs "
-                                      f"({first_line(exc)}), so the graph cannot be checked there: give the "
-                                      f"example inputs it needs in {mode} mode too (a detector's: images and "
-                                      "targets)", False)
-                torch.manual_seed(0)
-                try:
-                    with contextlib.redirect_stderr(io.StringIO()):  # fx prints where its code failed
-                        same = _same_values(expected, traced.train(training)(*pytree.tree_leaves(inputs)))
-                    failure = ""
-                except Exception as exc:  # noqa: BLE001 - the graph's failure is the difference
-                    same, failure = False, f"; the graph fails: {first_line(exc)}"
-                if not same:
-                    return (training, f"the graph traced through {name}'s own code differs from it in {mode} "
-                                      f"mode (its forward depends on the mode{failure})", True)
+    for training in (root.training, not root.training):
+        mode = "training" if training else "eval"
+        # each mode from the same state: a training-mode run updates BatchNorm's running statistics
+        with state_kept(root), torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            try:
+                expected = _traceable_copy(model).train(training)(*inputs)
+            except Exception as exc:  # noqa: BLE001 - the model's own failure
+                return (training, f"{name} itself fails in {mode} mode on the example inputs "
+                                  f"({first_line(exc)}), so the graph cannot be checked there: give the "
+                                  f"example inputs it needs in {mode} mode too (a detector's: images and "
+                                  "targets)", False)
+            torch.manual_seed(0)
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):  # fx prints where its code failed
+                    same = _same_values(expected, traced.train(training)(*pytree.tree_leaves(inputs)))
+                failure = ""
+            except Exception as exc:  # noqa: BLE001 - the graph's failure is the difference
+                same, failure = False, f"; the graph fails: {first_line(exc)}"
+            if not same:
+                return (training, f"the graph traced through {name}'s own code differs from it in {mode} "
+                                  f"mode (its forward depends on the mode{failure})", True)
     return None
-
-
-@contextlib.contextmanager
-def _state_kept(root: nn.Module):
-    """Put back every module's mode and every buffer of ``root`` afterwards (a training-mode run
-    updates running statistics)."""
-    modes = {m: m.training for m in root.modules()}
-    saved = [(b, b.clone()) for b in root.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, value in saved:
-                b.copy_(value)
-        for m, training in modes.items():
-            m.training = training
 
 
 def _same_values(a, b) -> bool:

@@ -1134,6 +1134,24 @@ def _glue_targets(*counts):
     return out
 
 
+def test_a_detector_in_training_mode_is_traced_from_its_own_state_in_each_mode():
+    """A model as built (training mode): tracing it with values runs it, and in training mode that
+    moved BatchNorm's running statistics, so the eval-mode trace and check started from other
+    statistics than the model's, and kept how many detections those gave (torchvision's Faster
+    R-CNN given to ``archir transform`` as built: refused, "differs from it in eval mode"). Each
+    trace and check now starts from the model's own state, which tracing leaves as it was."""
+    torch.manual_seed(0)
+    model = DetectorWithTargets()
+    model.block[1].running_mean.fill_(0.3)  # statistics a training-mode run would move
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = (_glue_images((12, 10), (9, 14)), _glue_targets(2, 3))
+    g = archir.trace(model, args)
+    g.verify()
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    other = (_glue_images((20, 6), (7, 7)), _glue_targets(4, 1))
+    _assert_exact_in_both_modes(model, (g.to_module(),), (args, other))
+
+
 def test_a_detector_that_checks_its_targets_traces_whole_for_both_modes():
     """Checks on the targets are guards; the heads' output (detections in one mode, none in the
     other) reaches each mode's end whole; training mode is traced too and merged."""
