@@ -247,6 +247,16 @@ def _datasets(opts: TransformOptions, train_data, val_data):
     return load_dataset(opts.data, opts.data_dir, subset=opts.subset, seed=0, progress=opts.progress)
 
 
+def _own_data(train_data, val_data) -> str:
+    """How the report names data sets given to :func:`transform` (MODEL.py's ``data()``)."""
+    def one(ds) -> str:
+        try:
+            return f"{type(ds).__name__} ({len(ds)} samples)"
+        except TypeError:  # an iterable data set has no length
+            return type(ds).__name__
+    return f"own: {one(train_data)} / {one(val_data)}"
+
+
 def _loaders(opts: TransformOptions, train_data, val_data, device, collate: Callable | None = None):
     from .data import as_loader, split_train
 
@@ -333,6 +343,8 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
     method_defaults = {k: v for k, v in methods.get(method).default_options.items() if k not in options}
     options = {**options, **method_defaults}  # what the method suggests, where nobody said otherwise
     opts, chosen = split_options(method, options)
+    if train_data is not None:  # the report names the data the run used, not --data's default
+        opts = dataclasses.replace(opts, data=_own_data(train_data, val_data))
     check_epochs(dataclasses.asdict(opts), explicit)
     task = task or classification_task()
     device = check_device(opts.device)

@@ -586,6 +586,11 @@ def _export_torchscript(module, args, f, input_names, output_names, opset, dynam
         # chosen deliberately as the fallback: its deprecation notice is not news to the caller
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
+        # what the tracer warns "might cause the trace to be incorrect" (a detector's glue makes
+        # tensors of sizes, indexes with them) the verification against ONNX Runtime then checks
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r"(?s).*(To copy construct from a tensor|Exporting aten::index "
+                                                  r"operator of advanced indexing)", category=UserWarning)
         torch.onnx.export(module, args, str(f), dynamo=False, input_names=input_names,
                           output_names=output_names, opset_version=opset,
                           dynamic_axes=dynamic_axes, do_constant_folding=True)

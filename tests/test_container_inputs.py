@@ -315,6 +315,7 @@ def test_a_detector_trains_on_the_batches_its_collate_makes_and_exports(tmp_path
     assert any("share no batch axis" in n for n in report["onnx"]["notes"]), report["onnx"]["notes"]
     losses = [e["train_loss"] for e in report["history"]]
     assert len(losses) == 2 and all(v == v for v in losses), report["history"]  # trained, finite
+    assert "Data: `own: Boxes (8 samples) / Boxes (4 samples)`" in (out / "report.md").read_text()
     # a batch size the graph cannot take is one clear error before any training step
     r = CliRunner().invoke(main, [*args[:-4], "--batch-size", "3", "--out", str(tmp_path / "out3")])
     assert r.exit_code == 2 and "images has 3 items" in r.output and "Traceback" not in r.output, r.output
