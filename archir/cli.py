@@ -257,6 +257,10 @@ def transform_summary(res) -> str:
         lines.append("  the original was not trained on this data (--baseline compares the two)")
     if res.out is not None:
         lines.append(f"  wrote {', '.join(Path(f).name for f in res.files)} to {res.out}")
+    onnx = r.get("onnx") or {}
+    if onnx and not onnx.get("passed"):
+        lines.append(f"  warning: the ONNX model did not verify against ONNX Runtime, kept as "
+                     f"{Path(onnx['path']).name} (report.md says where it differs)")
     return "\n".join(lines)
 
 

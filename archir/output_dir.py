@@ -117,10 +117,19 @@ def emit_model(module: nn.Module, out: Path, inputs: tuple, *, onnx: bool, class
     files = {"model.py": str(emitted.model_py), "weights.pt": str(emitted.weights)}
     onnx_report = None
     if onnx:
-        from archir.backends.onnx_export import export_onnx
+        from archir.backends.onnx_export import OnnxVerificationError, export_onnx
 
-        onnx_report = export_onnx(module, inputs, out / "model.onnx")
-        files["model.onnx"] = str(out / "model.onnx")
+        try:
+            onnx_report = export_onnx(module, inputs, out / "model.onnx")
+            files["model.onnx"] = str(out / "model.onnx")
+        except OnnxVerificationError as exc:
+            # the trained network, model.py and the report are still the run's result: keep them,
+            # with the model that did not verify under its own name, and say so (report, summary)
+            if exc.report is None:
+                raise
+            onnx_report = exc.report
+            onnx_report.notes.append(str(exc))
+            files[Path(onnx_report.path).name] = onnx_report.path
     return files, onnx_report, emitted.packages
 
 
@@ -299,7 +308,10 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {h['epoch'] + 1} | {stage} | {h['train_loss']:.4f} | "
                      f"{format_metric(metric, h.get('train_metric'))} | {format_metric(metric, h.get('val_metric'))} "
                      f"| {changed} | {h['seconds']:.1f} |")
-    if "onnx" in report:
+    if "onnx" in report and not report["onnx"].get("passed"):
+        lines += ["", f"ONNX: the exported model did not verify against ONNX Runtime and is kept as "
+                      f"`{Path(report['onnx']['path']).name}`: {report['onnx']['notes'][-1]}"]
+    elif "onnx" in report:
         lines += ["", f"ONNX: `model.onnx` verified against ONNX Runtime: {report['onnx'].get('passed')}."]
     needs = " and ".join(report.get("model_py_needs") or ["torch"])
     needs = "only torch" if needs == "torch" else needs

@@ -344,3 +344,29 @@ def test_onnx_of_inputs_that_share_no_batch_axis_is_checked_at_their_own_shapes(
     assert {e.batch for e in report.errors} == {None}
     assert any("share no batch axis (axis 0: images_0 3, images_1 3, targets_0_boxes 1" in n
                for n in report.notes), report.notes
+
+
+def test_an_onnx_model_that_does_not_verify_leaves_the_rest_of_the_run(tmp_path, monkeypatch):
+    """A trained run whose model.onnx fails verification still delivers model.py, the weights
+    and the report, with the unverified model under its own name, and says so."""
+    from archir.backends import onnx_export
+
+    real = onnx_export.export_onnx
+
+    class Liar(nn.Module):
+        def forward(self, x):
+            return x + 1e-3 if torch.onnx.is_in_onnx_export() else x * 1.0
+
+    monkeypatch.setattr(onnx_export, "export_onnx", lambda module, inputs, path, **kw: real(
+        Liar(), torch.randn(2, 3), path, **kw))
+    (tmp_path / "det.py").write_text(DETECTOR_PY)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["transform", str(tmp_path / "det.py"), "--epochs", "1", "--batch-size", "2",
+                                  "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "warning: the ONNX model did not verify against ONNX Runtime, kept as model.unverified.onnx" in r.output
+    assert {"model.py", "weights.pt", "model.unverified.onnx", "report.md"} <= {p.name for p in out.iterdir()}
+    assert not (out / "model.onnx").exists()
+    assert json.loads((out / "report.json").read_text())["onnx"]["passed"] is False
+    assert "did not verify against ONNX Runtime and is kept as `model.unverified.onnx`: ONNX Runtime output" \
+        in (out / "report.md").read_text()
