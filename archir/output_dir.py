@@ -239,6 +239,18 @@ def decision_changed(d: dict[str, Any]) -> bool:
     return bool(d["changed"]) if d.get("changed") is not None else d["decision"] != "same"
 
 
+def _last_batch_sentence(report: dict[str, Any]) -> str:
+    """report.md's word on samples each epoch left out (a model that takes lists of exactly one
+    batch, :func:`archir.pipeline.lists_sized_by_batch`); empty when none were."""
+    left_out = report.get("last_batch_left_out")
+    if not left_out:
+        return ""
+    what = ", ".join(f"{k} {part}" for part, k in left_out["samples_left_out"].items())
+    inputs = ", ".join(f"`{name}`" for name in left_out["inputs"])
+    return (f" The model takes {inputs} as exactly {report['options']['batch_size']} items (as traced), so each "
+            f"epoch left out its last, smaller batch ({what} samples).")
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """report.md's text: the original-vs-transformed table (or the baseline comparison), the run's
     settings, the decisions of every searchable edge, the training history and the files."""
@@ -274,7 +286,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         "",
         f"Data: `{opts['data']}`; {opts['epochs']} epochs, of which {report['effective']['arch_epochs']} "
         f"architecture epochs ({opts['arch_update']} updates, architecture learning rate {opts['arch_lr']}); "
-        f"seed {opts['seed']}; device {report['device']}.",
+        f"seed {opts['seed']}; device {report['device']}.{_last_batch_sentence(report)}",
         "",
         "![graph](graph.svg)",
         "",

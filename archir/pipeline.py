@@ -257,12 +257,50 @@ def _own_data(train_data, val_data) -> str:
     return f"own: {one(train_data)} / {one(val_data)}"
 
 
-def _loaders(opts: TransformOptions, train_data, val_data, device, collate: Callable | None = None):
+def lists_sized_by_batch(graph: Graph, batch_size: int) -> list[str]:
+    """The list and tuple inputs of ``graph`` (a detector's images and targets) whose traced
+    length is ``batch_size``: the traced graph reads their items by position and refuses another
+    length (:func:`archir.ir.guards.check_length`), so a data set that does not divide into such
+    batches must leave its last, smaller batch out rather than fail at the end of an epoch."""
+    return [str(path[0]) + "".join(f"[{k!r}]" for k in path[1:])
+            for path, n in graph.input_lengths.items() if n == batch_size]
+
+
+def _skipped_last_batch(opts: TransformOptions, fixed: list[str], datasets: dict) -> dict | None:
+    """What leaving out the last, smaller batch (``fixed``: :func:`lists_sized_by_batch`) costs
+    each data set per epoch, said once; None when nothing is left out. A data set smaller than one
+    batch is refused: it would give no batch at all."""
+    from .data import DataError
+
+    if not fixed:
+        return None
+    skipped = {}
+    for part, ds in datasets.items():
+        try:
+            n = len(ds)
+        except TypeError:  # an iterable data set has no length: the loader drops what it must
+            continue
+        if n < opts.batch_size:
+            raise DataError(f"the {part} data has {n} samples, fewer than one batch of {opts.batch_size}, and the "
+                            f"model takes {', '.join(fixed)} as exactly {opts.batch_size} items: give more "
+                            f"samples or a smaller --batch-size (then trace on an example of that size)")
+        if n % opts.batch_size:
+            skipped[part] = n % opts.batch_size
+    if not skipped:
+        return None
+    what = ", ".join(f"{k} of the {part} samples" for part, k in skipped.items())
+    _say(opts, f"note: the model takes {', '.join(fixed)} as exactly {opts.batch_size} items (as traced), so "
+               f"each epoch leaves out its last, smaller batch: {what}")
+    return {"inputs": fixed, "samples_left_out": skipped}
+
+
+def _loaders(opts: TransformOptions, train_data, val_data, device, collate: Callable | None = None,
+             drop_last: bool = False):
     from .data import as_loader, split_train
 
     def loader(ds, shuffle, seed, augment=False, cutout=0):
         return as_loader(ds, opts.batch_size, shuffle=shuffle, device=device, seed=seed, augment=augment,
-                         cutout=cutout, collate=collate)
+                         cutout=cutout, collate=collate, drop_last=drop_last)
 
     # every training loader (the held-out architecture part too) gets the same augmentation
     train = loader(train_data, True, opts.seed, opts.augment, opts.cutout)
@@ -394,10 +432,16 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
     cfg = _train_config(opts, device)
     initial_weights = search.arch_weights()
     loaders: dict[str, Any] = {"train": None, "val": None, "arch": None, "net": None}
+    fixed: list[str] = []  # list inputs as long as a batch: each loader drops its last, smaller batch
+    skipped_last_batch = None
     if opts.epochs > 0:
         t = time.perf_counter()
         train_ds, val_ds = _datasets(opts, train_data, val_data)
-        loaders.update(zip(("train", "val", "arch", "net"), _loaders(opts, train_ds, val_ds, device, collate)))
+        if not opts.submodule:  # a part's inputs are what the model computes, not the batch
+            fixed = lists_sized_by_batch(search.graph, opts.batch_size)
+        skipped_last_batch = _skipped_last_batch(opts, fixed, {"training": train_ds, "validation": val_ds})
+        loaders.update(zip(("train", "val", "arch", "net"),
+                           _loaders(opts, train_ds, val_ds, device, collate, drop_last=bool(fixed))))
         # the trainer runs the model, loss and metric once on the first batch before any step
         # (archir.task.check_task), so a data/model mismatch is one clear error before training
         timings["data"] = time.perf_counter() - t
@@ -408,7 +452,7 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
         _say(opts, f"baseline: training the original {search.graph.name} alone ({opts.epochs} epochs)")
         # loaders of its own with the same seeds: the transformed run then sees the same batches
         # in the same order (and augmentation) as it would without a baseline
-        train, val, _, net = _loaders(opts, train_ds, val_ds, device, collate)
+        train, val, _, net = _loaders(opts, train_ds, val_ds, device, collate, drop_last=bool(fixed))
         baseline = train_plain(baseline_model, net or train, val, cfg, task=task)
         del train, val, net
         timings["baseline"] = time.perf_counter() - t
@@ -426,7 +470,7 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
                 "`archir inspect MODEL.py --method NAME` shows what each method could change")
     has_penalty = type(chosen).extra_loss is not methods.Method.extra_loss
     # held-out data a method may score architectures on before derive (NAO); none without training
-    evaluator = (_arch_evaluator(opts, train_ds, val_ds, loaders, device, task, collate)
+    evaluator = (_arch_evaluator(opts, train_ds, val_ds, loaders, device, task, collate, drop_last=bool(fixed))
                  if opts.epochs > 0 and cfg.arch_epochs > 0 else None)
     epoch_hook, run_log = _epoch_logger(opts, cfg, on_epoch, resume_from)
     if opts.epochs > 0:  # one architecture step per batch of the search epochs (after the warm-up)
@@ -457,6 +501,7 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
                           search.recorded_decisions, example_inputs=inputs, baseline=baseline, task=task,
                           recipe_applied=from_recipe)
     report["method_defaults"] = method_defaults  # the method's suggested options that were used
+    report["last_batch_left_out"] = skipped_last_batch
     if search.choice_log is not None:  # what the method's own architecture search did (NAO)
         report["architecture_search"] = search.choice_log
     if opts.submodule:
@@ -549,7 +594,7 @@ def _check_finite_weights(module: nn.Module, opts: TransformOptions) -> None:
 
 
 def _arch_evaluator(opts: TransformOptions, train_ds, val_ds, loaders: dict, device, task: Task,
-                    collate: Callable | None = None):
+                    collate: Callable | None = None, drop_last: bool = False):
     """The :class:`~archir.arch_eval.ArchEvaluator` a method may score architectures with before
     derive: the held-out part of the training set with ``--arch-update split`` (else the
     validation set), without augmentation; BatchNorm calibration batches from the training loader."""
@@ -557,7 +602,8 @@ def _arch_evaluator(opts: TransformOptions, train_ds, val_ds, loaders: dict, dev
     from .data import as_loader, split_train
 
     held_out = split_train(train_ds, opts.split_fraction, seed=opts.seed)[1] if opts.arch_update == "split" else val_ds
-    data = as_loader(held_out, opts.batch_size, shuffle=False, device=device, seed=opts.seed, collate=collate)
+    data = as_loader(held_out, opts.batch_size, shuffle=False, device=device, seed=opts.seed, collate=collate,
+                     drop_last=drop_last)
     return ArchEvaluator(data, loaders["train"], task, device, log=lambda line: _say(opts, line))
 
 

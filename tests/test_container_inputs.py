@@ -16,7 +16,9 @@ from torch import nn
 
 import archir
 from archir.cli import main
+from archir.data import DataError
 from archir.errors import UntraceableInputs, UserInputError
+from archir.pipeline import TransformOptions, _skipped_last_batch, lists_sized_by_batch
 from model_patterns import ContainerInputs, assert_same, random_like
 
 
@@ -284,7 +286,7 @@ def example_input():
 
 
 def data():
-    return Boxes(8, 1), Boxes(4, 2)
+    return Boxes(9, 1), Boxes(5, 2)  # neither divides into batches of 2
 
 
 def collate(samples):
@@ -315,10 +317,27 @@ def test_a_detector_trains_on_the_batches_its_collate_makes_and_exports(tmp_path
     assert any("share no batch axis" in n for n in report["onnx"]["notes"]), report["onnx"]["notes"]
     losses = [e["train_loss"] for e in report["history"]]
     assert len(losses) == 2 and all(v == v for v in losses), report["history"]  # trained, finite
-    assert "Data: `own: Boxes (8 samples) / Boxes (4 samples)`" in (out / "report.md").read_text()
+    # the graph takes lists of exactly 2: each epoch leaves its last sample out, said in the report
+    assert report["last_batch_left_out"] == {"inputs": ["images", "targets"],
+                                             "samples_left_out": {"training": 1, "validation": 1}}
+    md = (out / "report.md").read_text()
+    assert "Data: `own: Boxes (9 samples) / Boxes (5 samples)`" in md, md
+    assert "each epoch left out its last, smaller batch (1 training, 1 validation samples)" in md, md
     # a batch size the graph cannot take is one clear error before any training step
     r = CliRunner().invoke(main, [*args[:-4], "--batch-size", "3", "--out", str(tmp_path / "out3")])
     assert r.exit_code == 2 and "images has 3 items" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_lists_as_long_as_a_batch_leave_out_the_last_smaller_batch_or_refuse_too_little_data():
+    g = archir.trace(ContainerInputs().eval(), _inputs())
+    assert lists_sized_by_batch(g, 2) == ["views", "extras['bias']"] and lists_sized_by_batch(g, 3) == []
+    opts = TransformOptions(batch_size=4)
+    assert _skipped_last_batch(opts, ["images"], {"training": range(8), "validation": range(4)}) is None
+    assert _skipped_last_batch(opts, [], {"training": range(9)}) is None  # no list sized by the batch
+    assert _skipped_last_batch(opts, ["images"], {"training": range(9), "validation": range(6)}) == {
+        "inputs": ["images"], "samples_left_out": {"training": 1, "validation": 2}}
+    with pytest.raises(DataError, match="the validation data has 3 samples, fewer than one batch of 4"):
+        _skipped_last_batch(opts, ["images"], {"training": range(9), "validation": range(3)})
 
 
 def test_a_collate_that_fails_names_its_file_and_line(tmp_path):
