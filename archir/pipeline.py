@@ -372,7 +372,6 @@ def transform(model: nn.Module, example_inputs, method: str = "dnat", train_data
     With ``out`` set, the directory receives model.py, weights.pt, model.onnx, report.json, report.md, graph.svg and arch.png.
     """
     from .preflight import check_device, check_epochs, check_room, required_bytes
-    from .search_space import Search
     from .task import classification_task
     from .training import seed_everything, train_plain, train_two_stage
 
