@@ -807,10 +807,11 @@ def export_onnx(
     """Export ``module`` to ONNX at ``path``, clean and check the graph, and (``verify``) compare it
     with PyTorch under ONNX Runtime. See the module docstring for the stages and the maths.
 
-    Input names default to ``input`` (one input) or ``input_0..``; output names to the dict keys,
-    ``output`` (one tensor) or ``output_0..``. With ``dynamic_batch`` axis 0 of every input and
-    output is the symbolic ``batch``. ``exporter``: ``"auto"`` (dynamo, TorchScript fallback),
-    ``"dynamo"`` or ``"torchscript"``. Raises :class:`OnnxVerificationError` on a mismatch, leaving
+    Input names default to ``input`` (one tensor), else the forward's argument names
+    (``images_0``, ``targets_1_boxes`` for the tensors inside a list or dict; ``input_0..`` for
+    ``*args``); output names to the dict keys, ``output`` (one tensor) or ``output_0..``. With
+    ``dynamic_batch`` axis 0 of every input and output is the symbolic ``batch``. ``exporter``:
+    ``"auto"`` (dynamo, TorchScript fallback), ``"dynamo"`` or ``"torchscript"``. Raises :class:`OnnxVerificationError` on a mismatch, leaving
     the model at ``<stem>.unverified.onnx``.
     """
     if exporter not in ("auto", "dynamo", "torchscript"):
@@ -827,8 +828,9 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     unverified = path.with_name(f"{path.stem}.unverified.onnx")
 
-    if input_names is None:
-        input_names = flat_names or (["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))])
+    named_inputs = input_names is None
+    if named_inputs:  # one tensor: ``input``; several: the forward's argument names
+        input_names = flat_names or (["input"] if len(args) == 1 else _identifiers(argument_names(module, len(args))))
     input_names = list(input_names)
     if len(input_names) != len(args):
         raise ValueError(f"{len(input_names)} input names for {len(args)} inputs")
@@ -841,6 +843,8 @@ def export_onnx(
             raise ValueError(f"{len(names)} output names for {len(flat)} outputs")
         if len(set(names)) != len(names):
             raise ValueError(f"output names are not unique: {names}")
+        if named_inputs:  # an ONNX value has one name: an input named like an output is renamed
+            input_names = [f"input_{n}" if n in names else n for n in input_names]
 
         if dynamic_batch and common_batch(args) is None:
             dynamic_batch = False
@@ -990,12 +994,15 @@ def _flat_arguments(module: nn.Module, args: tuple) -> tuple[nn.Module, tuple, l
         parts = [params[path[0].idx]]
         parts += [str(k.idx if isinstance(k, pytree.SequenceKey) else getattr(k, "key", getattr(k, "name", k)))
                   for k in path[1:]]
-        return re.sub(r"\W", "_", "_".join(parts))
+        return "_".join(parts)
 
-    names = [name(path) for path, _ in pairs]
-    if len(set(names)) != len(names):
-        names = [f"input_{i}" for i in range(len(names))]
-    return _FlatArguments(module, spec), tuple(t for _, t in pairs), names
+    return _FlatArguments(module, spec), tuple(t for _, t in pairs), _identifiers([name(path) for path, _ in pairs])
+
+
+def _identifiers(names: list[str]) -> list[str]:
+    """``names`` as ONNX input names (``\\W`` → ``_``), or ``input_0..`` where two would clash."""
+    names = [re.sub(r"\W", "_", n) for n in names]
+    return names if len(set(names)) == len(names) else [f"input_{i}" for i in range(len(names))]
 
 
 def _uses_external_data(path: Path) -> bool:

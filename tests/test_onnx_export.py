@@ -230,7 +230,7 @@ def test_multiple_inputs(tmp_path):
             return self.fc(torch.cat([a, b], 1))
 
     report = export_onnx(TwoIn(), (torch.randn(2, 4), torch.randn(2, 2)), tmp_path / "two.onnx")
-    assert report.passed and report.input_names == ["input_0", "input_1"]
+    assert report.passed and report.input_names == ["a", "b"]  # the forward's argument names
     assert batch_dims(onnx.load(str(tmp_path / "two.onnx"))) == ["batch"] * 3
 
 
@@ -549,7 +549,7 @@ def test_masks_are_drawn_from_the_examples_rows(tmp_path):
     with torch.no_grad():
         ref = model(x, empty_row).numpy()
     session = ort_session(path)
-    (got,) = session.run(None, {"input_0": x.numpy(), "input_1": empty_row.numpy()})
+    (got,) = session.run(None, {"x": x.numpy(), "mask": empty_row.numpy()})
     assert not np.allclose(got[0, 0], ref[0, 0], atol=1e-3)
     np.testing.assert_allclose(got[0, 1:], ref[0, 1:], rtol=1e-4, atol=1e-5)
 
