@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch.utils._pytree as pytree
 from torch import nn
 
 
@@ -31,12 +32,14 @@ def onnx_latencies(modules: dict[str, nn.Module], inputs: tuple, *, warmup: int 
         for name, module in modules.items():
             path = Path(tmp) / f"{name}.onnx"
             try:
-                export_onnx(module, inputs, path, dynamic_batch=False)
+                report = export_onnx(module, inputs, path, dynamic_batch=False)
             except Exception as exc:  # noqa: BLE001 - latency is informative, never fatal
                 out[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
                 continue
             session = ort_session(path, spinning=False)  # timed interleaved with the others
-            feed = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
+            wanted = {i.name for i in session.get_inputs()}  # the tensors of the arguments, by name
+            feed = {n: x.detach().cpu().numpy() for n, x in zip(report.input_names, pytree.tree_leaves(inputs))
+                    if n in wanted}
             sessions[name] = (session, feed)
             out[name] = {"providers": list(session.get_providers())}
         times: dict[str, list[float]] = {name: [] for name in sessions}
@@ -47,7 +50,7 @@ def onnx_latencies(modules: dict[str, nn.Module], inputs: tuple, *, warmup: int 
                 if i >= warmup:
                     times[name].append(time.perf_counter() - t)
     for name, ts in times.items():
-        out[name].update(median_seconds=statistics.median(ts), batch=int(np.shape(inputs[0])[0]))
+        out[name].update(median_seconds=statistics.median(ts), batch=int(np.shape(pytree.tree_leaves(inputs)[0])[0]))
     return out
 
 

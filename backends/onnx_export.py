@@ -195,9 +195,10 @@ class OnnxReport:
     exporter: str
     num_nodes: int
     op_counts: dict[str, int]
-    input_names: list[str]
+    input_names: list[str]  # each tensor of the arguments, in call order (those unread included)
     output_names: list[str]
     dynamic_batch: bool
+    unread_inputs: list[str] = dataclasses.field(default_factory=list)  # not inputs of the ONNX model
     removed_identity: int = 0
     removed_dead: int = 0
     removed_initializers: int = 0
@@ -387,6 +388,22 @@ def _remove_dead(graph: onnx.GraphProto, stats: CleanupStats) -> bool:
         for vi in [v for v in graph.value_info if v.name not in produced]:
             graph.value_info.remove(vi)
     return bool(removed or dead_inits)
+
+
+def remove_unread_inputs(model: onnx.ModelProto) -> list[str]:
+    """Drop the graph inputs no node (nor a nested graph) reads and no output returns, in place;
+    return their names. A detector's eval-mode graph reads its images only: the targets it takes
+    for training mode would otherwise be inputs that inference has to invent."""
+    graph = model.graph
+    read = {o.name for o in graph.output}
+    for node in graph.node:
+        read.update(i for i in node.input if i)
+        for sub in _subgraphs(node):
+            read |= _outer_names_used(sub)
+    unread = [i for i in graph.input if i.name not in read]
+    for i in unread:
+        graph.input.remove(i)
+    return [i.name for i in unread]
 
 
 def clean_graph(model: onnx.ModelProto) -> CleanupStats:
@@ -891,6 +908,9 @@ def export_onnx(
             problems = _structural_problems(model, stats)
             if problems:
                 raise RuntimeError(f"ONNX graph cleanup left problems: {'; '.join(problems)}")
+            unread = remove_unread_inputs(model)
+            if unread:
+                notes.append(f"inputs the graph does not read are left out of the ONNX model: {', '.join(unread)}")
             if dynamic_batch and _static_batch(model):
                 dynamic_batch = False
                 notes.append("the exporter fixed the batch size (the traced graph specialises it); "
@@ -913,7 +933,7 @@ def export_onnx(
                 op_counts=count_nodes(model), input_names=input_names, output_names=names,
                 dynamic_batch=dynamic_batch, removed_identity=stats.removed_identity,
                 removed_dead=stats.removed_dead, removed_initializers=stats.removed_initializers,
-                kept_identity=stats.kept_identity, rtol=rtol, atol=atol, notes=notes,
+                kept_identity=stats.kept_identity, rtol=rtol, atol=atol, notes=notes, unread_inputs=unread,
             )
             model = None  # ONNX Runtime loads its own copy of the weights: one is enough
             if verify:

@@ -96,7 +96,9 @@ def merge_modes(root: nn.Module, train: fx.Graph, eval_: fx.Graph, name: str = "
         odd = [n for n in nodes
                if n.op in ("call_module", "get_attr", "placeholder") and not _tail_may_hold(root, n)]
         if odd:
-            raise ValueError(f"the {mode}-mode end of the forward {odd[0].op}s {odd[0].target}")
+            verb = {"call_module": "calls the module", "get_attr": "reads the parameter"}.get(odd[0].op, "takes")
+            raise ValueError(f"the {mode}-mode end of the forward {verb} {odd[0].target}, which the other mode "
+                             "does not use there")
 
     merged = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}

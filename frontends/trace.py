@@ -23,7 +23,7 @@ from .build import assign_groups, build_graph
 from .capture import (export_trace, failing_methods, failing_modules, first_line, fx_trace,
                       fx_trace_following_modes, is_torch_leaf, largest_parts, state_kept, trace_failure,
                       user_location)
-from .mode_dropout import dropout_to_modules
+from .mode_dropout import dropout_to_modules, mode_readers
 from .mode_split import merge_modes
 from .normalize import UnsafeMutation, functionalize
 from .opaque_methods import split_method_key
@@ -205,7 +205,7 @@ def _trace(model: nn.Module, example_inputs, granularity: str, leaf_modules: Ite
     leaves = list(leaf_modules)
     _check_leaf_paths(model, leaves)
     fx_exc = None
-    graph, out_spec, used = None, None, frontend
+    graph, out_spec, used, values_traced = None, None, frontend, False
     if frontend in ("auto", "fx"):
         try:
             graph = fx_trace_following_modes(root, inputs, leaves)
@@ -228,9 +228,11 @@ def _trace(model: nn.Module, example_inputs, granularity: str, leaf_modules: Ite
             if frontend != "auto":
                 raise trace_failure(name, fx_exc or exc, exc, largest_parts(model)) from exc
             root, graph, auto = _fx_with_auto_leaves(model, name, leaves, fx_exc, exc, inputs)
-            used = "fx"
+            used, values_traced = "fx", True
     _register_constants(root, graph)
     dropout_to_modules(graph, root)  # fx's functional dropout marked to follow the mode (export's is done)
+    if not values_traced:  # (value tracing checked both modes already)
+        root, graph, out_spec, used = _graph_for_both_modes(model, root, graph, out_spec, used, inputs, leaves)
     flat, paths = flat_inputs(inputs)
     placeholders = [n.name for n in graph.nodes if n.op == "placeholder"]
     try:
@@ -281,9 +283,54 @@ def _check_follows_modes(model: nn.Module, root: nn.Module, graph: fx.Graph, inp
     return graph
 
 
-def _mode_problem(model: nn.Module, root: nn.Module, graph: fx.Graph, inputs: tuple) -> tuple | None:
+def _graph_for_both_modes(model: nn.Module, root: nn.Module, graph: fx.Graph, out_spec, used: str, inputs: tuple,
+                          leaves: list[str]) -> tuple[nn.Module, fx.Graph, object, str]:
+    """``(root, graph, out_spec, frontend)`` of a trace by torch.fx or torch.export, or of one
+    computing the model's function in both modes.
+
+    Both tracers read ``self.training`` once, at trace time: where a module's own code branches on
+    it beyond dropout (which :mod:`.mode_dropout` makes follow the mode), the graph would compute
+    the traced mode's function in the other mode too (a detector-like model's losses in eval mode,
+    or its detections while training). Where any module the trace followed reads the flag, the
+    graph is checked against the model in both modes (:func:`_mode_problem`); where the other mode
+    computes something else, each mode is traced with values (:mod:`.value_trace`, which also
+    follows glue that asks for a list's length) and their ends merged (:mod:`.mode_split`).
+    Where they do not merge (an auxiliary head's modules in one mode's end), the graph is kept
+    as traced and a warning says so."""
+    extra = set(leaves)
+    kept = (root, graph, out_spec, used)
+    if not mode_readers(root, lambda path, m: path in extra or is_torch_leaf(m)):
+        return kept
+    problem = _mode_problem(model, root, graph, inputs, flat_output=out_spec is not None)
+    if problem is None or not problem[2]:  # the same in both modes, or the model fails in the other
+        return kept
+    both = _traceable_copy(model)
+    try:
+        with state_kept(both), torch.random.fork_rng(devices=[]):
+            traced = {training: fx_trace_following_modes(both.train(training), inputs, leaves, with_values=True)
+                      for training in (True, False)}
+        merged = merge_modes(both, traced[True], traced[False])
+        functionalize(merged, both)
+        _register_constants(both, merged)
+        dropout_to_modules(merged, both)
+        still = _mode_problem(model, both, merged, inputs)
+        why = still[1] if still is not None else ""
+    except Exception as exc:  # noqa: BLE001 - the traced graph stays, with the warning below
+        still, why = problem, f"{problem[1]}; tracing each mode did not give one graph ({first_line(exc)})"
+    if still is None:
+        return both, merged, None, "fx"
+    traced_mode = "training" if root.training else "eval"
+    logging.getLogger(dropout_to_modules.__module__).warning(
+        "%s is traced in %s mode, and its graph computes that mode's function in %s mode too: %s",
+        type(model).__name__, traced_mode, "eval" if root.training else "training", why)
+    return kept
+
+
+def _mode_problem(model: nn.Module, root: nn.Module, graph: fx.Graph, inputs: tuple,
+                  flat_output: bool = False) -> tuple | None:
     """None where ``graph`` (over ``root``, flat inputs) gives the model's outputs in both modes
-    (the same seed before each call), else ``(training, why, the model runs in that mode)``."""
+    (the same seed before each call), else ``(training, why, the model runs in that mode)``.
+    ``flat_output``: the graph returns the output's tensors in a flat list (torch.export's)."""
     copied = fx.Graph()
     copied.output(copied.graph_copy(graph, {}))  # a GraphModule would take ownership of ``graph``
     traced = fx.GraphModule(root, copied)  # shares root's modules
@@ -303,7 +350,10 @@ def _mode_problem(model: nn.Module, root: nn.Module, graph: fx.Graph, inputs: tu
             torch.manual_seed(0)
             try:
                 with contextlib.redirect_stderr(io.StringIO()):  # fx prints where its code failed
-                    same = _same_values(expected, traced.train(training)(*pytree.tree_leaves(inputs)))
+                    got = traced.train(training)(*pytree.tree_leaves(inputs))
+                    if flat_output:  # compare the tensors alone: the output's structure is the spec's
+                        expected, got = _tensors(expected), _tensors(got)
+                    same = _same_values(expected, got)
                 failure = ""
             except Exception as exc:  # noqa: BLE001 - the graph's failure is the difference
                 same, failure = False, f"; the graph fails: {first_line(exc)}"
@@ -311,6 +361,10 @@ def _mode_problem(model: nn.Module, root: nn.Module, graph: fx.Graph, inputs: tu
                 return (training, f"the graph traced through {name}'s own code differs from it in {mode} "
                                   f"mode (its forward depends on the mode{failure})", True)
     return None
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    return [x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)]
 
 
 def _same_values(a, b) -> bool:

@@ -257,7 +257,7 @@ class TinyDetector(nn.Module):
         if self.training:
             want = torch.stack([t["boxes"][0] for t in targets])
             return {"loss_box": (boxes - want).abs().mean()}
-        return [{"boxes": b.unsqueeze(0)} for b in boxes]
+        return [{"boxes": boxes[i:i + 1]} for i in range(len(images))]
 
 
 class Boxes(torch.utils.data.Dataset):
@@ -315,6 +315,23 @@ def test_a_detector_trains_on_the_batches_its_collate_makes_and_exports(tmp_path
     report = json.loads((out / "report.json").read_text())
     assert report["onnx"]["passed"] is True, report["onnx"]
     assert any("share no batch axis" in n for n in report["onnx"]["notes"]), report["onnx"]["notes"]
+    # model.onnx is the eval-mode detector: its detections, from the images alone
+    assert report["onnx"]["output_names"] == ["output_0.boxes", "output_1.boxes"], report["onnx"]
+    assert report["onnx"]["unread_inputs"] == ["targets_0_boxes", "targets_1_boxes"], report["onnx"]
+    # model.py gives the detections in eval mode and the losses in training mode, as the model does
+    check = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(out)!r})
+        from model import load_model
+        ns = {{}}
+        exec(open({str(tmp_path / "det.py")!r}).read(), ns)
+        images, targets = ns["example_input"]()
+        net = load_model().eval()
+        detections = net(images, targets)
+        assert [list(d) for d in detections] == [["boxes"], ["boxes"]], detections
+        assert list(net.train()(images, targets)) == ["loss_box"]
+    """)
+    subprocess.run([sys.executable, "-c", check], check=True)
     losses = [e["train_loss"] for e in report["history"]]
     assert len(losses) == 2 and all(v == v for v in losses), report["history"]  # trained, finite
     # the graph takes lists of exactly 2: each epoch leaves its last sample out, said in the report

@@ -1361,3 +1361,67 @@ def test_timm_drop_path_is_replaced():
     gm = archir.trace(model, x).to_module()
     assert any(isinstance(m, StochasticDepth) for m in gm.modules())
     assert same_under_seed(model, gm, x)
+
+
+class LossInTraining(nn.Module):
+    """A model that torch.fx and torch.export follow whole, whose own forward returns its loss in
+    training mode (given targets) and its predictions in eval mode: both tracers read
+    ``self.training`` once, at trace time."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x, target):
+        h = torch.relu(self.stem(x))
+        out = self.head((h + self.block(h)).mean((2, 3)))
+        if self.training:
+            return {"loss": (out - target).square().mean()}
+        return {"pred": out.softmax(-1)}
+
+
+class AuxHeadInTraining(nn.Module):
+    """Like GoogLeNet and Inception v3: an auxiliary head that runs in training mode only."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.aux = nn.Linear(4, 2)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x)).mean((2, 3))
+        if self.training:
+            return self.head(h), self.aux(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("traced_in", ["eval", "train"])
+def test_a_forward_that_branches_on_the_mode_is_one_graph_for_both_modes_under_any_tracer(traced_in):
+    """A graph traced by fx (or export) in one mode used to compute that mode's function in the
+    other too: the loss in eval mode, or the predictions while training. Checked against the
+    model in both modes, it is traced in each and the two merged."""
+    torch.manual_seed(0)
+    model = getattr(LossInTraining(), traced_in)()
+    args = (torch.randn(2, 3, 6, 6), torch.randn(2, 2))
+    g = archir.trace(model, args)
+    g.verify()
+    assert "other<archir_by_mode>" in str(g)
+    s = archir.search(model, args, method="dnat")
+    nets = (g.to_module(), s.supernet, s.derive())
+    _assert_exact_in_both_modes(model, nets, (args, (torch.randn(3, 3, 8, 8), torch.randn(3, 2))))
+
+
+def test_a_mode_branch_that_does_not_merge_keeps_the_traced_mode_and_says_so(caplog):
+    torch.manual_seed(0)
+    model = AuxHeadInTraining().eval()
+    x = torch.randn(2, 3, 6, 6)
+    with caplog.at_level("WARNING", logger="archir.frontends.mode_dropout"):
+        lowered = archir.trace(model, x).to_module()
+    assert ("AuxHeadInTraining is traced in eval mode, and its graph computes that mode's function in "
+            "training mode too") in caplog.text, caplog.text
+    assert "the train-mode end of the forward calls the module aux" in caplog.text, caplog.text
+    with torch.no_grad():
+        assert torch.equal(lowered(x), model(x))
