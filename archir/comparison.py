@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch.utils._pytree as pytree
 from torch import nn
 
@@ -24,7 +23,7 @@ def onnx_latencies(modules: dict[str, nn.Module], inputs: tuple, *, warmup: int 
     """Median ONNX Runtime latency in seconds of each module, timed interleaved (one run of each
     per round), so a noisy machine slows all of them alike. A module that cannot be exported gets
     ``{"error": ...}`` instead."""
-    from archir.backends.onnx_export import export_onnx, ort_session
+    from archir.backends.onnx_export import common_batch, export_onnx, ort_session
 
     out: dict[str, dict[str, Any]] = {}
     sessions = {}
@@ -50,7 +49,7 @@ def onnx_latencies(modules: dict[str, nn.Module], inputs: tuple, *, warmup: int 
                 if i >= warmup:
                     times[name].append(time.perf_counter() - t)
     for name, ts in times.items():
-        out[name].update(median_seconds=statistics.median(ts), batch=int(np.shape(pytree.tree_leaves(inputs)[0])[0]))
+        out[name].update(median_seconds=statistics.median(ts), batch=common_batch(pytree.tree_leaves(inputs)))
     return out
 
 
