@@ -311,6 +311,14 @@ def _loaders(opts: TransformOptions, train_data, val_data, device, collate: Call
         net = train
         train = loader(weight_part, True, opts.seed, opts.augment, opts.cutout)
         arch = loader(arch_part, True, opts.seed + 1, opts.augment, opts.cutout)
+        for part, ds, batches in (("weight", weight_part, train), ("architecture", arch_part, arch)):
+            if drop_last and len(batches) == 0:  # every batch left out: a search with no step
+                from .data import DataError
+
+                raise DataError(f"the {part} part of the training data (--arch-update split, --split-fraction "
+                                f"{opts.split_fraction}) has {len(ds)} samples, fewer than one batch of "
+                                f"{opts.batch_size} that the model takes: give more samples, another "
+                                "--split-fraction, or --arch-update alternate")
     return train, val, arch, net
 
 

@@ -18,7 +18,7 @@ import archir
 from archir.cli import main
 from archir.data import DataError
 from archir.errors import UntraceableInputs, UserInputError
-from archir.pipeline import TransformOptions, _skipped_last_batch, lists_sized_by_batch
+from archir.pipeline import TransformOptions, _loaders, _skipped_last_batch, lists_sized_by_batch
 from model_patterns import ContainerInputs, assert_same, random_like
 
 
@@ -355,6 +355,11 @@ def test_lists_as_long_as_a_batch_leave_out_the_last_smaller_batch_or_refuse_too
         "inputs": ["images"], "samples_left_out": {"training": 1, "validation": 2}}
     with pytest.raises(DataError, match="the validation data has 3 samples, fewer than one batch of 4"):
         _skipped_last_batch(opts, ["images"], {"training": range(9), "validation": range(3)})
+    # a part of the split training set smaller than a batch would leave the search without a step
+    split = TransformOptions(batch_size=4, arch_update="split", split_fraction=0.5)
+    assert [len(x) for x in _loaders(split, range(8), range(4), "cpu", drop_last=True)] == [1, 1, 1, 2]
+    with pytest.raises(DataError, match="the weight part of the training data .* has 3 samples, fewer than one"):
+        _loaders(split, range(6), range(4), "cpu", drop_last=True)
 
 
 def test_a_collate_that_fails_names_its_file_and_line(tmp_path):
