@@ -826,10 +826,11 @@ def export_onnx(
 
     Input names default to ``input`` (one tensor), else the forward's argument names
     (``images_0``, ``targets_1_boxes`` for the tensors inside a list or dict; ``input_0..`` for
-    ``*args``); output names to the dict keys, ``output`` (one tensor) or ``output_0..``. With
+    ``*args``); output names to the dict keys, ``output`` (one tensor) or ``output_0..``. Inputs
+    the graph does not read are left out of the ONNX model (``unread_inputs``). With
     ``dynamic_batch`` axis 0 of every input and output is the symbolic ``batch``. ``exporter``:
-    ``"auto"`` (dynamo, TorchScript fallback), ``"dynamo"`` or ``"torchscript"``. Raises :class:`OnnxVerificationError` on a mismatch, leaving
-    the model at ``<stem>.unverified.onnx``.
+    ``"auto"`` (dynamo, TorchScript fallback), ``"dynamo"`` or ``"torchscript"``. Raises
+    :class:`OnnxVerificationError` on a mismatch, leaving the model at ``<stem>.unverified.onnx``.
     """
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise ValueError(f"exporter must be 'auto', 'dynamo' or 'torchscript', not {exporter!r}")
@@ -908,7 +909,9 @@ def export_onnx(
             problems = _structural_problems(model, stats)
             if problems:
                 raise RuntimeError(f"ONNX graph cleanup left problems: {'; '.join(problems)}")
-            unread = remove_unread_inputs(model)
+            remove_unread_inputs(model)  # (the TorchScript exporter leaves them out itself)
+            kept_inputs = {i.name for i in model.graph.input}
+            unread = [n for n in input_names if n not in kept_inputs]
             if unread:
                 notes.append(f"inputs the graph does not read are left out of the ONNX model: {', '.join(unread)}")
             if dynamic_batch and _static_batch(model):
