@@ -232,11 +232,7 @@ def _trace(model: nn.Module, example_inputs, granularity: str, leaf_modules: Ite
     _register_constants(root, graph)
     dropout_to_modules(graph, root)  # fx's functional dropout marked to follow the mode (export's is done)
     if not values_traced:  # (value tracing checked both modes already)
-        both = _graph_for_both_modes(model, root, graph, out_spec, used, inputs, leaves)
-        if both is None:  # one mode's function only: eval mode's, which model.py and model.onnx serve
-            _attempt_warnings.new_attempt()
-            return _trace(clone_module(model).eval(), example_inputs, granularity, leaf_modules, frontend, groups)
-        root, graph, out_spec, used = both
+        root, graph, out_spec, used = _graph_for_both_modes(model, root, graph, out_spec, used, inputs, leaves)
     flat, paths = flat_inputs(inputs)
     placeholders = [n.name for n in graph.nodes if n.op == "placeholder"]
     try:
@@ -288,10 +284,9 @@ def _check_follows_modes(model: nn.Module, root: nn.Module, graph: fx.Graph, inp
 
 
 def _graph_for_both_modes(model: nn.Module, root: nn.Module, graph: fx.Graph, out_spec, used: str, inputs: tuple,
-                          leaves: list[str]) -> tuple[nn.Module, fx.Graph, object, str] | None:
+                          leaves: list[str]) -> tuple[nn.Module, fx.Graph, object, str]:
     """``(root, graph, out_spec, frontend)`` of a trace by torch.fx or torch.export, or of one
-    computing the model's function in both modes; None for a training-mode trace to be made again
-    in eval mode.
+    computing the model's function in both modes.
 
     Both tracers read ``self.training`` once, at trace time: where a module's own code branches on
     it beyond dropout (which :mod:`.mode_dropout` makes follow the mode), the graph would compute
@@ -300,9 +295,8 @@ def _graph_for_both_modes(model: nn.Module, root: nn.Module, graph: fx.Graph, ou
     graph is checked against the model in both modes (:func:`_mode_problem`); where the other mode
     computes something else, each mode is traced with values (:mod:`.value_trace`, which also
     follows glue that asks for a list's length) and their ends merged (:mod:`.mode_split`).
-    Where they do not merge (an auxiliary head's modules in one mode's end), the graph keeps one
-    mode's function, eval mode's (None asks for that trace when this one is of training mode),
-    and a warning says so."""
+    Where they do not merge (an auxiliary head's modules in one mode's end), the graph is kept
+    as traced and a warning says so."""
     extra = set(leaves)
     kept = (root, graph, out_spec, used)
     if not mode_readers(root, lambda path, m: path in extra or is_torch_leaf(m)):
@@ -325,11 +319,10 @@ def _graph_for_both_modes(model: nn.Module, root: nn.Module, graph: fx.Graph, ou
         still, why = problem, f"{problem[1]}; tracing each mode did not give one graph ({first_line(exc)})"
     if still is None:
         return both, merged, None, "fx"
-    if model.training:
-        return None
+    traced_mode = "training" if root.training else "eval"
     logging.getLogger(dropout_to_modules.__module__).warning(
-        "%s is traced in eval mode, and its graph computes that mode's function in training mode too: %s",
-        type(model).__name__, why)
+        "%s is traced in %s mode, and its graph computes that mode's function in %s mode too: %s",
+        type(model).__name__, traced_mode, "eval" if root.training else "training", why)
     return kept
 
 
