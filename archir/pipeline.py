@@ -28,6 +28,7 @@ from . import methods
 from .errors import UserInputError
 from .fileio import write_text
 from .ir import Graph
+from .ir.graph import path_label
 from .options import build_options, fields_of, option
 from .reexport import input_spec
 from .task import Task
@@ -262,8 +263,7 @@ def lists_sized_by_batch(graph: Graph, batch_size: int) -> list[str]:
     length is ``batch_size``: the traced graph reads their items by position and refuses another
     length (:func:`archir.ir.guards.check_length`), so a data set that does not divide into such
     batches must leave its last, smaller batch out rather than fail at the end of an epoch."""
-    return [str(path[0]) + "".join(f"[{k!r}]" for k in path[1:])
-            for path, n in graph.input_lengths.items() if n == batch_size]
+    return [path_label(path) for path, n in graph.input_lengths.items() if n == batch_size]
 
 
 def _skipped_last_batch(opts: TransformOptions, fixed: list[str], datasets: dict) -> dict | None:

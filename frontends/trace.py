@@ -262,12 +262,9 @@ def _check_follows_modes(model: nn.Module, root: nn.Module, graph: fx.Graph, inp
     problem = _mode_problem(model, root, graph, inputs)
     if problem is not None and problem[2]:
         # the model runs in that mode but computes something else: trace each mode, and merge
-        traced = {}
-        # a failure here propagates: the caller keeps the submodule it happened in opaque, as
-        # for a failure in the traced mode (a detector's heads sample in training mode only)
-        with state_kept(root), torch.random.fork_rng(devices=[]):
-            for training in (True, False):
-                traced[training] = fx_trace(root.train(training), leaves, inputs, with_values=True)
+        # a failure in tracing propagates: the caller keeps the submodule it happened in opaque,
+        # as for a failure in the traced mode (a detector's heads sample in training mode only)
+        traced = _traced_in_both_modes(root, lambda r: fx_trace(r, leaves, inputs, with_values=True))
         try:
             graph = merge_modes(root, traced[True], traced[False])
             functionalize(graph, root)
@@ -306,9 +303,7 @@ def _graph_for_both_modes(model: nn.Module, root: nn.Module, graph: fx.Graph, ou
         return kept
     both = _traceable_copy(model)
     try:
-        with state_kept(both), torch.random.fork_rng(devices=[]):
-            traced = {training: fx_trace_following_modes(both.train(training), inputs, leaves, with_values=True)
-                      for training in (True, False)}
+        traced = _traced_in_both_modes(both, lambda r: fx_trace_following_modes(r, inputs, leaves, with_values=True))
         merged = merge_modes(both, traced[True], traced[False])
         functionalize(merged, both)
         _register_constants(both, merged)
@@ -324,6 +319,13 @@ def _graph_for_both_modes(model: nn.Module, root: nn.Module, graph: fx.Graph, ou
         "%s is traced in %s mode, and its graph computes that mode's function in %s mode too: %s",
         type(model).__name__, traced_mode, "eval" if root.training else "training", why)
     return kept
+
+
+def _traced_in_both_modes(root: nn.Module, trace: Callable[[nn.Module], fx.Graph]) -> dict[bool, fx.Graph]:
+    """``{training: trace(root in that mode)}``, each from the same state and random numbers
+    (the two graphs :func:`.mode_split.merge_modes` makes one of)."""
+    with state_kept(root), torch.random.fork_rng(devices=[]):
+        return {training: trace(root.train(training)) for training in (True, False)}
 
 
 def _mode_problem(model: nn.Module, root: nn.Module, graph: fx.Graph, inputs: tuple,

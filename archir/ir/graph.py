@@ -349,6 +349,12 @@ class Combine:
             f"<{self.op.name}>" if self.kind == "other" and self.op is not None else "")
 
 
+def path_label(path: tuple) -> str:
+    """A place inside the model's arguments as its forward reads it: ``("views", "rgb")`` is
+    ``views['rgb']``, ``("images", 0)`` is ``images[0]``."""
+    return str(path[0]) + "".join(f"[{k!r}]" for k in path[1:])
+
+
 @dataclass(eq=False)
 class Junction:
     """A tensor value where paths meet. ``combine`` is set for joins; ``input_name`` for inputs."""
@@ -374,9 +380,7 @@ class Junction:
     @property
     def input_label(self) -> str | None:
         """How the model's forward reaches this input: ``x``, ``views['rgb']``, ``images[0]``."""
-        if not self.input_path:
-            return self.input_name
-        return str(self.input_path[0]) + "".join(f"[{k!r}]" for k in self.input_path[1:])
+        return path_label(self.input_path) if self.input_path else self.input_name
 
 
 @dataclass(eq=False)

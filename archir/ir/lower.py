@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from archir.errors import IRError
 
-from .graph import Input, JunctionRef, Op, Operand, fetch_attr, map_refs
+from .graph import Input, JunctionRef, Op, Operand, fetch_attr, map_refs, path_label
 from .guards import check_length
 
 if TYPE_CHECKING:
@@ -152,8 +152,7 @@ class Lowering:
         def checked(path: tuple, node: fx.Node) -> fx.Node:
             if path not in g.input_lengths:
                 return node
-            where = str(path[0]) + "".join(f"[{k!r}]" for k in path[1:])
-            return self.fx.create_node("call_function", check_length, (node, g.input_lengths[path], where),
+            return self.fx.create_node("call_function", check_length, (node, g.input_lengths[path], path_label(path)),
                                        name="_".join(map(str, path)) + "_checked")
 
         for name in g.arguments:  # an argument the graph does not read is still one
